@@ -1,0 +1,218 @@
+"""The ``genloop`` command line: thin commands over the services modules.
+
+Bad input (``UserInputError``) prints one clear line and exits with code 2; anything else is a
+bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+from datetime import UTC, datetime
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from services.config import GenloopConfig, UserInputError, load_config
+
+app = typer.Typer(help="genloop: keep a generative text model fresh in production.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
+data_app = typer.Typer(help="Ingest and list datasets.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(data_app, name="data")
+
+console = Console()
+errors = Console(stderr=True)
+
+ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file (default ./genloop.yaml).")]
+
+
+def _load(config_file: Path | None) -> GenloopConfig:
+    return load_config(config_file)
+
+
+@config_app.command("show")
+def config_show(config_file: ConfigOption = None) -> None:
+    """Print the effective configuration (file + environment overrides)."""
+    config = _load(config_file)
+    console.print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
+
+
+@data_app.command("ingest")
+def data_ingest(
+    sources: Annotated[list[str], typer.Argument(help="Files, folders, globs, or builtin:python-docs / builtin:python-code.")],
+    name: Annotated[str, typer.Option("--name", "-n", help="Dataset name.")],
+    config_file: ConfigOption = None,
+) -> None:
+    """Clean, deduplicate and split SOURCES into a new version of dataset NAME."""
+    from training.datasets import ingest
+
+    config = _load(config_file)
+    result = ingest(sources, name, config.data, config.datasets_dir)
+    version = result.version
+    verb = "created" if result.created else "unchanged, already"
+    counts = version.manifest["counts"]
+    console.print(f"{verb} {version.name}:v{version.version} at {version.path}")
+    console.print(json.dumps(counts, indent=2))
+
+
+@data_app.command("list")
+def data_list(name: Annotated[str, typer.Argument(help="Dataset name.")], config_file: ConfigOption = None) -> None:
+    """List the versions of dataset NAME."""
+    from training.datasets import list_versions
+
+    config = _load(config_file)
+    for version in list_versions(config.datasets_dir, name):
+        counts = version.manifest["counts"]
+        console.print(f"v{version.version}  {version.manifest['created_at']}  kept={counts['kept']} "
+                      f"train={counts['train']} validation={counts['validation']}  {version.manifest['content_hash'][:12]}")
+
+
+@app.command("train")
+def train_command(
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help="NAME or NAME:vN.")],
+    preset: Annotated[str | None, typer.Option(help="Model preset when training from scratch.")] = None,
+    base: Annotated[str | None, typer.Option(help="Warm-start from a model folder, version or alias.")] = None,
+    lora: Annotated[bool, typer.Option("--lora", help="Fine-tune LoRA adapters (needs --base).")] = False,
+    max_steps: Annotated[int | None, typer.Option(help="Override train.max_steps.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Override train.num_workers.")] = None,
+    config_file: ConfigOption = None,
+) -> None:
+    """Train a model on Ray Train and register it as a new version."""
+    from services.training_run import train
+
+    config = _load(config_file)
+    if preset is not None and base is not None:
+        raise UserInputError("--preset and --base conflict: a warm start keeps the base model's architecture")
+    if preset is not None:
+        config.train.preset = preset
+    if lora:
+        config.train.lora.enabled = True
+    if max_steps is not None:
+        config.train.max_steps = max_steps
+    if workers is not None:
+        config.train.num_workers = workers
+    run = train(config, dataset, base=base)
+    console.print(f"registered version v{run.version} (run {run.run_id})")
+    console.print(json.dumps({"metrics": run.metrics, "cost": run.cost.model_dump()}, indent=2))
+
+
+@app.command("evaluate")
+def evaluate_command(
+    candidate: Annotated[str, typer.Argument(help="Candidate version (3, v3) or alias.")],
+    against: Annotated[str, typer.Option(help="champion, or a version to compare with.")] = "champion",
+    config_file: ConfigOption = None,
+) -> None:
+    """Compare CANDIDATE with the champion on the same held-out sets; exit 1 when it fails the gate."""
+    from services.gate import evaluate
+
+    config = _load(config_file)
+    report = evaluate(config, candidate, against=against)
+    _print_rules(report)
+    console.print(f"report: {config.reports_dir / 'evaluations' / report.id}.html")
+    if not report.passed:
+        raise typer.Exit(1)
+
+
+def _print_rules(report) -> None:
+    table = Table("rule", "result", "reason", title=f"v{report.candidate.version}: {report.verdict.upper()}")
+    for rule in report.rules:
+        table.add_row(rule.rule, "[green]pass" if rule.passed else "[red]fail", rule.reason)
+    console.print(table)
+
+
+@app.command("promote")
+def promote_command(
+    version: Annotated[str, typer.Argument(help="Version to make champion.")],
+    force: Annotated[bool, typer.Option("--force", help="Skip the gate (recorded; needs --reason).")] = False,
+    reason: Annotated[str, typer.Option(help="Why; recorded in the audit log.")] = "",
+    config_file: ConfigOption = None,
+) -> None:
+    """Promote VERSION to champion through the evaluation gate; exit 1 when refused."""
+    from services.lifecycle import PromotionRefused, promote
+
+    config = _load(config_file)
+    try:
+        report = promote(config, version, force=force, reason=reason)
+    except PromotionRefused as refused:
+        if refused.report is not None:
+            _print_rules(refused.report)
+        errors.print(f"[bold red]refused:[/] {refused}", highlight=False)
+        raise typer.Exit(1) from None
+    if report is not None:
+        _print_rules(report)
+    console.print(f"v{version.removeprefix('v')} is now the champion")
+
+
+@app.command("rollback")
+def rollback_command(
+    reason: Annotated[str, typer.Option(help="Why; recorded in the audit log.")] = "",
+    config_file: ConfigOption = None,
+) -> None:
+    """Move the champion back to the previous version."""
+    from services.lifecycle import rollback
+
+    roles = rollback(_load(config_file), reason=reason)
+    console.print(f"champion is v{roles.champion} again (previous: v{roles.previous})")
+
+
+@app.command("models")
+def models_command(
+    history: Annotated[bool, typer.Option("--history", help="Show the alias audit log instead.")] = False,
+    config_file: ConfigOption = None,
+) -> None:
+    """Registered versions with aliases, data, metrics, verdict and cost; or the audit log."""
+    from services.audit import AuditLog
+    from services.registry import Registry
+
+    config = _load(config_file)
+    if history:
+        table = Table("time", "actor", "action", "from", "to", "outcome", "reason", "report")
+        for entry in AuditLog(config.state_db).history():
+            table.add_row(entry.at, entry.actor, entry.action, entry.from_version or "–", entry.to_version or "–",
+                          entry.outcome, entry.reason, entry.report_id or "")
+        console.print(table)
+        return
+    registry = Registry(config)
+    table = Table("version", "aliases", "dataset", "val loss", "val ppl", "verdict", "cost $", "created")
+    for version in registry.versions():
+        metrics = registry.client.get_run(version.run_id).data.metrics if version.run_id else {}
+        created = datetime.fromtimestamp(version.creation_timestamp / 1000, UTC).strftime("%Y-%m-%d %H:%M")
+        table.add_row(
+            f"v{version.version}", ", ".join(sorted(version.aliases)), version.tags.get("dataset", ""),
+            f"{metrics['best_val_loss']:.3f}" if "best_val_loss" in metrics else "–",
+            f"{metrics['best_val_perplexity']:.1f}" if "best_val_perplexity" in metrics else "–",
+            version.tags.get("evaluation_verdict", "–"), version.tags.get("cost_usd", "–"), created,
+        )
+    console.print(table)
+
+
+@app.command("demo")
+def demo(
+    max_steps: Annotated[int, typer.Option(help="Training steps of the demo model.")] = 120,
+    config_file: ConfigOption = None,
+) -> None:
+    """Run the whole loop on built-in data: ingest, train, gate, promote, then retrain and gate again."""
+    from services.demo import run_demo
+
+    run_demo(_load(config_file), max_steps=max_steps, console=console)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app()
+    except UserInputError as exc:
+        errors.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,267 @@
+"""genloop's configuration: one YAML file, typed sections, environment overrides.
+
+Every part of genloop reads its settings from the models here, so this module imports
+nothing of ours (training/, serving/ and monitoring/ may import it; see DESIGN.md).
+Precedence, highest first: ``GENLOOP_<SECTION>__<FIELD>`` environment variables, the YAML
+file, the defaults below. Unknown keys are an error that names the key, because a typo in
+a config file that is silently ignored is a production incident waiting to happen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+DEFAULT_CONFIG_FILE = "genloop.yaml"
+
+
+class UserInputError(ValueError):
+    """Bad input from a user (a path, a name, an option): the CLI prints it and exits with code 2.
+
+    It lives here, beside the config models, because every package raises it and this is the one
+    module of services/ that training/, serving/ and monitoring/ may import.
+    """
+
+
+class ConfigError(UserInputError):
+    """The configuration file or an override is invalid; the message names the key."""
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are rejected, values re-validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    txt_mode: Literal["file", "paragraph"] = Field(
+        "paragraph", description="How .txt files become documents: the whole file, or one per blank-line paragraph."
+    )
+    text_field: str = Field("text", description="Field holding the text in .jsonl/.json/.csv/.parquet sources.")
+    licence: str = Field("unknown", description="Licence recorded for sources that do not state one.")
+    min_chars: int = Field(64, ge=1, description="Documents shorter than this (after normalisation) are dropped.")
+    max_chars: int = Field(20_000, ge=1, description="Documents longer than this are dropped.")
+    max_symbol_share: float = Field(
+        0.35, ge=0, le=1, description="Drop documents whose share of non-printable or symbol characters exceeds this."
+    )
+    max_repeated_line_share: float = Field(
+        0.5, ge=0, le=1, description="Drop documents whose share of repeated (non-unique) lines exceeds this."
+    )
+    near_dup_threshold: float = Field(
+        0.8, gt=0, le=1, description="Estimated Jaccard similarity at or above which a document is a near duplicate."
+    )
+    minhash_num_perm: int = Field(128, ge=16, description="MinHash permutations; more is more exact and slower.")
+    shingle_words: int = Field(5, ge=1, description="Word n-gram size of the shingles MinHash compares.")
+    scrub_pii: bool = Field(False, description="Replace e-mails, phone numbers and IP addresses with placeholders.")
+    validation_fraction: float = Field(
+        0.1, gt=0, lt=1, description="Share of documents (chosen by content hash, stable across versions) held out."
+    )
+    max_documents_per_source: int | None = Field(
+        None, ge=1, description="Cap on documents read from one source, for quick runs; None reads everything."
+    )
+
+
+class TokenizerConfig(Section):
+    vocab_size: int = Field(4096, ge=300, description="Byte-level BPE vocabulary size, special tokens included.")
+    min_frequency: int = Field(2, ge=1, description="A merge must occur at least this often in the train split.")
+
+
+class LoraConfig(Section):
+    enabled: bool = Field(False, description="Train LoRA adapters instead of all weights; merged on export.")
+    r: int = Field(8, ge=1, description="LoRA rank.")
+    alpha: int = Field(16, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA path.")
+    target_modules: list[str] | None = Field(
+        None, description="Module names to adapt; None lets peft pick the defaults for the architecture."
+    )
+
+
+class TrainConfig(Section):
+    preset: str = Field("tiny", description="Model preset when training from scratch (see `genloop train --help`).")
+    block_size: int = Field(128, ge=8, description="Tokens per packed training sequence.")
+    micro_batch_size: int = Field(16, ge=1, description="Sequences per worker per forward pass.")
+    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    learning_rate: float = Field(1e-3, gt=0, description="Peak AdamW learning rate.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay on matrices (not on biases and norms).")
+    warmup_steps: int = Field(20, ge=0, description="Linear warm-up steps before the cosine decay.")
+    max_steps: int = Field(300, ge=1, description="Optimizer steps at most.")
+    grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clipping threshold.")
+    eval_every: int = Field(50, ge=1, description="Validate (and checkpoint) every this many optimizer steps.")
+    eval_batches: int = Field(8, ge=1, description="Validation micro-batches per worker per validation.")
+    patience: int = Field(3, ge=1, description="Stop after this many validations without improvement.")
+    min_delta: float = Field(1e-3, ge=0, description="Validation loss must drop by more than this to count.")
+    seed: int = Field(0, description="Seed for weights, data order and sampling.")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel replicas).")
+    use_gpu: bool = Field(False, description="One GPU per worker; bf16 autocast on CUDA.")
+    cpus_per_worker: float = Field(
+        0.5,
+        gt=0,
+        description="CPUs reserved per training worker (torch threads = max(1, round(this))). Leave at least one "
+        "CPU of the cluster unreserved: Ray Data needs it to stream the shards.",
+    )
+    max_failures: int = Field(2, ge=0, description="Worker-group restarts (resuming from the last checkpoint).")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA fine-tuning.")
+
+
+GateMetric = Literal["perplexity", "bits_per_byte", "bleu", "chrf", "rouge_l", "ms_per_token"]
+
+
+class EvaluationConfig(Section):
+    max_texts: int = Field(200, ge=1, description="Held-out texts per set scored for perplexity.")
+    prompts: int = Field(16, ge=1, description="Held-out continuation prompts per set (BLEU/chrF/ROUGE-L, latency).")
+    prompt_words: int = Field(24, ge=1, description="Words of a held-out text given as the prompt.")
+    reference_words: int = Field(16, ge=1, description="Following words the continuation is scored against.")
+    max_new_tokens: int = Field(48, ge=1, description="Greedy tokens generated per prompt.")
+    stride: int = Field(64, ge=1, description="Sliding-window stride of perplexity on texts longer than the context.")
+    seed: int = Field(0, description="Seed that picks the held-out prompts.")
+    samples_in_report: int = Field(8, ge=1, description="Prompts shown side by side in the HTML report.")
+
+
+class GateConfig(Section):
+    """The project's objective: what a candidate must show to replace the champion."""
+
+    primary_metric: GateMetric = Field(
+        "bits_per_byte",
+        description="Metric the candidate must improve. bits_per_byte compares models with different "
+        "tokenizers; token-level perplexity only compares models that share one.",
+    )
+    min_improvement: float = Field(
+        0.01, ge=0, description="Relative improvement of the primary metric on the 'current' set, at least."
+    )
+    max_regression: float = Field(
+        0.02, ge=0, description="Relative regression of the primary metric on the 'reference' set, at most."
+    )
+    ceilings: dict[GateMetric, float] = Field(
+        default_factory=lambda: {"perplexity": 1000.0},
+        description="Absolute upper bounds on the 'current' set (the first model is judged by these alone).",
+    )
+    floors: dict[GateMetric, float] = Field(
+        default_factory=dict, description="Absolute lower bounds on the 'current' set, e.g. {chrf: 10}."
+    )
+
+
+class TrackingConfig(Section):
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; None uses sqlite:///$GENLOOP_HOME/mlflow.db."
+    )
+    experiment: str = Field("genloop", description="MLflow experiment that training runs are logged to.")
+    registered_model: str = Field("genloop", description="Registered model whose versions are genloop's models.")
+
+
+class CostConfig(Section):
+    price_per_device_hour: dict[str, float] = Field(
+        default_factory=lambda: {"cpu": 0.05, "cuda": 3.5},
+        description="Price in $ per device-hour, by device type (cpu = per worker, cuda = per GPU).",
+    )
+    watts_per_device: dict[str, float] = Field(
+        default_factory=lambda: {"cpu": 15.0, "cuda": 700.0}, description="Power draw per device, for energy kWh."
+    )
+    peak_flops_per_device: dict[str, float] = Field(
+        default_factory=lambda: {"cpu": 1.0e11, "cuda": 989.0e12},
+        description="Peak dense FLOP/s per device (bf16 on GPUs), the denominator of model FLOPs utilisation.",
+    )
+
+
+class RayConfig(Section):
+    address: str | None = Field(None, description="Ray cluster address; None starts an embedded local Ray.")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded Ray; None uses all.")
+    storage_path: str | None = Field(
+        None, description="Ray Train storage (shared on multi-node); None uses $GENLOOP_HOME/ray."
+    )
+
+
+class GenloopConfig(BaseSettings):
+    """The whole configuration. ``GENLOOP_HOME`` sets ``home``; sections nest with ``__``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="GENLOOP_", env_nested_delimiter="__", extra="forbid", validate_assignment=True
+    )
+
+    home: Path = Field(Path(".genloop"), description="Where all state lives (datasets, MLflow, Ray, reports).")
+    data: DataConfig = Field(default_factory=DataConfig, description="Ingestion and cleaning.")
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="Tokenizer training.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Training on Ray Train.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking and registry.")
+    cost: CostConfig = Field(default_factory=CostConfig, description="Cost and energy report.")
+    ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster.")
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="Held-out evaluation.")
+    gate: GateConfig = Field(default_factory=GateConfig, description="Promotion gate policy.")
+    state_db_url: str | None = Field(
+        None, description="SQLAlchemy URL of genloop's own tables (promotion audit); None uses "
+        "sqlite:///$GENLOOP_HOME/genloop.db."
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The YAML file arrives as init kwargs; environment variables must beat it.
+        return env_settings, init_settings
+
+    # Derived locations (DESIGN.md "Data and state").
+    @property
+    def datasets_dir(self) -> Path:
+        return self.home / "datasets"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.home / "reports"
+
+    @property
+    def mlflow_tracking_uri(self) -> str:
+        return self.tracking.tracking_uri or f"sqlite:///{(self.home / 'mlflow.db').resolve()}"
+
+    @property
+    def mlflow_artifacts_dir(self) -> Path:
+        return (self.home / "mlartifacts").resolve()
+
+    @property
+    def state_db(self) -> str:
+        return self.state_db_url or f"sqlite:///{(self.home / 'genloop.db').resolve()}"
+
+    @property
+    def ray_storage_path(self) -> str:
+        return self.ray.storage_path or str((self.home / "ray").resolve())
+
+
+def load_config(path: str | Path | None = None) -> GenloopConfig:
+    """Read ``path`` (or ``$GENLOOP_CONFIG``, or ``./genloop.yaml`` when present) plus env overrides."""
+    explicit = path or os.environ.get("GENLOOP_CONFIG")
+    file = Path(explicit) if explicit else Path(DEFAULT_CONFIG_FILE)
+    values: dict[str, Any] = {}
+    if file.exists():
+        try:
+            values = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{file}: not valid YAML: {exc}") from exc
+        if not isinstance(values, dict):
+            raise ConfigError(f"{file}: the top level must be a mapping of sections")
+    elif explicit:
+        raise ConfigError(f"config file {file} does not exist")
+    try:
+        return GenloopConfig(**values)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: "
+            + ("unknown key" if err["type"] == "extra_forbidden" else err["msg"])
+            for err in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration ({file}): {problems}") from None
+
+
+def config_hash(section: BaseModel) -> str:
+    """Stable short hash of a config section, tagged on model versions to tell runs apart."""
+    payload = json.dumps(section.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]

@@ -1,0 +1,103 @@
+"""Access to the MLflow model registry, the single source of truth for genloop's models.
+
+A model version is a Hugging Face folder logged as the artifact ``model`` of the training run
+that produced it, registered under one registered model. Aliases (``champion``, ``previous``,
+``challenger``) say which version plays which role; nothing else stores that.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import mlflow
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from services.config import GenloopConfig, UserInputError
+
+logger = logging.getLogger(__name__)
+
+MODEL_ARTIFACT = "model"
+ALIASES = ("champion", "previous", "challenger")
+
+
+class Registry:
+    """The registered model of one genloop deployment, and its experiment."""
+
+    def __init__(self, config: GenloopConfig):
+        config.home.mkdir(parents=True, exist_ok=True)
+        self.config = config
+        self.name = config.tracking.registered_model
+        self.client = MlflowClient(tracking_uri=config.mlflow_tracking_uri, registry_uri=config.mlflow_tracking_uri)
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.config.mlflow_tracking_uri
+
+    def experiment_id(self) -> str:
+        """The training experiment, created on first use with artifacts under GENLOOP_HOME."""
+        name = self.config.tracking.experiment
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        location = None
+        if self.config.tracking.tracking_uri is None:
+            location = self.config.mlflow_artifacts_dir.as_uri()
+        return self.client.create_experiment(name, artifact_location=location)
+
+    def register(self, run_id: str, tags: dict[str, str]) -> ModelVersion:
+        """Register the run's ``model`` artifact as the next version of the registered model."""
+        try:
+            self.client.get_registered_model(self.name)
+        except MlflowException:
+            self.client.create_registered_model(self.name, description="genloop's generative text models")
+        source = f"{self.client.get_run(run_id).info.artifact_uri}/{MODEL_ARTIFACT}"
+        return self.client.create_model_version(self.name, source=source, run_id=run_id, tags=tags)
+
+    def versions(self) -> list[ModelVersion]:
+        """All versions, oldest first."""
+        try:
+            found = self.client.search_model_versions(f"name = '{self.name}'")
+        except MlflowException:
+            return []
+        return sorted(found, key=lambda v: int(v.version))
+
+    def resolve(self, ref: str | int) -> ModelVersion:
+        """``ref`` is a version number ("3", "v3") or an alias ("champion"); unknown → UserInputError."""
+        ref = str(ref).strip()
+        match = re.fullmatch(r"v?(\d+)", ref)
+        try:
+            if match:
+                return self.client.get_model_version(self.name, match.group(1))
+            return self.client.get_model_version_by_alias(self.name, ref)
+        except MlflowException:
+            known = ", ".join(f"v{v.version}" for v in self.versions()) or "none registered yet"
+            raise UserInputError(f"unknown model version or alias {ref!r} (versions: {known})") from None
+
+    def alias_version(self, alias: str) -> ModelVersion | None:
+        """The version behind ``alias``, or None when the alias is not set."""
+        try:
+            return self.client.get_model_version_by_alias(self.name, alias)
+        except MlflowException:
+            return None
+
+    def local_path(self, version: ModelVersion) -> Path:
+        """A local folder holding the version's Hugging Face files (downloaded when remote)."""
+        parsed = urlparse(version.source)
+        if parsed.scheme in ("", "file"):
+            path = Path(unquote(parsed.path))
+            if path.exists():
+                return path
+        target = self.config.home / "cache" / "models" / f"v{version.version}"
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            downloaded = mlflow.artifacts.download_artifacts(
+                artifact_uri=version.source, dst_path=str(target.parent / f".v{version.version}.tmp"),
+                tracking_uri=self.tracking_uri,
+            )
+            Path(downloaded).rename(target)
+        return target

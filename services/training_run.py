@@ -1,0 +1,196 @@
+"""One training run end to end: dataset → initial model → Ray Train → MLflow run → registry version.
+
+The run either registers a new model version or leaves nothing behind but a FAILED MLflow run:
+options and data are checked before anything starts, and registration is the last step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import ray.data
+from mlflow.entities import Metric, Param, RunTag
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from services.cluster import connect
+from services.config import GenloopConfig, TrainConfig, UserInputError, config_hash
+from services.registry import MODEL_ARTIFACT, Registry
+from training.cost import CostReport, cost_report
+from training.datasets import DatasetVersion, resolve_dataset
+from training.models import build_model, context_length, load_model, parameter_count
+from training.tokenizer import train_tokenizer
+from training.trainer import export_checkpoint, fit
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_SAMPLE_DOCS = 200_000  # enough text for a BPE vocabulary; bounds driver memory
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    run_id: str
+    version: str
+    metrics: dict
+    cost: CostReport
+
+
+def _texts(path: Path, limit: int | None = None) -> list[str]:
+    texts: list[str] = []
+    for batch in pq.ParquetFile(path).iter_batches(columns=["text"], batch_size=4096):
+        texts.extend(batch.column("text").to_pylist())
+        if limit and len(texts) >= limit:
+            return texts[:limit]
+    return texts
+
+
+def _token_count(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> int:
+    return sum(len(ids) + 1 for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
+
+
+def _git_revision() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _flatten(prefix: str, value: object) -> dict[str, str]:
+    if isinstance(value, dict):
+        out: dict[str, str] = {}
+        for key, inner in value.items():
+            out.update(_flatten(f"{prefix}.{key}" if prefix else key, inner))
+        return out
+    return {prefix: str(value)}
+
+
+def _check_size(tokenizer: PreTrainedTokenizerBase, dataset: DatasetVersion, settings: TrainConfig) -> int:
+    """Refuse data too small to fill one step per worker, or one validation block per worker."""
+    train_tokens = _token_count(tokenizer, _texts(dataset.train_path, TOKENIZER_SAMPLE_DOCS))
+    needed = settings.block_size * settings.micro_batch_size * settings.grad_accum_steps * settings.num_workers
+    if train_tokens < needed:
+        raise UserInputError(
+            f"dataset {dataset.name}:v{dataset.version} has {train_tokens} train tokens, fewer than one step needs "
+            f"({settings.num_workers} workers × {settings.micro_batch_size} × {settings.grad_accum_steps} blocks of "
+            f"{settings.block_size} tokens = {needed}); add data or lower train.block_size/micro_batch_size"
+        )
+    val_tokens = _token_count(tokenizer, _texts(dataset.validation_path))
+    if val_tokens < settings.block_size * settings.num_workers:
+        raise UserInputError(
+            f"dataset {dataset.name}:v{dataset.version} has {val_tokens} validation tokens, fewer than one "
+            f"{settings.block_size}-token block per worker"
+        )
+    return train_tokens
+
+
+def train(
+    config: GenloopConfig, dataset_spec: str, base: str | None = None, show_progress: bool = True
+) -> TrainingRun:
+    """Train a model on ``dataset_spec`` (from scratch, or from ``base``) and register it."""
+    settings = config.train
+    if settings.lora.enabled and base is None:
+        raise UserInputError("--lora fine-tunes an existing model: give --base PATH|VERSION")
+    dataset = resolve_dataset(config.datasets_dir, dataset_spec)
+    registry = Registry(config)
+    parent_version = ""
+    work = Path(tempfile.mkdtemp(prefix="train-", dir=config.home))
+    init_dir = work / "init"
+    try:
+        if base is None:
+            tokenizer = train_tokenizer(_texts(dataset.train_path, TOKENIZER_SAMPLE_DOCS),
+                                        config.tokenizer.vocab_size, config.tokenizer.min_frequency)
+            model = build_model(settings.preset, tokenizer, settings.block_size, settings.seed)
+        else:
+            if Path(base).exists():
+                base_dir = Path(base)
+            else:
+                base_version = registry.resolve(base)
+                parent_version = base_version.version
+                base_dir = registry.local_path(base_version)
+            model = load_model(base_dir)
+            tokenizer = AutoTokenizer.from_pretrained(base_dir)
+            if settings.block_size > context_length(model.config):
+                raise UserInputError(f"block_size {settings.block_size} exceeds the base model's context "
+                                     f"of {context_length(model.config)} tokens")
+        model.save_pretrained(init_dir)
+        tokenizer.save_pretrained(init_dir)
+        _check_size(tokenizer, dataset, settings)
+        parameters = parameter_count(model)
+        del model
+
+        tags = {
+            "dataset": f"{dataset.name}:v{dataset.version}",
+            "dataset_hash": dataset.manifest["content_hash"],
+            "parent_version": parent_version,
+            "config_hash": config_hash(settings),
+            "git_revision": _git_revision(),
+            "preset": settings.preset if base is None else f"base:{base}",
+        }
+        client = registry.client
+        run = client.create_run(registry.experiment_id(), run_name=f"train-{dataset.name}-v{dataset.version}",
+                                tags=tags)
+        run_id = run.info.run_id
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+
+    try:
+        params = _flatten("train", settings.model_dump(mode="json"))
+        params.update(dataset=tags["dataset"], base=base or "", parameters=str(parameters),
+                      vocab_size=str(len(tokenizer)))
+        client.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
+        client.log_dict(run_id, dataset.manifest, "data/manifest.json")
+
+        connect(config.ray)
+        outcome = fit(
+            train_dataset=ray.data.read_parquet(str(dataset.train_path)),
+            validation_dataset=ray.data.read_parquet(str(dataset.validation_path)),
+            init_model_dir=init_dir,
+            settings=settings,
+            storage_path=config.ray_storage_path,
+            run_name=f"{run.info.run_name}-{run_id[:8]}",
+            tracking_uri=registry.tracking_uri,
+            run_id=run_id,
+            show_progress=show_progress,
+        )
+        export_dir = export_checkpoint(outcome.best_checkpoint, init_dir, settings, work / MODEL_ARTIFACT)
+        report = cost_report(
+            wall_seconds=outcome.wall_seconds,
+            train_seconds=outcome.metrics["train_seconds"],
+            device_type=outcome.device_type,
+            device_count=outcome.num_devices,
+            parameters=parameters,
+            tokens_seen=int(outcome.metrics["tokens_seen"]),
+            timed_tokens=int(outcome.metrics["timed_tokens"]),
+            prices=config.cost,
+        )
+        summary = {
+            "best_val_loss": outcome.metrics["best_val_loss"],
+            "best_val_perplexity": math.exp(outcome.metrics["best_val_loss"]),
+            "initial_val_loss": outcome.metrics["initial_val_loss"],
+            "best_step": outcome.metrics["best_step"],
+            "steps": outcome.metrics["step"],
+            "restarts": outcome.metrics["restarts"],
+        }
+        client.log_batch(run_id, metrics=[Metric(k, float(v), 0, 0) for k, v in summary.items()]
+                         + [Metric(f"cost_{k}", float(v), 0, 0) for k, v in report.model_dump().items()
+                            if isinstance(v, (int, float))])
+        client.log_dict(run_id, report.model_dump(), "cost_report.json")
+        client.log_artifacts(run_id, str(export_dir), MODEL_ARTIFACT)
+        version = registry.register(run_id, tags={**tags, "run_id": run_id, "cost_usd": f"{report.cost_usd:.6f}"})
+        client.set_terminated(run_id, "FINISHED")
+        logger.info("registered %s v%s (%s)", registry.name, version.version, json.dumps(summary))
+        return TrainingRun(run_id=run_id, version=str(version.version), metrics=summary, cost=report)
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,212 @@
+"""The evaluation gate and the model lifecycle on real MLflow (SQLite) with tiny models trained here.
+
+One module-scoped registry holds the versions every test needs (trained once: that is most of
+the time); each test sets the aliases it starts from.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from services.audit import AuditLog
+from services.config import GenloopConfig, UserInputError
+from services.gate import evaluate
+from services.lifecycle import PromotionRefused, promote, roles, rollback
+from services.registry import Registry
+from services.training_run import train
+from training.datasets import ingest
+
+
+def reset_aliases(config: GenloopConfig, champion: str | None, previous: str | None = None) -> None:
+    registry = Registry(config)
+    for alias, version in (("champion", champion), ("previous", previous)):
+        if version is None:
+            if registry.alias_version(alias) is not None:
+                registry.client.delete_registered_model_alias(registry.name, alias)
+        else:
+            registry.client.set_registered_model_alias(registry.name, alias, version)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, ray_cluster) -> tuple[GenloopConfig, dict[str, str]]:
+    config = GenloopConfig(home=tmp_path_factory.mktemp("gate") / "home")
+    config.data.max_documents_per_source = 1500
+    config.tokenizer.vocab_size = 1024
+    config.train.micro_batch_size = 8
+    config.train.warmup_steps = 5
+    config.train.eval_every = 10
+    config.train.eval_batches = 2
+    config.evaluation.max_texts = 60
+    config.evaluation.prompts = 8
+    config.evaluation.max_new_tokens = 24
+    ingest(["builtin:python-docs"], "docs", config.data, config.datasets_dir)
+    ingest(["builtin:python-code"], "code", config.data, config.datasets_dir)
+
+    def trained(dataset: str, steps: int, base: str | None = None, seed: int = 0, lr: float = 1e-3) -> str:
+        config.train.max_steps, config.train.seed, config.train.learning_rate = steps, seed, lr
+        return train(config, dataset, base=base, show_progress=False).version
+
+    versions = {"champion": trained("docs", 60)}
+    versions["one_step"] = trained("docs", 1)
+    versions["better"] = trained("docs", 40, base=versions["champion"], lr=5e-4)
+    versions["rival"] = trained("docs", 40, base=versions["champion"], seed=1, lr=5e-4)
+    versions["code_only"] = trained("code", 60)
+    return config, versions
+
+
+def test_first_model_is_judged_by_bounds_alone(world):
+    config, v = world
+    reset_aliases(config, None)
+    report = promote(config, v["champion"], actor="test")
+    assert report.champion is None
+    assert [rule.rule for rule in report.rules] == ["current.perplexity ≤ 1000"]
+    assert roles(config).champion == v["champion"]
+
+
+def test_worse_rejected_better_promoted_then_rolled_back(world):
+    config, v = world
+    reset_aliases(config, v["champion"])
+
+    with pytest.raises(PromotionRefused) as refused:
+        promote(config, v["one_step"], actor="test")
+    failed = [rule for rule in refused.value.report.rules if not rule.passed]
+    assert any(rule.rule.startswith("current.bits_per_byte improves") for rule in failed)
+    assert roles(config).champion == v["champion"]
+    assert Registry(config).resolve(v["one_step"]).tags["evaluation_verdict"] == "fail"
+
+    report = promote(config, v["better"], actor="test")
+    assert report.passed and report.champion.version == v["champion"]
+    assert roles(config).champion == v["better"] and roles(config).previous == v["champion"]
+    assert Registry(config).resolve(v["better"]).tags["evaluation_verdict"] == "pass"
+
+    rollback(config, reason="bad answers in production", actor="test")
+    assert roles(config).champion == v["champion"] and roles(config).previous == v["better"]
+
+    history = AuditLog(config.state_db).history()
+    assert [(e.action, e.to_version, e.outcome) for e in history[-3:]] == [
+        ("promote", v["one_step"], "rejected"),
+        ("promote", v["better"], "promoted"),
+        ("rollback", v["champion"], "rolled-back"),
+    ]
+    assert history[-1].reason == "bad answers in production" and history[-2].report_id == report.id
+
+
+def test_new_domain_that_forgets_the_old_one_is_rejected(world):
+    config, v = world
+    reset_aliases(config, v["champion"])
+    report = evaluate(config, v["code_only"])
+    rules = {rule.rule.split(" ")[0]: rule for rule in report.rules}
+    assert rules["current.bits_per_byte"].passed, rules["current.bits_per_byte"].reason
+    assert not rules["reference.bits_per_byte"].passed, rules["reference.bits_per_byte"].reason
+    assert not report.passed
+    assert report.sets == {"current": ["code:v1"], "reference": ["docs:v1"]}
+
+
+class _Collector(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.text: list[str] = []
+        self.rows = 0
+        self.samples = 0
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "tr" and ("class", "sample") in attrs:
+            self.samples += 1
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def test_report_is_saved_logged_and_renders(world):
+    config, v = world
+    reset_aliases(config, v["champion"])
+    report = evaluate(config, v["better"])
+    html_path = config.reports_dir / "evaluations" / f"{report.id}.html"
+    assert (config.reports_dir / "evaluations" / f"{report.id}.json").exists()
+    parser = _Collector()
+    parser.feed(html_path.read_text(encoding="utf-8"))
+    text = " ".join(parser.text)
+    assert f"v{v['better']}" in text and f"v{v['champion']}" in text
+    for rule in report.rules:
+        assert rule.rule in text
+    assert parser.samples >= 8
+    registry = Registry(config)
+    run_id = registry.resolve(v["better"]).run_id
+    logged = {a.path for a in registry.client.list_artifacts(run_id, "evaluation")}
+    assert f"evaluation/{report.id}.html" in logged
+
+
+def test_bad_candidates_leave_the_champion_untouched(world, tmp_path: Path):
+    config, v = world
+    reset_aliases(config, v["champion"])
+    with pytest.raises(UserInputError, match="unknown model version"):
+        promote(config, "99")
+    with pytest.raises(UserInputError, match="already the champion"):
+        promote(config, v["champion"])
+    with pytest.raises(UserInputError, match="nothing to compare"):
+        evaluate(config, v["champion"])
+
+    registry = Registry(config)
+    weights = registry.local_path(registry.resolve(v["rival"])) / "model.safetensors"
+    backup = tmp_path / "model.safetensors"
+    shutil.copy(weights, backup)
+    try:
+        weights.write_bytes(b"\x00garbage, not a safetensors file")
+        with pytest.raises(UserInputError, match="cannot load"):
+            promote(config, v["rival"])
+    finally:
+        shutil.copy(backup, weights)
+    assert roles(config).champion == v["champion"]
+
+    code = config.datasets_dir / "code"
+    hidden = tmp_path / "code-hidden"
+    shutil.move(code, hidden)
+    try:
+        with pytest.raises(UserInputError, match="code"):
+            evaluate(config, v["code_only"], against=v["better"])
+    finally:
+        shutil.move(hidden, code)
+    assert roles(config).champion == v["champion"]
+
+
+def test_racing_promotions_one_wins_both_recorded_no_torn_reads(world):
+    config, v = world
+    reset_aliases(config, v["champion"], None)
+    outcomes: dict[str, object] = {}
+    seen: set[tuple[str | None, str | None]] = set()
+    done = threading.Event()
+
+    def contender(name: str) -> None:
+        try:
+            promote(config, v[name], actor=name)
+            outcomes[name] = "promoted"
+        except PromotionRefused as refused:
+            outcomes[name] = str(refused)
+
+    def reader() -> None:
+        while not done.is_set():
+            current = roles(config)
+            seen.add((current.champion, current.previous))
+
+    threads = [threading.Thread(target=contender, args=(n,)) for n in ("better", "rival")]
+    watcher = threading.Thread(target=reader)
+    watcher.start()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    done.set()
+    watcher.join()
+
+    assert sorted(o == "promoted" for o in outcomes.values()) == [False, True], outcomes
+    winner = next(name for name, o in outcomes.items() if o == "promoted")
+    loser = next(name for name, o in outcomes.items() if o != "promoted")
+    assert "champion changed" in outcomes[loser]
+    assert seen <= {(v["champion"], None), (v[winner], v["champion"])}, seen
+    last_two = AuditLog(config.state_db).history()[-2:]
+    assert {(e.to_version, e.outcome) for e in last_two} == {(v[winner], "promoted"), (v[loser], "conflict")}

@@ -1,0 +1,155 @@
+"""Training on real Ray Train (2 CPU workers) with real MLflow on SQLite, end to end."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from services.config import GenloopConfig, UserInputError
+from services.registry import Registry
+from services.training_run import train
+from training.datasets import ingest
+
+
+def small_training(config: GenloopConfig, max_steps: int = 40, eval_every: int = 10) -> GenloopConfig:
+    config.data.max_documents_per_source = 1500
+    config.tokenizer.vocab_size = 1024
+    config.train.max_steps = max_steps
+    config.train.eval_every = eval_every
+    config.train.eval_batches = 2
+    config.train.micro_batch_size = 8
+    config.train.warmup_steps = 5
+    config.train.num_workers = 2
+    return config
+
+
+@pytest.fixture
+def docs_config(genloop_config: GenloopConfig, ray_cluster) -> GenloopConfig:
+    config = small_training(genloop_config)
+    ingest(["builtin:python-docs"], "docs", config.data, config.datasets_dir)
+    return config
+
+
+def runs(config: GenloopConfig) -> list:
+    registry = Registry(config)
+    return registry.client.search_runs([registry.experiment_id()])
+
+
+def test_train_registers_a_loadable_model_that_learned(docs_config: GenloopConfig):
+    run = train(docs_config, "docs", show_progress=False)
+
+    assert run.metrics["best_val_loss"] < run.metrics["initial_val_loss"] - 0.5
+    assert run.cost.tokens_seen == 40 * 2 * 8 * 128
+    assert run.cost.cost_usd > 0 and run.cost.energy_kwh > 0 and 0 < run.cost.mfu < 1
+
+    registry = Registry(docs_config)
+    version = registry.resolve(run.version)
+    assert version.tags["dataset"] == "docs:v1"
+    assert version.tags["dataset_hash"] and version.tags["config_hash"] and version.tags["git_revision"]
+    assert version.tags["parent_version"] == ""
+    mlflow_run = registry.client.get_run(run.run_id)
+    assert mlflow_run.info.status == "FINISHED"
+    history = registry.client.get_metric_history(run.run_id, "train_loss")
+    assert len(history) == 40
+    assert {"val_loss", "val_perplexity", "cost_mfu"} <= set(mlflow_run.data.metrics)
+
+    path = registry.local_path(version)
+    assert (path / "model.safetensors").exists()
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    inputs = tokenizer("The for statement", return_tensors="pt")
+    output = model.generate(**inputs, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert output.shape[1] > inputs["input_ids"].shape[1]
+    assert tokenizer.decode(output[0, inputs["input_ids"].shape[1]:]).strip()
+
+    # Warm start with LoRA from the registered version: a new version, merged into plain weights.
+    docs_config.train.lora.enabled = True
+    docs_config.train.max_steps = 10
+    child = train(docs_config, "docs", base=run.version, show_progress=False)
+    child_version = registry.resolve(child.version)
+    assert child_version.tags["parent_version"] == run.version
+    child_path = registry.local_path(child_version)
+    assert not (child_path / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(child_path)
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    changed = any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), merged.state_dict().values()))
+    assert changed
+
+
+def test_killed_worker_resumes_from_checkpoint(docs_config: GenloopConfig):
+    docs_config.train.max_steps = 60
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.update(run=train(docs_config, "docs", show_progress=False)))
+    thread.start()
+
+    # Ray Train's controller writes this snapshot once it has registered a checkpoint: from then
+    # on a lost worker group must restart from it, not from scratch.
+    storage = Path(docs_config.ray_storage_path)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(storage.glob("*/checkpoint_manager_snapshot.json")):
+        time.sleep(0.2)
+    assert list(storage.glob("*/checkpoint_manager_snapshot.json")), "no checkpoint was registered"
+    workers = [p for p in psutil.process_iter(["cmdline"])
+               if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    assert workers, "no Ray Train worker process found"
+    os.kill(workers[0].pid, signal.SIGKILL)
+
+    thread.join(timeout=600)
+    run = outcome["run"]
+    assert run.metrics["restarts"] >= 1
+    assert run.metrics["steps"] == 60
+    assert run.metrics["best_val_loss"] < run.metrics["initial_val_loss"]
+
+
+def genloop(*args: str, home: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "GENLOOP_HOME": str(home), "GENLOOP_DATA__MAX_DOCUMENTS_PER_SOURCE": "300",
+           "GENLOOP_RAY__NUM_CPUS": "2"}
+    return subprocess.run([sys.executable, "-m", "services.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def test_bad_training_input_exits_2_and_leaves_nothing(tmp_path: Path):
+    home = tmp_path / "home"
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("A short but valid paragraph of text that passes the minimum length filter easily.\n")
+    assert genloop("data", "ingest", str(tiny), "--name", "tiny", home=home).returncode == 0
+
+    cases = {
+        ("train", "--dataset", "missing"): "missing",
+        ("train", "--dataset", "tiny:v9"): "v9",
+        ("train", "--dataset", "tiny", "--preset", "huge"): "unknown preset",
+        ("train", "--dataset", "tiny", "--lora"): "--base",
+        ("train", "--dataset", "tiny", "--preset", "tiny", "--base", "1"): "conflict",
+        ("train", "--dataset", "tiny", "--base", "7"): "unknown model version",
+        ("train", "--dataset", "tiny"): "fewer than one step",
+    }
+    for args, message in cases.items():
+        result = genloop(*args, home=home)
+        assert result.returncode == 2, (args, result.stderr)
+        assert message in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr
+
+    config = GenloopConfig(home=home)
+    assert all(r.info.status != "RUNNING" for r in runs(config))
+    assert Registry(config).versions() == []
+
+
+def test_unloadable_base_is_a_user_error(docs_config: GenloopConfig, tmp_path: Path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(UserInputError, match="cannot load model"):
+        train(docs_config, "docs", base=str(broken), show_progress=False)
+    assert Registry(docs_config).versions() == []
+    assert MlflowClient(docs_config.mlflow_tracking_uri).search_experiments()  # store usable

@@ -1,0 +1,1 @@
+"""Everything numerical before serving: data ingestion and cleaning, tokenizer, models, the Ray Train loop."""

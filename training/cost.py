@@ -1,0 +1,65 @@
+"""Cost and energy report of a training run: what the run consumed, in money, energy and efficiency.
+
+Model FLOPs utilisation uses the standard 6·N·T estimate of training FLOPs (forward + backward
+for N parameters over T tokens, PaLM appendix B), divided by what the devices could have done
+in the time spent training.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+from services.config import CostConfig
+
+
+class CostReport(BaseModel):
+    wall_seconds: float = Field(description="Whole run, start-up and checkpointing included.")
+    train_seconds: float = Field(
+        description="Time inside optimizer steps on rank 0, less the first step after each (re)start."
+    )
+    device_type: str = Field(description="cpu or cuda.")
+    device_count: int = Field(description="Training workers (one device each).")
+    device_hours: float = Field(description="wall_seconds × device_count / 3600.")
+    price_per_device_hour: float = Field(description="$ per device-hour used for the price.")
+    cost_usd: float = Field(description="device_hours × price_per_device_hour.")
+    watts_per_device: float = Field(description="Assumed draw per device.")
+    energy_kwh: float = Field(description="device_hours × watts_per_device / 1000.")
+    parameters: int = Field(description="Trained model's parameter count.")
+    tokens_seen: int = Field(description="Training tokens over all workers.")
+    tokens_per_second: float = Field(description="Tokens of the timed steps / train_seconds, over all workers.")
+    peak_flops_per_device: float = Field(description="Peak FLOP/s per device assumed for MFU.")
+    mfu: float = Field(description="6·parameters·tokens_per_second / (peak · device_count).")
+
+
+def cost_report(
+    *,
+    wall_seconds: float,
+    train_seconds: float,
+    device_type: str,
+    device_count: int,
+    parameters: int,
+    tokens_seen: int,
+    timed_tokens: int,
+    prices: CostConfig,
+) -> CostReport:
+    device_hours = wall_seconds * device_count / 3600
+    price = prices.price_per_device_hour.get(device_type, 0.0)
+    watts = prices.watts_per_device.get(device_type, 0.0)
+    peak = prices.peak_flops_per_device.get(device_type, 0.0)
+    tokens_per_second = timed_tokens / max(train_seconds, 1e-9)
+    return CostReport(
+        wall_seconds=wall_seconds,
+        train_seconds=train_seconds,
+        device_type=device_type,
+        device_count=device_count,
+        device_hours=device_hours,
+        price_per_device_hour=price,
+        cost_usd=device_hours * price,
+        watts_per_device=watts,
+        energy_kwh=device_hours * watts / 1000,
+        parameters=parameters,
+        tokens_seen=tokens_seen,
+        tokens_per_second=tokens_per_second,
+        peak_flops_per_device=peak,
+        mfu=6 * parameters * tokens_per_second / (peak * device_count) if peak else 0.0,
+    )

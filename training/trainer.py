@@ -1,0 +1,164 @@
+"""Driver side of a training run: launch the Ray Train ``TorchTrainer``, show progress, export.
+
+The driver prepares one initial model folder (fresh preset or warm-start base, plus tokenizer) so
+that every worker, and every restarted worker, starts from identical weights. Ray Train keeps
+the best checkpoint (lowest validation loss) and the latest one (for resuming after a failure);
+the best is exported as a plain Hugging Face folder with safetensors weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import torch
+from ray.train.torch import TorchTrainer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from services.config import TrainConfig, UserInputError
+from training.loop import STATE_FILE, train_worker
+from training.models import merge_lora, with_lora
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingFailed(RuntimeError):
+    """Ray Train gave up (retries exhausted or a worker error); the message says why."""
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    best_checkpoint: Path
+    metrics: dict[str, Any]
+    wall_seconds: float
+    device_type: str
+    num_devices: int
+
+
+def fit(
+    *,
+    train_dataset: ray.data.Dataset,
+    validation_dataset: ray.data.Dataset,
+    init_model_dir: Path,
+    settings: TrainConfig,
+    storage_path: str,
+    run_name: str,
+    tracking_uri: str,
+    run_id: str,
+    show_progress: bool = True,
+) -> TrainOutcome:
+    """Train on Ray Train and return the best checkpoint; raises ``TrainingFailed``."""
+    reserved = settings.num_workers * settings.cpus_per_worker
+    total = ray.cluster_resources().get("CPU", 0)
+    if not settings.use_gpu and total - reserved < 1:
+        # With every CPU reserved by the workers, Ray Data cannot run the reads that feed them: a hang.
+        raise UserInputError(
+            f"{settings.num_workers} workers × {settings.cpus_per_worker} CPUs leave {total - reserved:g} of the "
+            f"cluster's {total:g} CPUs for Ray Data; lower train.num_workers or train.cpus_per_worker"
+        )
+    progress_queue = ray.util.queue.Queue(maxsize=10_000, actor_options={"num_cpus": 0})
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={
+            "train": settings.model_dump(mode="json"),
+            "init_model_dir": str(init_model_dir),
+            "tracking_uri": tracking_uri,
+            "run_id": run_id,
+            "progress_queue": progress_queue,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=settings.num_workers,
+            use_gpu=settings.use_gpu,
+            resources_per_worker={"GPU": 1, "CPU": settings.cpus_per_worker}
+            if settings.use_gpu
+            else {"CPU": settings.cpus_per_worker},
+        ),
+        datasets={"train": train_dataset, "validation": validation_dataset},
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=settings.max_failures),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
+            ),
+        ),
+    )
+    started = time.perf_counter()
+    result_box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            result_box["result"] = trainer.fit()
+        except Exception as exc:  # surfaced on the caller's thread below
+            result_box["error"] = exc
+
+    thread = threading.Thread(target=run, name="ray-train-fit", daemon=True)
+    thread.start()
+    _follow(thread, progress_queue, settings.max_steps, show_progress)
+    thread.join()
+    wall = time.perf_counter() - started
+    try:
+        ray.kill(progress_queue.actor)
+    except Exception:  # the queue actor may already be gone with a lost cluster
+        pass
+    if "error" in result_box:
+        raise TrainingFailed(f"training failed: {result_box['error']}") from result_box["error"]
+    result = result_box["result"]
+    if result.error:
+        raise TrainingFailed(f"training failed: {result.error}") from result.error
+    best = result.get_best_checkpoint(metric="val_loss", mode="min")
+    if best is None:
+        raise TrainingFailed("training reported no checkpoint")
+    return TrainOutcome(
+        best_checkpoint=Path(best.path),
+        metrics=dict(result.metrics),
+        wall_seconds=wall,
+        device_type="cuda" if settings.use_gpu else "cpu",
+        num_devices=settings.num_workers,
+    )
+
+
+def _follow(thread: threading.Thread, queue: Any, max_steps: int, show: bool) -> None:
+    """Drain rank 0's progress messages into a rich progress bar until training ends."""
+    columns = [TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+               TextColumn("{task.fields[status]}"), TimeElapsedColumn()]
+    with Progress(*columns, disable=not show, transient=False) as bar:
+        task = bar.add_task("train", total=max_steps, status="starting workers…")
+        fields: dict[str, float] = {}
+        while thread.is_alive() or not queue.empty():
+            try:
+                message = queue.get(timeout=0.5)
+            except Exception:  # queue.Empty, or the queue actor gone after the run
+                if not thread.is_alive():
+                    break
+                continue
+            fields.update(message)
+            status = "  ".join(
+                f"{label} {fields[key]:{fmt}}"
+                for key, label, fmt in (("train_loss", "loss", ".3f"), ("val_loss", "val", ".3f"),
+                                        ("tokens_per_second", "tok/s", ",.0f"))
+                if key in fields
+            )
+            bar.update(task, completed=message["step"], status=status)
+
+
+def export_checkpoint(checkpoint_dir: Path, init_model_dir: Path, settings: TrainConfig, out_dir: Path) -> Path:
+    """Write the checkpoint's weights as a Hugging Face folder (LoRA merged) with the tokenizer."""
+    model = AutoModelForCausalLM.from_pretrained(init_model_dir)
+    if settings.lora.enabled:
+        model = with_lora(model, settings.lora)
+    saved = torch.load(checkpoint_dir / STATE_FILE, map_location="cpu", weights_only=False)
+    model.load_state_dict(saved["model"])
+    model = merge_lora(model)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    AutoTokenizer.from_pretrained(init_model_dir).save_pretrained(out_dir)
+    return out_dir
