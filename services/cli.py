@@ -181,12 +181,13 @@ def models_command(
         console.print(table)
         return
     registry = Registry(config)
+    aliases = registry.aliases_by_version()
     table = Table("version", "aliases", "dataset", "val loss", "val ppl", "verdict", "cost $", "created")
     for version in registry.versions():
         metrics = registry.client.get_run(version.run_id).data.metrics if version.run_id else {}
         created = datetime.fromtimestamp(version.creation_timestamp / 1000, UTC).strftime("%Y-%m-%d %H:%M")
         table.add_row(
-            f"v{version.version}", ", ".join(sorted(version.aliases)), version.tags.get("dataset", ""),
+            f"v{version.version}", ", ".join(aliases.get(str(version.version), [])), version.tags.get("dataset", ""),
             f"{metrics['best_val_loss']:.3f}" if "best_val_loss" in metrics else "–",
             f"{metrics['best_val_perplexity']:.1f}" if "best_val_perplexity" in metrics else "–",
             version.tags.get("evaluation_verdict", "–"), version.tags.get("cost_usd", "–"), created,

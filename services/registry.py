@@ -66,6 +66,17 @@ class Registry:
             return []
         return sorted(found, key=lambda v: int(v.version))
 
+    def aliases_by_version(self) -> dict[str, list[str]]:
+        """Version → its aliases (version search results do not carry aliases)."""
+        try:
+            aliases = self.client.get_registered_model(self.name).aliases
+        except MlflowException:
+            return {}
+        by_version: dict[str, list[str]] = {}
+        for alias, version in sorted(aliases.items()):
+            by_version.setdefault(str(version), []).append(alias)
+        return by_version
+
     def resolve(self, ref: str | int) -> ModelVersion:
         """``ref`` is a version number ("3", "v3") or an alias ("champion"); unknown → UserInputError."""
         ref = str(ref).strip()

@@ -8,6 +8,7 @@ loads ours.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -85,6 +86,9 @@ def build_model(preset: str, tokenizer: PreTrainedTokenizerBase, block_size: int
 # or unreadable JSON, ValueError for an unknown architecture, KeyError for a config missing fields,
 # RuntimeError for tensors whose shapes do not fit the config.
 _LOAD_ERRORS = (SafetensorError, OSError, ValueError, KeyError, RuntimeError)
+# transformers' loading path keeps global state (tied-weight bookkeeping among it): two threads
+# loading at once were seen to report the tied lm_head as missing. One load at a time per process.
+_LOAD_LOCK = threading.Lock()
 
 
 def load_model(path: str | Path) -> torch.nn.Module:
@@ -97,7 +101,8 @@ def load_model(path: str | Path) -> torch.nn.Module:
     if not path.is_dir():
         raise UserInputError(f"cannot load model from {path}: no such folder")
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+        with _LOAD_LOCK:
+            model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
     except _LOAD_ERRORS as exc:
         raise UserInputError(f"cannot load model from {path}: {type(exc).__name__}: {exc}") from exc
     if info.get("missing_keys"):

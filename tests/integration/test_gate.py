@@ -210,3 +210,32 @@ def test_racing_promotions_one_wins_both_recorded_no_torn_reads(world):
     assert seen <= {(v["champion"], None), (v[winner], v["champion"])}, seen
     last_two = AuditLog(config.state_db).history()[-2:]
     assert {(e.to_version, e.outcome) for e in last_two} == {(v[winner], "promoted"), (v[loser], "conflict")}
+
+
+def test_cli_exit_codes_and_tables(world):
+    import os
+    import subprocess
+    import sys
+
+    config, v = world
+    reset_aliases(config, v["champion"], v["better"])
+    env = {**os.environ, "GENLOOP_HOME": str(config.home), "COLUMNS": "200"}
+
+    def genloop(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "services.cli", *args], capture_output=True, text=True,
+                              env=env, timeout=300)
+
+    unknown = genloop("promote", "99")
+    assert unknown.returncode == 2 and "unknown model version" in unknown.stderr
+    assert genloop("promote", v["better"], "--force").returncode == 2  # --force needs --reason
+    assert roles(config).champion == v["champion"]
+
+    listing = genloop("models")
+    assert listing.returncode == 0
+    assert f"v{v['champion']}" in listing.stdout and "champion" in listing.stdout and "docs:v1" in listing.stdout
+
+    forced = genloop("promote", v["rival"], "--force", "--reason", "hotfix for a bad answer")
+    assert forced.returncode == 0, forced.stderr
+    assert roles(config).champion == v["rival"]
+    history = genloop("models", "--history")
+    assert "force-promote" in history.stdout and "hotfix" in history.stdout

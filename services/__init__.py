@@ -1,0 +1,1 @@
+"""genloop control plane: config, registry, evaluation gate, lifecycle, CLI."""
