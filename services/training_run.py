@@ -52,6 +52,8 @@ def _texts(path: Path, limit: int | None = None) -> list[str]:
 
 
 def _token_count(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> int:
+    if not texts:  # tokenizers fail on an empty batch
+        return 0
     return sum(len(ids) + 1 for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
 
 
