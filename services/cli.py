@@ -208,6 +208,10 @@ def demo(
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # Our own rich progress bars say what is happening; per-file tqdm bars only add noise.
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
     try:
         app()
     except UserInputError as exc:

@@ -20,6 +20,6 @@ def connect(settings: RayConfig) -> None:
         return
     if settings.address:
         logger.info("joining Ray cluster at %s", settings.address)
-        ray.init(address=settings.address, log_to_driver=True)
+        ray.init(address=settings.address, logging_level=logging.WARNING)
     else:
-        ray.init(num_cpus=settings.num_cpus, log_to_driver=True)
+        ray.init(num_cpus=settings.num_cpus, logging_level=logging.WARNING)

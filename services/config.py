@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 DEFAULT_CONFIG_FILE = "genloop.yaml"
@@ -197,6 +197,12 @@ class GenloopConfig(BaseSettings):
         None, description="SQLAlchemy URL of genloop's own tables (promotion audit); None uses "
         "sqlite:///$GENLOOP_HOME/genloop.db."
     )
+
+    @field_validator("home")
+    @classmethod
+    def _absolute_home(cls, home: Path) -> Path:
+        # Ray workers run in their own working directory: every path handed to them must be absolute.
+        return home.expanduser().resolve()
 
     @classmethod
     def settings_customise_sources(

@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 
+# Environment overrides beat explicit config values: a GENLOOP_HOME set in the shell that runs the
+# tests would send every test's state to one place.
+for _name in [n for n in os.environ if n.startswith("GENLOOP_")]:
+    del os.environ[_name]
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
