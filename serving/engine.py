@@ -4,7 +4,7 @@ The Serve deployment and the OpenAI API layer only ever see ``Engine``: which ba
 (transformers on CPU/GPU, vLLM on GPU) is a constructor argument, so tests run the real HF engine on a
 tiny model and production swaps in vLLM without touching the API code. The models here are the
 engine's own vocabulary, not OpenAI's wire format: the API layer translates, so an engine never has
-to know about HTTP, chat templates or ``n`` (the API fans ``n > 1`` out as ``n`` engine requests).
+to know about HTTP or ``n`` (the API fans ``n > 1`` out as ``n`` engine requests).
 """
 
 from __future__ import annotations
@@ -40,36 +40,37 @@ class InvalidRequestError(EngineError, ValueError):
 
 
 class SamplingParams(BaseModel):
-    """How to pick tokens; fields in OpenAI's order, defaults are OpenAI's (except ``max_tokens``, see below)."""
+    """How to pick tokens; fields in OpenAI's order, defaults those of OpenAI's /v1/completions."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    frequency_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, description="Subtracted from a token's logit once per time it was already generated."
+    )
     max_tokens: int = Field(16, ge=1, description="Most tokens to generate; reaching it finishes with 'length'.")
-    temperature: float = Field(
-        1.0, ge=0.0, le=2.0, description="Softmax temperature; 0 means greedy (argmax) decoding."
-    )
-    top_p: float = Field(
-        1.0, gt=0.0, le=1.0, description="Nucleus sampling: keep the smallest set of tokens whose mass reaches top_p."
-    )
-    top_k: int | None = Field(
-        None, ge=1, description="Keep only the k most likely tokens before sampling; None keeps all (an extra, not OpenAI)."
-    )
     n: int = Field(
         1, ge=1, le=16, description="Completions per prompt; engines serve n=1 and the API fans n>1 out as n requests."
+    )
+    presence_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, description="Subtracted once from the logit of every token already generated."
+    )
+    seed: int | None = Field(
+        None, description="Seed of this request's own random generator, so sampled output is reproducible."
     )
     stop: list[str] = Field(
         default_factory=list,
         max_length=4,
         description="Up to 4 strings that end generation; the stop string itself is not returned.",
     )
-    seed: int | None = Field(
-        None, description="Seed of this request's own random generator, so sampled output is reproducible."
+    temperature: float = Field(
+        1.0, ge=0.0, le=2.0, description="Softmax temperature; 0 means greedy (argmax) decoding."
     )
-    presence_penalty: float = Field(
-        0.0, ge=-2.0, le=2.0, description="Subtracted once from the logit of every token already generated."
+    top_p: float = Field(
+        1.0, gt=0.0, le=1.0, description="Nucleus sampling: keep the smallest set of tokens whose mass reaches top_p."
     )
-    frequency_penalty: float = Field(
-        0.0, ge=-2.0, le=2.0, description="Subtracted from a token's logit once per time it was already generated."
+    # Extras after OpenAI's fields.
+    top_k: int | None = Field(
+        None, ge=1, description="Sample only among the k most likely tokens; None keeps all. Not in OpenAI's API."
     )
 
     @field_validator("stop", mode="before")
@@ -103,7 +104,9 @@ class GenerationRequest(BaseModel):
     request_id: str = Field(
         default_factory=lambda: uuid.uuid4().hex, description="Unique id, used in logs and to abort the request."
     )
-    prompt: str | None = Field(None, description="Prompt text, tokenized by the engine; exclusive with prompt_token_ids.")
+    prompt: str | None = Field(
+        None, description="Prompt text, tokenized by the engine; exclusive with prompt_token_ids."
+    )
     prompt_token_ids: list[int] | None = Field(
         None, min_length=1, description="Prompt as token ids of the engine's tokenizer; exclusive with prompt."
     )
@@ -141,6 +144,18 @@ class GenerationResult(BaseModel):
     total_seconds: float = Field(description="Seconds from submission to the last generated token.")
 
 
+def render_chat_template(tokenizer: object, messages: list[dict[str, str]]) -> str:
+    """Render ``messages`` with a transformers tokenizer's chat template, opening the assistant's turn."""
+    if tokenizer is None:
+        raise EngineError("engine is not loaded")
+    if not getattr(tokenizer, "chat_template", None):
+        raise InvalidRequestError("this model has no chat template; use /v1/completions", param="messages")
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # noqa: BLE001 - jinja errors (bad roles, missing keys) are the caller's input
+        raise InvalidRequestError(f"cannot render messages: {exc}", param="messages") from exc
+
+
 class Engine(ABC):
     """An inference backend: loads one model version and serves generation requests concurrently.
 
@@ -173,6 +188,15 @@ class Engine(ABC):
         """Yield one chunk per generated token; the last carries finish_reason.
 
         Closing the iterator (client gone, task cancelled) aborts the request and frees its slot.
+        """
+
+    @abstractmethod
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        """Chat messages as prompt text, rendered with the chat template stored with the model's tokenizer.
+
+        It belongs to the engine because the template travels with the model version: a new
+        champion may render chat differently. Opens an assistant turn; raises InvalidRequestError
+        (param "messages") if the model has no chat template.
         """
 
     @abstractmethod

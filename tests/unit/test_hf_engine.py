@@ -1,0 +1,454 @@
+"""HFEngine on a tiny GPT-2 built in the test: continuous batching must not change what greedy decoding says.
+
+The reference is ``model.generate(do_sample=False)`` on each prompt alone. The engine runs the same
+weights with left padding, KV merges and trims as requests join and leave; in float32 a padded
+batch may differ from an unpadded one in the last bits, and an untrained model's nearly flat logits
+turn that into a different argmax now and then, so both sides run in float64, where only a bug
+can make them disagree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pydoc_data.topics
+import pytest
+import torch
+from pydantic import ValidationError
+
+from serving.engine import (
+    EngineError,
+    EngineOverloaded,
+    GenerationRequest,
+    InvalidRequestError,
+    SamplingParams,
+)
+from serving.hf_engine import HFEngine, _Sequence
+from training.models import build_model
+from training.tokenizer import train_tokenizer
+
+GREEDY = {"temperature": 0.0}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: a 1M-parameter model gains nothing from two, and OpenMP barriers across
+    two threads slow small ops down by orders of magnitude when other test runs share the CPUs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A saved tiny GPT-2 (random weights), its tokenizer, a float64 reference copy and 8 prompts."""
+    paragraphs = [p.strip() for t in pydoc_data.topics.topics.values() for p in t.split("\n\n")]
+    paragraphs = [p for p in paragraphs if len(p) >= 64][:200]
+    tokenizer = train_tokenizer(paragraphs, vocab_size=512)
+    model = build_model("tiny", tokenizer, block_size=128, seed=0)
+    folder = tmp_path_factory.mktemp("tiny-model")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    reference = model.double().eval()
+    prompts = [paragraphs[i][: 15 + 23 * i] for i in range(8)]  # 4 … 60 tokens
+    return folder, tokenizer, reference, prompts
+
+
+def expected_ids(tiny, prompt: str, max_tokens: int) -> list[int]:
+    _, tokenizer, reference, _ = tiny
+    inputs = tokenizer(prompt, return_tensors="pt")
+    with torch.inference_mode():
+        out = reference.generate(**inputs, max_new_tokens=max_tokens, do_sample=False)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def engine_for(tiny, **kwargs) -> HFEngine:
+    return HFEngine(tiny[0], "v-test", dtype="float64", **kwargs)
+
+
+async def stream_ids(engine: HFEngine, request: GenerationRequest, started: asyncio.Event | None = None):
+    """Token ids, text and finish reason of a streamed request; ``started`` is set at the first token."""
+    ids, text, finish = [], "", None
+    async for chunk in engine.stream(request):
+        ids += chunk.token_ids
+        text += chunk.text
+        finish = chunk.finish_reason
+        if started is not None:
+            started.set()
+    return ids, text, finish
+
+
+def test_greedy_matches_generate_alone(tiny):
+    prompts = tiny[3]
+
+    async def main():
+        engine = engine_for(tiny)
+        await engine.load()
+        try:
+            for prompt in (prompts[0], prompts[5]):
+                request = GenerationRequest(prompt=prompt, params=SamplingParams(max_tokens=24, **GREEDY))
+                ids, _, _ = await stream_ids(engine, request)
+                assert ids == expected_ids(tiny, prompt, 24)
+                result = await engine.generate(request)
+                assert result.text == tiny[1].decode(ids, skip_special_tokens=True)
+        finally:
+            await engine.close()
+
+    asyncio.run(main())
+
+
+def test_requests_joining_a_running_batch_match_generate(tiny):
+    """8 prompts of 4–60 tokens join one by one, each once the previous has its first token; they
+    leave at different times (different max_tokens). Every one must equal generate() alone."""
+    prompts = tiny[3]
+    order = [3, 0, 7, 1, 5, 2, 6, 4]  # long and short prompts alternate, so both sides get padded
+    max_tokens = {i: 6 + 5 * n for n, i in enumerate(order)}
+    max_tokens[order[0]] = 60  # the first one outlives all joins
+
+    async def main():
+        engine = engine_for(tiny)
+        await engine.load()
+        try:
+            tasks, batch_sizes = {}, []
+            for i in order:
+                started = asyncio.Event()
+                params = SamplingParams(max_tokens=max_tokens[i], **GREEDY)
+                request = GenerationRequest(prompt=prompts[i], params=params)
+                tasks[i] = asyncio.create_task(stream_ids(engine, request, started))
+                await started.wait()
+                batch_sizes.append(engine.num_active)
+            results = {i: await task for i, task in tasks.items()}
+        finally:
+            await engine.close()
+        assert max(batch_sizes) >= 4, f"requests never shared a batch: {batch_sizes}"
+        for i, (ids, _, finish) in results.items():
+            assert ids == expected_ids(tiny, prompts[i], max_tokens[i]), f"prompt {i} diverged"
+            assert finish == "length"
+
+    asyncio.run(main())
+
+
+def test_concurrent_burst_matches_generate(tiny):
+    """All 8 at once (one shared prefill, left padded), then leaving one by one."""
+    prompts = tiny[3]
+
+    async def main():
+        engine = engine_for(tiny)
+        await engine.load()
+        try:
+            requests = [
+                GenerationRequest(prompt=p, params=SamplingParams(max_tokens=8 + 3 * i, **GREEDY))
+                for i, p in enumerate(prompts)
+            ]
+            return await asyncio.gather(*(engine.generate(r) for r in requests))
+        finally:
+            await engine.close()
+
+    results = asyncio.run(main())
+    for i, result in enumerate(results):
+        expected = expected_ids(tiny, prompts[i], 8 + 3 * i)
+        assert result.text == tiny[1].decode(expected, skip_special_tokens=True)
+        assert result.completion_tokens == 8 + 3 * i
+
+
+def test_max_tokens_finishes_with_length(tiny):
+    async def main():
+        engine = engine_for(tiny)
+        await engine.load()
+        try:
+            request = GenerationRequest(prompt=tiny[3][2], params=SamplingParams(max_tokens=7, **GREEDY))
+            result = await engine.generate(request)
+            ids, _, finish = await stream_ids(engine, request)
+        finally:
+            await engine.close()
+        assert result.finish_reason == "length" and result.completion_tokens == 7
+        assert finish == "length" and len(ids) == 7
+        assert result.prompt_tokens == len(tiny[1](tiny[3][2])["input_ids"])
+        assert 0 < result.ttft_seconds <= result.total_seconds
+
+    asyncio.run(main())
+
+
+def test_stop_string_cuts_output_in_both_modes(tiny):
+    async def main():
+        engine = engine_for(tiny)
+        await engine.load()
+        try:
+            prompt = tiny[3][1]
+            free_params = SamplingParams(max_tokens=40, **GREEDY)
+            free = await engine.generate(GenerationRequest(prompt=prompt, params=free_params))
+            stop = free.text[6:9]
+            cut = free.text[: free.text.index(stop)]
+            stopped = SamplingParams(max_tokens=40, stop=[stop, "never-seen-stop"], **GREEDY)
+            result = await engine.generate(GenerationRequest(prompt=prompt, params=stopped))
+            _, streamed, finish = await stream_ids(engine, GenerationRequest(prompt=prompt, params=stopped))
+        finally:
+            await engine.close()
+        assert result.finish_reason == "stop" and result.text == cut
+        assert finish == "stop" and streamed == cut
+        assert result.completion_tokens < 40
+
+    asyncio.run(main())
+
+
+def test_eos_finishes_with_stop(tiny):
+    async def main():
+        engine = engine_for(tiny)
+        await engine.load()
+        try:
+            request = GenerationRequest(prompt=tiny[3][4], params=SamplingParams(max_tokens=30, **GREEDY))
+            ids, _, _ = await stream_ids(engine, request)
+            # The untrained model never says end-of-text; declare its 4th greedy token to be eos instead.
+            engine._eos_ids = frozenset({ids[3]})
+            result = await engine.generate(request)
+        finally:
+            await engine.close()
+        assert result.finish_reason == "stop"
+        assert result.completion_tokens == ids.index(ids[3]) + 1
+
+    asyncio.run(main())
+
+
+def test_split_characters_wait_for_their_last_byte_but_are_kept_at_the_end(tiny):
+    """A multi-byte character split across tokens is held back mid-stream, and a completion that ends
+    inside one (max_tokens hit) keeps the replacement character, as ``tokenizer.decode`` does; the
+    first version dropped it."""
+    euro = tiny[1]("€")["input_ids"]
+    assert len(euro) == 3  # three byte tokens in this tiny vocabulary
+
+    async def main():
+        engine = engine_for(tiny)
+        await engine.load()
+        try:
+            whole = _Sequence(GenerationRequest(prompt="x"), [5], limit=4, streaming=True)
+            cut = _Sequence(GenerationRequest(prompt="x"), [5], limit=2, streaming=True)
+            for token in euro[:2]:
+                engine._emit([whole, cut], [token, token])
+            engine._emit([whole], [euro[2]])
+            return [await whole.queue.get() for _ in range(3)], [await cut.queue.get() for _ in range(2)]
+        finally:
+            await engine.close()
+
+    whole, cut = asyncio.run(main())
+    assert [text for text, _, _ in whole] == ["", "", "€"]
+    assert "".join(text for text, _, _ in cut) == tiny[1].decode(euro[:2]) and cut[-1][2] == "length"
+
+
+def test_seeded_sampling_is_reproducible_whatever_shares_the_batch(tiny):
+    params = SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, top_k=40, seed=1234)
+
+    async def main():
+        engine = engine_for(tiny)
+        await engine.load()
+        try:
+            request = GenerationRequest(prompt=tiny[3][3], params=params)
+            alone = await engine.generate(request)
+            unseeded = SamplingParams(max_tokens=20, temperature=1.0)
+            crowd = [GenerationRequest(prompt=p, params=unseeded) for p in tiny[3]]
+            together = await asyncio.gather(engine.generate(request), *(engine.generate(r) for r in crowd))
+            other_seed = await engine.generate(
+                GenerationRequest(prompt=tiny[3][3], params=params.model_copy(update={"seed": 99}))
+            )
+        finally:
+            await engine.close()
+        assert together[0].text == alone.text
+        assert other_seed.text != alone.text
+
+    asyncio.run(main())
+
+
+def test_frequency_penalty_discourages_repetition(tiny):
+    async def main():
+        engine = engine_for(tiny)
+        await engine.load()
+        try:
+            base = SamplingParams(max_tokens=30, **GREEDY)
+            request = GenerationRequest(prompt=tiny[3][0], params=base)
+            plain, _, _ = await stream_ids(engine, request)
+            penalised = request.model_copy(update={"params": base.model_copy(update={"frequency_penalty": 2.0})})
+            varied, _, _ = await stream_ids(engine, penalised)
+        finally:
+            await engine.close()
+        assert len(set(varied)) > len(set(plain))
+
+    asyncio.run(main())
+
+
+def test_streaming_yields_the_same_text_as_generate(tiny):
+    async def main():
+        engine = engine_for(tiny)
+        await engine.load()
+        try:
+            request = GenerationRequest(prompt=tiny[3][6], params=SamplingParams(max_tokens=25, **GREEDY))
+            result = await engine.generate(request)
+            chunks = [chunk async for chunk in engine.stream(request)]
+        finally:
+            await engine.close()
+        assert "".join(c.text for c in chunks) == result.text
+        assert len(chunks) == 25 and all(len(c.token_ids) == 1 for c in chunks)
+        assert [c.finish_reason for c in chunks] == [None] * 24 + ["length"]
+        assert chunks[-1].completion_tokens == 25 and chunks[-1].prompt_tokens == result.prompt_tokens
+
+    asyncio.run(main())
+
+
+async def wait_until(condition, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.005)
+
+
+def test_closed_or_cancelled_stream_frees_its_slot(tiny):
+    async def main():
+        engine = engine_for(tiny)
+        await engine.load()
+        try:
+            long = SamplingParams(max_tokens=200, **GREEDY)
+            stream = engine.stream(GenerationRequest(prompt=tiny[3][0], params=long))
+            await anext(stream)
+            await anext(stream)
+            assert engine.num_active == 1
+            await stream.aclose()  # the client went away
+            await wait_until(lambda: engine.num_active == 0)
+
+            task = asyncio.create_task(engine.generate(GenerationRequest(prompt=tiny[3][1], params=long)))
+            await wait_until(lambda: engine.num_active == 1)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await wait_until(lambda: engine.num_active == 0)
+
+            after = await engine.generate(GenerationRequest(prompt=tiny[3][2], params=SamplingParams(max_tokens=3)))
+            assert after.completion_tokens == 3  # the engine keeps serving
+        finally:
+            await engine.close()
+
+    asyncio.run(main())
+
+
+def test_health_load_and_close(tiny):
+    async def main():
+        engine = engine_for(tiny)
+        assert not await engine.health()
+        with pytest.raises(EngineError, match="not loaded"):
+            await engine.generate(GenerationRequest(prompt="x"))
+        await engine.load()
+        assert await engine.health()
+        assert engine.context_length == 256 and engine.model_version == "v-test"
+        running = asyncio.create_task(
+            engine.generate(GenerationRequest(prompt=tiny[3][0], params=SamplingParams(max_tokens=200)))
+        )
+        await wait_until(lambda: engine.num_active == 1)
+        await engine.close()
+        assert not await engine.health()
+        assert not engine._thread.is_alive()
+        with pytest.raises(EngineError, match="closed"):
+            await running  # requests still in flight fail instead of hanging
+        with pytest.raises(EngineError, match="closed"):
+            await engine.generate(GenerationRequest(prompt="x"))
+
+    asyncio.run(main())
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(tiny):
+    async def main():
+        engine = engine_for(tiny)
+        await engine.load()
+        forward = engine.model.forward
+
+        def broken(*args, **kwargs):
+            engine.model.forward = forward  # fail once, as an out-of-memory step would
+            raise RuntimeError("simulated out of memory")
+
+        engine.model.forward = broken
+        try:
+            with pytest.raises(EngineError, match="simulated out of memory"):
+                await engine.generate(GenerationRequest(prompt=tiny[3][0], params=SamplingParams(max_tokens=4)))
+            assert engine.num_active == 0 and await engine.health()
+            result = await engine.generate(GenerationRequest(prompt=tiny[3][0], params=SamplingParams(max_tokens=4)))
+            assert result.completion_tokens == 4
+        finally:
+            await engine.close()
+
+    asyncio.run(main())
+
+
+def test_invalid_requests_are_rejected_naming_the_parameter(tiny):
+    async def main():
+        engine = engine_for(tiny)
+        await engine.load()
+        try:
+            with pytest.raises(InvalidRequestError) as too_long:
+                await engine.generate(GenerationRequest(prompt_token_ids=[5] * 256))
+            assert too_long.value.param == "prompt"
+            with pytest.raises(InvalidRequestError) as n:
+                await engine.generate(GenerationRequest(prompt="x", params=SamplingParams(n=2)))
+            assert n.value.param == "n"
+            with pytest.raises(InvalidRequestError) as vocab:
+                await engine.generate(GenerationRequest(prompt_token_ids=[100_000]))
+            assert vocab.value.param == "prompt_token_ids"
+            # prompt + max_tokens past the context is refused, naming max_tokens; up to it is served.
+            with pytest.raises(InvalidRequestError) as too_long:
+                await engine.generate(
+                    GenerationRequest(prompt_token_ids=[5] * 250, params=SamplingParams(max_tokens=50, **GREEDY))
+                )
+            assert too_long.value.param == "max_tokens"
+            result = await engine.generate(
+                GenerationRequest(prompt_token_ids=[5] * 250, params=SamplingParams(max_tokens=6, **GREEDY))
+            )
+            assert result.finish_reason == "length" and result.completion_tokens == 6
+        finally:
+            await engine.close()
+
+    asyncio.run(main())
+    with pytest.raises(ValidationError, match="temperature"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(ValidationError, match="prompt"):
+        GenerationRequest()
+    assert SamplingParams(stop="\n").stop == ["\n"]
+
+
+def test_chat_is_rendered_with_the_models_template(tiny):
+    async def main():
+        engine = engine_for(tiny)
+        await engine.load()
+        try:
+            messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+            rendered = "<|system|>\nBe brief.<|endoftext|>\n<|user|>\nhi<|endoftext|>\n<|assistant|>\n"
+            assert engine.render_chat(messages) == rendered
+            with pytest.raises(InvalidRequestError) as bad:
+                engine.render_chat([{"content": "no role"}])
+            assert bad.value.param == "messages"
+        finally:
+            await engine.close()
+
+    asyncio.run(main())
+
+
+def test_full_queue_is_refused(tiny):
+    async def main():
+        engine = engine_for(tiny, max_queue_size=0)
+        await engine.load()
+        try:
+            with pytest.raises(EngineOverloaded):
+                await engine.generate(GenerationRequest(prompt="x"))
+        finally:
+            await engine.close()
+
+    asyncio.run(main())
+
+
+def test_int8_engine_generates(tiny):
+    async def main():
+        engine = HFEngine(tiny[0], "v-int8", int8=True)
+        await engine.load()
+        try:
+            result = await engine.generate(GenerationRequest(prompt=tiny[3][1], params=SamplingParams(max_tokens=5)))
+        finally:
+            await engine.close()
+        assert result.completion_tokens == 5
+
+    asyncio.run(main())
