@@ -1,0 +1,348 @@
+"""The Ray Serve application: an OpenAI-compatible HTTP API over one ``Engine`` per replica.
+
+Each replica owns one engine (the class is a constructor argument, so tests run the real HF
+engine on a tiny model and production passes the vLLM engine) and one inference-log writer.
+Serve does the rest: routing, ``max_ongoing_requests`` / ``max_queued_requests`` backpressure,
+health checks (``check_health`` → engine health), and rolling updates when the app is deployed
+again with another model version (new replicas become healthy before old ones drain).
+"""
+
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field, ValidationError
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serving.engine import (
+    Engine,
+    EngineError,
+    EngineOverloaded,
+    GenerationRequest,
+    GenerationResult,
+    InvalidRequestError,
+)
+from serving.inference_log import InferenceLog, InferenceRecord, hash_client
+from serving.protocol import (
+    MAX_PROMPTS,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatResponseMessage,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    Usage,
+    error_body,
+    new_id,
+    now,
+)
+
+logger = logging.getLogger(__name__)
+
+VERSION_HEADER = "x-genloop-model-version"
+
+
+class ServerSettings(BaseModel):
+    """Everything a replica needs; built by the control plane (``genloop serve``)."""
+
+    served_model_name: str = Field(description="The name clients pass as `model`.")
+    model_path: str = Field(description="Local Hugging Face folder of the version served.")
+    model_version: str = Field(description="Registry version served (stamped on every response).")
+    engine_class: Any = Field(description="Engine subclass to instantiate.")
+    engine_options: dict[str, Any] = Field(default_factory=dict, description="Engine constructor options.")
+    api_keys: list[str] = Field(default_factory=list, description="Bearer keys accepted; empty = no auth.")
+    max_body_bytes: int = Field(1_000_000, description="Larger request bodies get 413.")
+    inference_log_dir: str | None = Field(None, description="Where the inference log goes; None = off.")
+    redact_prompts: bool = Field(False, description="Log prompt hashes instead of prompt text.")
+    client_salt: str = Field("genloop", description="Salt of the hashed client id in the log.")
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.headers = status, message, param, headers or {}
+
+
+api = FastAPI(title="genloop", docs_url=None, redoc_url=None)
+
+
+@api.middleware("http")
+async def _guard(request: Request, call_next):
+    """Authentication and body size come before parsing, as a client would expect (401/413 first)."""
+    settings: ServerSettings | None = getattr(request.app.state, "settings", None)
+    if settings is not None and request.url.path.startswith("/v1/"):
+        if settings.api_keys:
+            header = request.headers.get("authorization", "")
+            if not header.startswith("Bearer ") or header[7:] not in settings.api_keys:
+                return JSONResponse(error_body(401, "missing or invalid API key (Authorization: Bearer …)"),
+                                    status_code=401)
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > settings.max_body_bytes:
+            return JSONResponse(error_body(413, f"request body of {size} bytes exceeds {settings.max_body_bytes}"),
+                                status_code=413)
+    return await call_next(request)
+
+
+@api.exception_handler(APIError)
+async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
+    return JSONResponse(error_body(exc.status, exc.message, exc.param), status_code=exc.status, headers=exc.headers)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0]
+    location = [str(part) for part in first["loc"] if part != "body"]
+    param = ".".join(location) or None
+    message = "invalid JSON body" if first["type"] == "json_invalid" else (
+        f"unknown parameter {param}" if first["type"] == "extra_forbidden" else f"{param}: {first['msg']}")
+    return JSONResponse(error_body(400, message, param), status_code=400)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return JSONResponse(error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code)
+
+
+def _engine_error(exc: EngineError) -> APIError:
+    if isinstance(exc, InvalidRequestError):
+        return APIError(400, str(exc), exc.param)
+    if isinstance(exc, EngineOverloaded):
+        return APIError(429, str(exc), headers={"Retry-After": "1"})
+    return APIError(503, str(exc), headers={"Retry-After": "5"})
+
+
+# Module-level helpers sit above the deployment: Serve ships the class by value, and a helper
+# defined after it is missing from what gets shipped.
+def _usage(results: list[GenerationResult]) -> Usage:
+    prompt = sum(r.prompt_tokens for r in results)
+    completion = sum(r.completion_tokens for r in results)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+@serve.deployment(
+    name="genloop",
+    max_ongoing_requests=64,
+    max_queued_requests=256,
+    health_check_period_s=2,
+    graceful_shutdown_wait_loop_s=1,
+    graceful_shutdown_timeout_s=60,
+)
+@serve.ingress(api)
+class OpenAIServer:
+    async def __init__(self, settings: ServerSettings):
+        self.settings = settings
+        self.engine: Engine = settings.engine_class(settings.model_path, settings.model_version,
+                                                    **settings.engine_options)
+        await self.engine.load()
+        api.state.settings = settings
+        self.log = (InferenceLog(settings.inference_log_dir, redact_prompts=settings.redact_prompts)
+                    if settings.inference_log_dir else None)
+        logger.info("replica ready with v%s", settings.model_version)
+
+    async def check_health(self) -> None:
+        if not await self.engine.health():
+            raise RuntimeError("engine is not healthy")
+
+    async def __del__(self) -> None:  # Serve calls this on graceful shutdown, after draining
+        if self.log is not None:
+            self.log.close()
+        await self.engine.close()
+
+    # --- plumbing -------------------------------------------------------------------------
+    def _check_model(self, model: str) -> None:
+        if model != self.settings.served_model_name:
+            raise APIError(404, f"model {model!r} does not exist; this server serves "
+                                f"{self.settings.served_model_name!r}", "model")
+
+    def _headers(self) -> dict[str, str]:
+        return {VERSION_HEADER: self.settings.model_version}
+
+    def _record(self, request: Request, route: str, response_id: str, prompt: str, result: "GenerationResult | None",
+                status: int, started: float, user: str | None) -> None:
+        if self.log is None:
+            return
+        client = user or request.headers.get("authorization", "") or (request.client.host if request.client else "")
+        self.log.append(InferenceRecord(
+            request_id=response_id, route=route, model_version=self.settings.model_version, status=status,
+            prompt=prompt, output=result.text if result else "",
+            prompt_tokens=result.prompt_tokens if result else 0,
+            completion_tokens=result.completion_tokens if result else 0,
+            latency_seconds=time.perf_counter() - started, ttft_seconds=result.ttft_seconds if result else None,
+            client_hash=hash_client(client, self.settings.client_salt),
+        ))
+
+    def _validate(self, body: CompletionRequest | ChatCompletionRequest) -> None:
+        unsupported = body.unsupported()
+        if unsupported:
+            raise APIError(400, f"parameter {unsupported[0]} is not supported by genloop", unsupported[0])
+        try:
+            self.engine.check_params(body.sampling(1))
+        except ValidationError as exc:  # engine-level limits, e.g. at most 4 stop strings
+            error = exc.errors()[0]
+            param = str(error["loc"][0]) if error["loc"] else None
+            raise APIError(400, f"{param}: {error['msg']}", param) from None
+        except InvalidRequestError as exc:
+            raise APIError(400, str(exc), exc.param) from None
+
+    async def _run(self, prompts: list[str], body: Any, max_tokens: int) -> list[GenerationResult]:
+        params = body.sampling(max_tokens)
+        requests = [GenerationRequest(prompt=p, params=params) for p in prompts for _ in range(body.n)]
+        try:
+            return await asyncio.gather(*(self.engine.generate(r) for r in requests))
+        except EngineError as exc:
+            raise _engine_error(exc) from None
+
+    async def _stream(self, prompts: list[str], body: Any, max_tokens: int) -> AsyncIterator[tuple[int, Any]]:
+        """(choice index, chunk) from all choices as they come; closing it aborts them all."""
+        params = body.sampling(max_tokens)
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        async def pump(index: int, prompt: str) -> None:
+            try:
+                async for chunk in self.engine.stream(GenerationRequest(prompt=prompt, params=params)):
+                    await queue.put((index, chunk))
+            except EngineError as exc:
+                await queue.put((index, exc))
+            finally:
+                await queue.put((index, done))
+
+        tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(p for p in prompts for _ in range(body.n))]
+        remaining = len(tasks)
+        try:
+            while remaining:
+                index, item = await queue.get()
+                if item is done:
+                    remaining -= 1
+                    continue
+                yield index, item
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    # --- routes -------------------------------------------------------------------------
+    @api.get("/health")
+    async def health(self) -> JSONResponse:
+        healthy = await self.engine.health()
+        return JSONResponse({"status": "ok" if healthy else "loading", "model_version": self.settings.model_version},
+                            status_code=200 if healthy else 503, headers=self._headers())
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> JSONResponse:
+        card = {"id": self.settings.served_model_name, "object": "model", "created": now(), "owned_by": "genloop",
+                "model_version": self.settings.model_version}
+        return JSONResponse({"object": "list", "data": [card]}, headers=self._headers())
+
+    @api.post("/v1/completions")
+    async def completions(self, body: CompletionRequest, request: Request):
+        self._check_model(body.model)
+        self._validate(body)
+        prompts = body.prompts()
+        if not prompts or len(prompts) > MAX_PROMPTS or any(not p for p in prompts):
+            raise APIError(400, f"prompt must be 1 to {MAX_PROMPTS} non-empty strings", "prompt")
+        response_id, created, started = new_id("cmpl"), now(), time.perf_counter()
+        if body.stream:
+            return self._sse(self._completion_events(prompts, body, response_id, created))
+        results = await self._run(prompts, body, body.max_tokens)
+        for prompt, result in zip([p for p in prompts for _ in range(body.n)], results):
+            self._record(request, "completions", response_id, prompt, result, 200, started, body.user)
+        return JSONResponse(CompletionResponse(
+            id=response_id, created=created, model=body.model, model_version=self.settings.model_version,
+            choices=[CompletionChoice(index=i, text=r.text, finish_reason=r.finish_reason)
+                     for i, r in enumerate(results)],
+            usage=_usage(results),
+        ).model_dump(), headers=self._headers())
+
+    @api.post("/v1/chat/completions")
+    async def chat(self, body: ChatCompletionRequest, request: Request):
+        self._check_model(body.model)
+        self._validate(body)
+        prompt = self.engine.render_chat([m.model_dump(exclude_none=True) for m in body.messages])
+        max_tokens = body.token_budget(default=256)
+        response_id, created, started = new_id("chatcmpl"), now(), time.perf_counter()
+        if body.stream:
+            return self._sse(self._chat_events(prompt, body, max_tokens, response_id, created))
+        results = await self._run([prompt], body, max_tokens)
+        for result in results:
+            self._record(request, "chat.completions", response_id, prompt, result, 200, started, body.user)
+        return JSONResponse(ChatCompletionResponse(
+            id=response_id, created=created, model=body.model, model_version=self.settings.model_version,
+            choices=[ChatChoice(index=i, message=ChatResponseMessage(content=r.text), finish_reason=r.finish_reason)
+                     for i, r in enumerate(results)],
+            usage=_usage(results),
+        ).model_dump(), headers=self._headers())
+
+    @api.get("/metrics")
+    async def metrics(self):
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        from starlette.responses import Response
+
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    # --- server-sent events ---------------------------------------------------------------
+    def _sse(self, events: AsyncIterator[dict]) -> StreamingResponse:
+        async def body() -> AsyncIterator[str]:
+            async for event in events:
+                yield f"data: {json.dumps(event)}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(body(), media_type="text/event-stream", headers=self._headers())
+
+    async def _completion_events(self, prompts, body, response_id, created) -> AsyncIterator[dict]:
+        usage = [0, 0]
+        async for index, chunk in self._stream(prompts, body, body.max_tokens):
+            if isinstance(chunk, EngineError):
+                yield error_body(_engine_error(chunk).status, str(chunk))
+                return
+            if chunk.finish_reason is not None:
+                usage[0] += chunk.prompt_tokens or 0
+                usage[1] += chunk.completion_tokens or 0
+            yield CompletionResponse(
+                id=response_id, created=created, model=body.model, model_version=self.settings.model_version,
+                choices=[CompletionChoice(index=index, text=chunk.text, finish_reason=chunk.finish_reason)],
+            ).model_dump(exclude={"usage"})
+        if body.stream_options and body.stream_options.include_usage:
+            yield {"id": response_id, "object": "text_completion", "created": created, "model": body.model,
+                   "choices": [], "usage": Usage(prompt_tokens=usage[0], completion_tokens=usage[1],
+                                                 total_tokens=sum(usage)).model_dump(),
+                   "model_version": self.settings.model_version}
+
+    async def _chat_events(self, prompt, body, max_tokens, response_id, created) -> AsyncIterator[dict]:
+        def chunk_of(choice: ChatChunkChoice) -> dict:
+            return ChatCompletionChunk(id=response_id, created=created, model=body.model, choices=[choice],
+                                       model_version=self.settings.model_version).model_dump(exclude={"usage"})
+
+        for index in range(body.n):
+            yield chunk_of(ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content="")))
+        usage = [0, 0]
+        async for index, chunk in self._stream([prompt], body, max_tokens):
+            if isinstance(chunk, EngineError):
+                yield error_body(_engine_error(chunk).status, str(chunk))
+                return
+            if chunk.finish_reason is not None:
+                usage[0] += chunk.prompt_tokens or 0
+                usage[1] += chunk.completion_tokens or 0
+            yield chunk_of(ChatChunkChoice(index=index, delta=ChatDelta(content=chunk.text or None),
+                                           finish_reason=chunk.finish_reason))
+        if body.stream_options and body.stream_options.include_usage:
+            yield {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": body.model,
+                   "choices": [], "usage": Usage(prompt_tokens=usage[0], completion_tokens=usage[1],
+                                                 total_tokens=sum(usage)).model_dump(),
+                   "model_version": self.settings.model_version}
+
+
+def build_app(settings: ServerSettings, num_replicas: int = 1):
+    """The Serve application, ready for ``serve.run``."""
+    return OpenAIServer.options(num_replicas=num_replicas).bind(settings)

@@ -1,0 +1,198 @@
+"""OpenAI's wire format for completions and chat: requests, responses, stream chunks, errors.
+
+Fields follow OpenAI's order, our extras after (``top_k``; ``model_version`` on responses).
+Unknown fields are rejected rather than ignored, and OpenAI fields that genloop cannot honour
+(logprobs, tools, …) are accepted by the schema only to be refused with a 400 that names them:
+a client must never believe a parameter took effect when it did not.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from serving.engine import SamplingParams
+
+MAX_N = 8
+MAX_PROMPTS = 32
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = Field(False, description="Send a last chunk with usage before [DONE].")
+
+
+class _SamplingFields(BaseModel):
+    """The sampling fields both endpoints share."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 is greedy decoding.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    n: int = Field(1, ge=1, le=MAX_N, description=f"Choices per prompt (at most {MAX_N}).")
+    stream: bool = Field(False, description="Answer as server-sent events.")
+    stream_options: StreamOptions | None = Field(None, description="Streaming options.")
+    stop: str | list[str] | None = Field(None, description="Up to 4 stop strings.")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Penalty on tokens already present.")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Penalty per earlier occurrence.")
+    logit_bias: dict[str, float] | None = Field(None, description="Not supported: refused with 400.")
+    logprobs: Any = Field(None, description="Not supported: refused with 400.")
+    seed: int | None = Field(None, description="Makes sampling reproducible.")
+    user: str | None = Field(None, description="End-user id; only its salted hash is logged.")
+    top_k: int | None = Field(None, ge=1, description="genloop extra: sample from the k most likely tokens.")
+
+    def sampling(self, max_tokens: int) -> SamplingParams:
+        return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
+                              top_k=self.top_k, stop=self.stop, seed=self.seed,
+                              presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty)
+
+    def unsupported(self) -> list[str]:
+        """OpenAI fields set that genloop does not implement."""
+        names = ["logit_bias", "logprobs", *self._extra_unsupported()]
+        return [name for name in names if getattr(self, name) not in (None, False)]
+
+    def _extra_unsupported(self) -> list[str]:
+        return []
+
+
+class CompletionRequest(_SamplingFields):
+    model: str = Field(description="Served model name (see GET /v1/models).")
+    prompt: str | list[str] = Field(description=f"A prompt or a list of up to {MAX_PROMPTS} prompts.")
+    suffix: str | None = Field(None, description="Not supported: refused with 400.")
+    max_tokens: int = Field(16, ge=1, description="Most tokens to generate per choice.")
+    echo: bool = Field(False, description="Not supported: refused with 400.")
+    best_of: int | None = Field(None, description="Not supported: refused with 400.")
+
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    def _extra_unsupported(self) -> list[str]:
+        return ["suffix", "echo", "best_of"]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant"] = Field(description="Who wrote the message.")
+    content: str = Field(description="The message text.")
+    name: str | None = Field(None, description="Optional author name (ignored by the template).")
+
+
+class ChatCompletionRequest(_SamplingFields):
+    model: str = Field(description="Served model name (see GET /v1/models).")
+    messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
+    max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate (legacy name).")
+    max_completion_tokens: int | None = Field(None, ge=1, description="Most tokens to generate.")
+    tools: Any = Field(None, description="Not supported: refused with 400.")
+    tool_choice: Any = Field(None, description="Not supported: refused with 400.")
+    response_format: Any = Field(None, description="Not supported: refused with 400.")
+
+    def token_budget(self, default: int) -> int:
+        return self.max_completion_tokens or self.max_tokens or default
+
+    def _extra_unsupported(self) -> list[str]:
+        return ["tools", "tool_choice", "response_format"]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    model_version: str = Field(description="genloop extra: the registry version that answered.")
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    model_version: str = Field(description="genloop extra: the registry version that answered.")
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+    model_version: str
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable",
+}
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    return ErrorResponse(error=ErrorDetail(message=message, type=ERROR_TYPES.get(status, "server_error"),
+                                           param=param, code=code)).model_dump()

@@ -1,0 +1,155 @@
+"""The OpenAI-compatible API on real Ray Serve over loopback, through the official openai client."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import httpx
+import openai
+import pydoc_data.topics
+import pytest
+import torch
+
+from serving.app import VERSION_HEADER, ServerSettings, build_app
+from serving.hf_engine import HFEngine
+from serving.inference_log import read_inference_log
+from training.models import build_model
+from training.tokenizer import train_tokenizer
+
+API_KEY = "sk-test-key"
+
+
+def tiny_trained_model(folder: Path) -> Path:
+    texts = [p for t in pydoc_data.topics.topics.values() for p in t.split("\n\n") if len(p) > 80][:400]
+    tokenizer = train_tokenizer(texts, vocab_size=512)
+    model = build_model("tiny", tokenizer, block_size=64, seed=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    ids = torch.tensor(tokenizer("\n".join(texts))["input_ids"][: 20 * 8 * 64]).view(20, 8, 64)
+    for batch in ids:
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, tmp_path_factory):
+    from ray import serve
+
+    root = tmp_path_factory.mktemp("serve")
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    settings = ServerSettings(
+        served_model_name="genloop", model_path=str(tiny_trained_model(root / "model")), model_version="7",
+        engine_class=HFEngine, engine_options={"max_batch_size": 8}, api_keys=[API_KEY],
+        inference_log_dir=str(root / "inference-log"),
+    )
+    serve.run(build_app(settings), name="genloop", route_prefix="/")
+    yield {"url": f"http://127.0.0.1:{port}", "log": root / "inference-log"}
+    serve.shutdown()
+
+
+@pytest.fixture
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server['url']}/v1", api_key=API_KEY, max_retries=0)
+
+
+def test_completion_chat_and_models_through_openai_client(client, server):
+    completion = client.completions.create(model="genloop", prompt="The for statement", max_tokens=8,
+                                           temperature=0)
+    assert completion.object == "text_completion" and completion.choices[0].finish_reason in ("length", "stop")
+    assert completion.usage.completion_tokens <= 8 and completion.usage.prompt_tokens > 0
+    assert completion.model_extra["model_version"] == "7"
+
+    several = client.completions.create(model="genloop", prompt=["a", "b"], n=2, max_tokens=4, temperature=0.8,
+                                        seed=1)
+    assert sorted(c.index for c in several.choices) == [0, 1, 2, 3]
+
+    chat = client.chat.completions.create(model="genloop", messages=[{"role": "user", "content": "Hello"}],
+                                          max_tokens=6, temperature=0)
+    assert chat.choices[0].message.role == "assistant" and chat.usage.total_tokens > 0
+
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["genloop"]
+
+    raw = httpx.post(f"{server['url']}/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                     json={"model": "genloop", "prompt": "x", "max_tokens": 2})
+    assert raw.headers[VERSION_HEADER] == "7"
+
+
+def test_streaming_sends_chunks_usage_and_done(client, server):
+    stream = client.completions.create(model="genloop", prompt="Lists are", max_tokens=6, temperature=0,
+                                       stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert chunks[-1].usage.completion_tokens == 6 and not chunks[-1].choices
+    whole = client.completions.create(model="genloop", prompt="Lists are", max_tokens=6, temperature=0)
+    assert text == whole.choices[0].text
+
+    chat = client.chat.completions.create(model="genloop", messages=[{"role": "user", "content": "Hi"}],
+                                          max_tokens=5, temperature=0, stream=True)
+    deltas = list(chat)
+    assert deltas[0].choices[0].delta.role == "assistant"
+    assert deltas[-1].choices[0].finish_reason in ("stop", "length")
+
+    with httpx.stream("POST", f"{server['url']}/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                      json={"model": "genloop", "prompt": "x", "max_tokens": 2, "stream": True}) as response:
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+
+
+@pytest.mark.parametrize("payload, status, param", [
+    ({"model": "nope", "prompt": "x"}, 404, "model"),
+    ({"model": "genloop", "prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
+    ({"model": "genloop", "prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
+    ({"model": "genloop", "prompt": ""}, 400, "prompt"),
+    ({"model": "genloop", "prompt": "x", "n": 100}, 400, "n"),
+    ({"model": "genloop", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({"model": "genloop", "prompt": "x", "frobnicate": 1}, 400, "frobnicate"),
+    ({"model": "genloop", "prompt": "x", "logprobs": 2}, 400, "logprobs"),
+    ({"model": "genloop", "prompt": "x", "max_tokens": 100000}, 400, "max_tokens"),
+])
+def test_bad_requests_get_openai_shaped_4xx(server, payload, status, param):
+    response = httpx.post(f"{server['url']}/v1/completions", json=payload,
+                          headers={"Authorization": f"Bearer {API_KEY}"})
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and error["message"] and error["type"]
+
+
+def test_auth_body_size_and_json_errors(server):
+    url = f"{server['url']}/v1/completions"
+    assert httpx.post(url, json={"model": "genloop", "prompt": "x"}).status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server['url']}/v1", api_key="wrong", max_retries=0).models.list()
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    assert httpx.post(url, content=b"{not json", headers=headers).status_code == 400
+    huge = httpx.post(url, json={"model": "genloop", "prompt": "x" * 2_000_000}, headers=headers)
+    assert huge.status_code == 413 and huge.json()["error"]["message"]
+    health = httpx.get(f"{server['url']}/health")
+    assert health.status_code == 200 and health.json()["model_version"] == "7"
+
+
+def test_every_request_lands_in_the_inference_log(client, server):
+    client.completions.create(model="genloop", prompt="logged prompt", max_tokens=3, temperature=0, user="alice")
+    import time
+
+    deadline = time.time() + 15
+    while time.time() < deadline:
+        table = read_inference_log(server["log"])
+        if "logged prompt" in table.column("prompt").to_pylist():
+            break
+        time.sleep(0.5)
+    rows = read_inference_log(server["log"]).to_pylist()
+    row = next(r for r in rows if r["prompt"] == "logged prompt")
+    assert row["model_version"] == "7" and row["status"] == 200 and row["completion_tokens"] == 3
+    assert row["client_hash"] and row["client_hash"] != "alice"
