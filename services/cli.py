@@ -195,6 +195,34 @@ def models_command(
     console.print(table)
 
 
+@app.command("serve")
+def serve_command(
+    address: Annotated[str | None, typer.Option(help="Deploy onto this Ray cluster instead of a local one.")] = None,
+    config_file: ConfigOption = None,
+) -> None:
+    """Serve the champion over the OpenAI API and roll to each new champion; Ctrl-C drains and stops."""
+    import time
+
+    from ray import serve
+
+    from services.serving_control import start_serving
+
+    config = _load(config_file)
+    if address is not None:
+        config.ray.address = address
+    watcher = start_serving(config)
+    console.print(f"serving v{watcher.serving_version} at http://{config.serving.host}:{config.serving.port}/v1 "
+                  "(Ctrl-C to stop)")
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        console.print("draining in-flight requests…")
+    finally:
+        watcher.stop()
+        serve.shutdown()  # replicas finish what they have (graceful_shutdown_timeout_s) before exiting
+
+
 @app.command("demo")
 def demo(
     max_steps: Annotated[int, typer.Option(help="Training steps of the demo model.")] = 120,

@@ -147,6 +147,23 @@ class GateConfig(Section):
     )
 
 
+class ServingConfig(Section):
+    host: str = Field("127.0.0.1", description="HTTP bind address of the Serve proxy.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of the Serve proxy.")
+    model_name: str = Field("genloop", description="The model name clients pass as `model`.")
+    engine: Literal["hf", "vllm"] = Field("hf", description="hf (transformers, CPU/GPU) or vllm (GPU only).")
+    device: str = Field("cpu", description="Device of the hf engine (cpu, cuda).")
+    num_replicas: int = Field(1, ge=1, description="Serve replicas (one engine each).")
+    max_batch_size: int = Field(32, ge=1, description="Most sequences one replica decodes together.")
+    max_wait_ms: float = Field(5, ge=0, description="How long an idle engine waits to batch a burst.")
+    max_queue_size: int = Field(1024, ge=1, description="Requests waiting in an engine beyond this get 429.")
+    int8: bool = Field(False, description="int8 dynamic quantisation of the hf engine on CPU.")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Larger request bodies get 413.")
+    watch_interval_s: float = Field(10, gt=0, description="How often the champion alias is checked for a new version.")
+    inference_log: bool = Field(True, description="Write every request to $GENLOOP_HOME/inference-log.")
+    redact_prompts: bool = Field(False, description="Log prompt hashes instead of prompt text.")
+
+
 class TrackingConfig(Section):
     tracking_uri: str | None = Field(
         None, description="MLflow tracking URI; None uses sqlite:///$GENLOOP_HOME/mlflow.db."
@@ -193,6 +210,7 @@ class GenloopConfig(BaseSettings):
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster.")
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="Held-out evaluation.")
     gate: GateConfig = Field(default_factory=GateConfig, description="Promotion gate policy.")
+    serving: ServingConfig = Field(default_factory=ServingConfig, description="The OpenAI-compatible endpoint.")
     state_db_url: str | None = Field(
         None, description="SQLAlchemy URL of genloop's own tables (promotion audit); None uses "
         "sqlite:///$GENLOOP_HOME/genloop.db."
@@ -232,6 +250,10 @@ class GenloopConfig(BaseSettings):
     @property
     def mlflow_artifacts_dir(self) -> Path:
         return (self.home / "mlartifacts").resolve()
+
+    @property
+    def inference_log_dir(self) -> Path:
+        return self.home / "inference-log"
 
     @property
     def state_db(self) -> str:

@@ -34,3 +34,39 @@ def genloop_config(tmp_path: Path):
     from services.config import GenloopConfig
 
     return GenloopConfig(home=tmp_path / "home")
+
+
+@pytest.fixture(scope="session")
+def make_tiny_model():
+    """Build, briefly train (20 AdamW steps, in-process) and save a tiny GPT-2 with its tokenizer."""
+    import pydoc_data.topics
+    import torch
+
+    from training.models import build_model
+    from training.tokenizer import train_tokenizer
+
+    texts = [p for t in pydoc_data.topics.topics.values() for p in t.split("\n\n") if len(p) > 80][:400]
+    tokenizer = train_tokenizer(texts, vocab_size=512)
+
+    def make(folder: Path, seed: int = 0) -> Path:
+        model = build_model("tiny", tokenizer, block_size=64, seed=seed)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        ids = torch.tensor(tokenizer("\n".join(texts))["input_ids"][: 20 * 8 * 64]).view(20, 8, 64)
+        for batch in ids:
+            model(input_ids=batch, labels=batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        return folder
+
+    return make
+
+
+@pytest.fixture
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -3,53 +3,29 @@
 from __future__ import annotations
 
 import socket
-from pathlib import Path
 
 import httpx
 import openai
-import pydoc_data.topics
 import pytest
-import torch
 
 from serving.app import VERSION_HEADER, ServerSettings, build_app
 from serving.hf_engine import HFEngine
 from serving.inference_log import read_inference_log
-from training.models import build_model
-from training.tokenizer import train_tokenizer
 
 API_KEY = "sk-test-key"
 
 
-def tiny_trained_model(folder: Path) -> Path:
-    texts = [p for t in pydoc_data.topics.topics.values() for p in t.split("\n\n") if len(p) > 80][:400]
-    tokenizer = train_tokenizer(texts, vocab_size=512)
-    model = build_model("tiny", tokenizer, block_size=64, seed=0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    ids = torch.tensor(tokenizer("\n".join(texts))["input_ids"][: 20 * 8 * 64]).view(20, 8, 64)
-    for batch in ids:
-        model(input_ids=batch, labels=batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(ray_cluster, tmp_path_factory):
+def server(ray_cluster, tmp_path_factory, make_tiny_model):
     from ray import serve
 
     root = tmp_path_factory.mktemp("serve")
-    port = free_port()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     settings = ServerSettings(
-        served_model_name="genloop", model_path=str(tiny_trained_model(root / "model")), model_version="7",
+        served_model_name="genloop", model_path=str(make_tiny_model(root / "model")), model_version="7",
         engine_class=HFEngine, engine_options={"max_batch_size": 8}, api_keys=[API_KEY],
         inference_log_dir=str(root / "inference-log"),
     )
