@@ -196,30 +196,54 @@ class OpenAIServer:
         except InvalidRequestError as exc:
             raise APIError(400, str(exc), exc.param) from None
 
-    async def _run(self, prompts: list[str], body: Any, max_tokens: int) -> list[GenerationResult]:
+    @staticmethod
+    def _requests(prompts: list[str], body: Any, max_tokens: int) -> list[GenerationRequest]:
+        """One engine request per choice: prompts × n, in OpenAI's choice order.
+
+        With a seed, choice i samples with seed + i: n choices from one seed must differ, and the
+        whole response must still be reproducible.
+        """
         params = body.sampling(max_tokens)
-        requests = [GenerationRequest(prompt=p, params=params) for p in prompts for _ in range(body.n)]
+        requests = []
+        for prompt in prompts:
+            for i in range(body.n):
+                choice_params = params if params.seed is None else params.model_copy(update={"seed": params.seed + i})
+                requests.append(GenerationRequest(prompt=prompt, params=choice_params))
+        return requests
+
+    async def _run(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         try:
             return await asyncio.gather(*(self.engine.generate(r) for r in requests))
         except EngineError as exc:
             raise _engine_error(exc) from None
 
-    async def _stream(self, prompts: list[str], body: Any, max_tokens: int) -> AsyncIterator[tuple[int, Any]]:
-        """(choice index, chunk) from all choices as they come; closing it aborts them all."""
-        params = body.sampling(max_tokens)
+    async def _stream(self, requests: list[GenerationRequest], log: Any) -> AsyncIterator[tuple[int, Any]]:
+        """(choice index, chunk) from all choices as they come; closing it aborts them all.
+
+        ``log(prompt, result)`` is called as each choice finishes, so streamed requests reach the
+        inference log like the others.
+        """
         queue: asyncio.Queue = asyncio.Queue()
         done = object()
 
-        async def pump(index: int, prompt: str) -> None:
+        async def pump(index: int, request: GenerationRequest) -> None:
+            started, ttft, parts = time.perf_counter(), None, []
             try:
-                async for chunk in self.engine.stream(GenerationRequest(prompt=prompt, params=params)):
+                async for chunk in self.engine.stream(request):
+                    ttft = ttft if ttft is not None else time.perf_counter() - started
+                    parts.append(chunk.text)
+                    if chunk.finish_reason is not None:
+                        log(request.prompt, GenerationResult(
+                            text="".join(parts), finish_reason=chunk.finish_reason,
+                            prompt_tokens=chunk.prompt_tokens or 0, completion_tokens=chunk.completion_tokens or 0,
+                            ttft_seconds=ttft, total_seconds=time.perf_counter() - started))
                     await queue.put((index, chunk))
             except EngineError as exc:
                 await queue.put((index, exc))
             finally:
                 await queue.put((index, done))
 
-        tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(p for p in prompts for _ in range(body.n))]
+        tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
         remaining = len(tasks)
         try:
             while remaining:
@@ -253,11 +277,16 @@ class OpenAIServer:
         if not prompts or len(prompts) > MAX_PROMPTS or any(not p for p in prompts):
             raise APIError(400, f"prompt must be 1 to {MAX_PROMPTS} non-empty strings", "prompt")
         response_id, created, started = new_id("cmpl"), now(), time.perf_counter()
-        if body.stream:
-            return self._sse(self._completion_events(prompts, body, response_id, created))
-        results = await self._run(prompts, body, body.max_tokens)
-        for prompt, result in zip([p for p in prompts for _ in range(body.n)], results):
+        requests = self._requests(prompts, body, body.max_tokens)
+
+        def log(prompt: str, result: GenerationResult) -> None:
             self._record(request, "completions", response_id, prompt, result, 200, started, body.user)
+
+        if body.stream:
+            return await self._sse(self._completion_events(requests, body, response_id, created, log))
+        results = await self._run(requests)
+        for generation, result in zip(requests, results):
+            log(generation.prompt, result)
         return JSONResponse(CompletionResponse(
             id=response_id, created=created, model=body.model, model_version=self.settings.model_version,
             choices=[CompletionChoice(index=i, text=r.text, finish_reason=r.finish_reason)
@@ -270,13 +299,17 @@ class OpenAIServer:
         self._check_model(body.model)
         self._validate(body)
         prompt = self.engine.render_chat([m.model_dump(exclude_none=True) for m in body.messages])
-        max_tokens = body.token_budget(default=256)
         response_id, created, started = new_id("chatcmpl"), now(), time.perf_counter()
-        if body.stream:
-            return self._sse(self._chat_events(prompt, body, max_tokens, response_id, created))
-        results = await self._run([prompt], body, max_tokens)
-        for result in results:
+        requests = self._requests([prompt], body, body.token_budget(default=256))
+
+        def log(prompt: str, result: GenerationResult) -> None:
             self._record(request, "chat.completions", response_id, prompt, result, 200, started, body.user)
+
+        if body.stream:
+            return await self._sse(self._chat_events(requests, body, response_id, created, log))
+        results = await self._run(requests)
+        for result in results:
+            log(prompt, result)
         return JSONResponse(ChatCompletionResponse(
             id=response_id, created=created, model=body.model, model_version=self.settings.model_version,
             choices=[ChatChoice(index=i, message=ChatResponseMessage(content=r.text), finish_reason=r.finish_reason)
@@ -292,20 +325,39 @@ class OpenAIServer:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     # --- server-sent events ---------------------------------------------------------------
-    def _sse(self, events: AsyncIterator[dict]) -> StreamingResponse:
+    async def _sse(self, events: AsyncIterator[dict]) -> StreamingResponse:
+        """Stream ``events``; the first is awaited here, so a request the engine refuses is a 4xx, not a
+        200 whose body carries an error. Later failures can only be reported inside the stream."""
+        try:
+            first = await anext(events)
+        except StopAsyncIteration:
+            first = None
+
         async def body() -> AsyncIterator[str]:
-            async for event in events:
-                yield f"data: {json.dumps(event)}\n\n"
+            if first is not None:
+                yield f"data: {json.dumps(first)}\n\n"
+            try:
+                async for event in events:
+                    yield f"data: {json.dumps(event)}\n\n"
+            except APIError as exc:
+                yield f"data: {json.dumps(error_body(exc.status, exc.message, exc.param))}\n\n"
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(body(), media_type="text/event-stream", headers=self._headers())
 
-    async def _completion_events(self, prompts, body, response_id, created) -> AsyncIterator[dict]:
+    def _usage_event(self, body: Any, response_id: str, created: int, kind: str, usage: list[int]) -> dict | None:
+        if not (body.stream_options and body.stream_options.include_usage):
+            return None
+        return {"id": response_id, "object": kind, "created": created, "model": body.model, "choices": [],
+                "usage": Usage(prompt_tokens=usage[0], completion_tokens=usage[1],
+                               total_tokens=sum(usage)).model_dump(),
+                "model_version": self.settings.model_version}
+
+    async def _completion_events(self, requests, body, response_id, created, log) -> AsyncIterator[dict]:
         usage = [0, 0]
-        async for index, chunk in self._stream(prompts, body, body.max_tokens):
+        async for index, chunk in self._stream(requests, log):
             if isinstance(chunk, EngineError):
-                yield error_body(_engine_error(chunk).status, str(chunk))
-                return
+                raise _engine_error(chunk)
             if chunk.finish_reason is not None:
                 usage[0] += chunk.prompt_tokens or 0
                 usage[1] += chunk.completion_tokens or 0
@@ -313,34 +365,31 @@ class OpenAIServer:
                 id=response_id, created=created, model=body.model, model_version=self.settings.model_version,
                 choices=[CompletionChoice(index=index, text=chunk.text, finish_reason=chunk.finish_reason)],
             ).model_dump(exclude={"usage"})
-        if body.stream_options and body.stream_options.include_usage:
-            yield {"id": response_id, "object": "text_completion", "created": created, "model": body.model,
-                   "choices": [], "usage": Usage(prompt_tokens=usage[0], completion_tokens=usage[1],
-                                                 total_tokens=sum(usage)).model_dump(),
-                   "model_version": self.settings.model_version}
+        event = self._usage_event(body, response_id, created, "text_completion", usage)
+        if event is not None:
+            yield event
 
-    async def _chat_events(self, prompt, body, max_tokens, response_id, created) -> AsyncIterator[dict]:
+    async def _chat_events(self, requests, body, response_id, created, log) -> AsyncIterator[dict]:
         def chunk_of(choice: ChatChunkChoice) -> dict:
             return ChatCompletionChunk(id=response_id, created=created, model=body.model, choices=[choice],
                                        model_version=self.settings.model_version).model_dump(exclude={"usage"})
 
-        for index in range(body.n):
-            yield chunk_of(ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content="")))
         usage = [0, 0]
-        async for index, chunk in self._stream([prompt], body, max_tokens):
+        opened: set[int] = set()
+        async for index, chunk in self._stream(requests, log):
             if isinstance(chunk, EngineError):
-                yield error_body(_engine_error(chunk).status, str(chunk))
-                return
+                raise _engine_error(chunk)
+            if index not in opened:  # OpenAI opens each choice with the role alone
+                opened.add(index)
+                yield chunk_of(ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content="")))
             if chunk.finish_reason is not None:
                 usage[0] += chunk.prompt_tokens or 0
                 usage[1] += chunk.completion_tokens or 0
             yield chunk_of(ChatChunkChoice(index=index, delta=ChatDelta(content=chunk.text or None),
                                            finish_reason=chunk.finish_reason))
-        if body.stream_options and body.stream_options.include_usage:
-            yield {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": body.model,
-                   "choices": [], "usage": Usage(prompt_tokens=usage[0], completion_tokens=usage[1],
-                                                 total_tokens=sum(usage)).model_dump(),
-                   "model_version": self.settings.model_version}
+        event = self._usage_event(body, response_id, created, "chat.completion.chunk", usage)
+        if event is not None:
+            yield event
 
 
 def build_app(settings: ServerSettings, num_replicas: int = 1):

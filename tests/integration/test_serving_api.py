@@ -116,16 +116,36 @@ def test_auth_body_size_and_json_errors(server):
 
 
 def test_every_request_lands_in_the_inference_log(client, server):
-    client.completions.create(model="genloop", prompt="logged prompt", max_tokens=3, temperature=0, user="alice")
     import time
 
+    client.completions.create(model="genloop", prompt="logged prompt", max_tokens=3, temperature=0, user="alice")
+    list(client.completions.create(model="genloop", prompt="streamed prompt", max_tokens=3, stream=True))
     deadline = time.time() + 15
     while time.time() < deadline:
-        table = read_inference_log(server["log"])
-        if "logged prompt" in table.column("prompt").to_pylist():
+        prompts = read_inference_log(server["log"]).column("prompt").to_pylist()
+        if {"logged prompt", "streamed prompt"} <= set(prompts):
             break
         time.sleep(0.5)
     rows = read_inference_log(server["log"]).to_pylist()
+    streamed = next(r for r in rows if r["prompt"] == "streamed prompt")
+    assert streamed["completion_tokens"] == 3 and streamed["ttft_seconds"] is not None
     row = next(r for r in rows if r["prompt"] == "logged prompt")
     assert row["model_version"] == "7" and row["status"] == 200 and row["completion_tokens"] == 3
     assert row["client_hash"] and row["client_hash"] != "alice"
+
+
+def test_streaming_request_the_engine_refuses_is_a_4xx_not_a_200(server):
+    response = httpx.post(f"{server['url']}/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                          json={"model": "genloop", "prompt": "x", "max_tokens": 100000, "stream": True})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "max_tokens"
+
+
+def test_seeded_choices_differ_from_each_other_and_repeat_across_calls(client):
+    def texts() -> list[str]:
+        result = client.completions.create(model="genloop", prompt="The", n=3, max_tokens=8, temperature=1.0,
+                                           seed=5)
+        return [c.text for c in sorted(result.choices, key=lambda c: c.index)]
+
+    first = texts()
+    assert len(set(first)) > 1
+    assert texts() == first
