@@ -57,7 +57,10 @@ def settings_for(config: GenloopConfig, version: str) -> ServerSettings:
 def deploy(config: GenloopConfig, version: str) -> str:
     """Deploy (or roll to) ``version``; returns once its replicas are serving."""
     settings = settings_for(config, version)
-    serve.run(build_app(settings, num_replicas=config.serving.num_replicas), name=APP_NAME, route_prefix="/")
+    app = build_app(settings, num_replicas=config.serving.num_replicas,
+                    max_ongoing_requests=config.serving.max_ongoing_requests,
+                    max_queued_requests=config.serving.max_queued_requests)
+    serve.run(app, name=APP_NAME, route_prefix="/")
     logger.info("serving v%s", settings.model_version)
     return settings.model_version
 

@@ -17,7 +17,8 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field, ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -30,6 +31,7 @@ from serving.engine import (
     GenerationResult,
     InvalidRequestError,
 )
+from monitoring import metrics
 from serving.inference_log import InferenceLog, InferenceRecord, hash_client
 from serving.protocol import (
     MAX_PROMPTS,
@@ -86,22 +88,32 @@ async def _guard(request: Request, call_next):
         if settings.api_keys:
             header = request.headers.get("authorization", "")
             if not header.startswith("Bearer ") or header[7:] not in settings.api_keys:
+                _count_error(request, 401)
                 return JSONResponse(error_body(401, "missing or invalid API key (Authorization: Bearer …)"),
                                     status_code=401)
         size = request.headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > settings.max_body_bytes:
+            _count_error(request, 413)
             return JSONResponse(error_body(413, f"request body of {size} bytes exceeds {settings.max_body_bytes}"),
                                 status_code=413)
     return await call_next(request)
 
 
+def _count_error(request: Request, status: int) -> None:
+    settings: ServerSettings | None = getattr(request.app.state, "settings", None)
+    route = request.url.path.removeprefix("/v1/").replace("/", ".")
+    metrics.REQUESTS.labels(route, str(status), settings.model_version if settings else "").inc()
+
+
 @api.exception_handler(APIError)
-async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
+async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+    _count_error(request, exc.status)
     return JSONResponse(error_body(exc.status, exc.message, exc.param), status_code=exc.status, headers=exc.headers)
 
 
 @api.exception_handler(RequestValidationError)
-async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    _count_error(request, 400)
     first = exc.errors()[0]
     location = [str(part) for part in first["loc"] if part != "body"]
     param = ".".join(location) or None
@@ -147,6 +159,7 @@ class OpenAIServer:
                                                     **settings.engine_options)
         await self.engine.load()
         api.state.settings = settings
+        metrics.MODEL_INFO.labels(settings.model_version).set(1)
         self.log = (InferenceLog(settings.inference_log_dir, redact_prompts=settings.redact_prompts)
                     if settings.inference_log_dir else None)
         logger.info("replica ready with v%s", settings.model_version)
@@ -171,17 +184,31 @@ class OpenAIServer:
 
     def _record(self, request: Request, route: str, response_id: str, prompt: str, result: "GenerationResult | None",
                 status: int, started: float, user: str | None) -> None:
+        """Account one finished choice: metrics, then the inference log."""
+        version = self.settings.model_version
+        latency = time.perf_counter() - started
+        metrics.REQUESTS.labels(route, str(status), version).inc()
+        metrics.REQUEST_LATENCY.labels(route, version).observe(latency)
+        if result is not None:
+            metrics.TIME_TO_FIRST_TOKEN.labels(route, version).observe(result.ttft_seconds)
+            if result.completion_tokens > 1:
+                metrics.INTER_TOKEN_LATENCY.labels(route, version).observe(
+                    (result.total_seconds - result.ttft_seconds) / (result.completion_tokens - 1))
+            metrics.PROMPT_TOKENS.labels(version).inc(result.prompt_tokens)
+            metrics.GENERATION_TOKENS.labels(version).inc(result.completion_tokens)
         if self.log is None:
             return
         client = user or request.headers.get("authorization", "") or (request.client.host if request.client else "")
-        self.log.append(InferenceRecord(
+        accepted = self.log.append(InferenceRecord(
             request_id=response_id, route=route, model_version=self.settings.model_version, status=status,
             prompt=prompt, output=result.text if result else "",
             prompt_tokens=result.prompt_tokens if result else 0,
             completion_tokens=result.completion_tokens if result else 0,
-            latency_seconds=time.perf_counter() - started, ttft_seconds=result.ttft_seconds if result else None,
+            latency_seconds=latency, ttft_seconds=result.ttft_seconds if result else None,
             client_hash=hash_client(client, self.settings.client_salt),
         ))
+        if not accepted:
+            metrics.INFERENCE_LOG_DROPPED.inc()
 
     def _validate(self, body: CompletionRequest | ChatCompletionRequest) -> None:
         unsupported = body.unsupported()
@@ -318,10 +345,11 @@ class OpenAIServer:
         ).model_dump(), headers=self._headers())
 
     @api.get("/metrics")
-    async def metrics(self):
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-        from starlette.responses import Response
-
+    async def prometheus_metrics(self) -> Response:
+        """This replica's instruments in Prometheus text; engine gauges are read at scrape time."""
+        version = self.settings.model_version
+        metrics.REQUESTS_RUNNING.labels(version).set(getattr(self.engine, "num_active", 0))
+        metrics.REQUESTS_WAITING.labels(version).set(getattr(self.engine, "num_waiting", 0))
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     # --- server-sent events ---------------------------------------------------------------
@@ -392,6 +420,12 @@ class OpenAIServer:
             yield event
 
 
-def build_app(settings: ServerSettings, num_replicas: int = 1):
-    """The Serve application, ready for ``serve.run``."""
-    return OpenAIServer.options(num_replicas=num_replicas).bind(settings)
+def build_app(settings: ServerSettings, num_replicas: int = 1, max_ongoing_requests: int = 64,
+              max_queued_requests: int = 256):
+    """The Serve application, ready for ``serve.run``.
+
+    Backpressure is Serve's: a replica takes ``max_ongoing_requests`` at once, a caller waits in a
+    queue of ``max_queued_requests``, and beyond that Serve answers 503 at once, never an unbounded queue.
+    """
+    return OpenAIServer.options(num_replicas=num_replicas, max_ongoing_requests=max_ongoing_requests,
+                                max_queued_requests=max_queued_requests).bind(settings)

@@ -149,3 +149,59 @@ def test_seeded_choices_differ_from_each_other_and_repeat_across_calls(client):
     first = texts()
     assert len(set(first)) > 1
     assert texts() == first
+
+
+def test_metrics_count_requests_by_route_status_and_version(client, server):
+    client.completions.create(model="genloop", prompt="count me", max_tokens=2)
+    httpx.post(f"{server['url']}/v1/completions", json={"model": "nope", "prompt": "x"},
+               headers={"Authorization": f"Bearer {API_KEY}"})
+    text = httpx.get(f"{server['url']}/metrics").text
+    assert 'genloop_requests_total{model_version="7",route="completions",status="200"}' in text
+    assert 'genloop_requests_total{model_version="7",route="completions",status="404"}' in text
+    assert 'genloop_model_info{model_version="7"} 1.0' in text
+    assert "genloop_time_to_first_token_seconds_bucket" in text and "genloop_requests_running" in text
+
+
+def test_client_disconnect_cancels_its_generation(client, server):
+    import time
+
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with httpx.stream("POST", f"{server['url']}/v1/completions", headers=headers,
+                      json={"model": "genloop", "prompt": "cancel me", "max_tokens": 200, "stream": True,
+                            "temperature": 0}) as response:
+        lines = response.iter_lines()
+        next(line for line in lines if line.startswith("data: "))
+    # The connection is closed after the first event. Had generation gone on, it would have finished
+    # its 200 tokens and been logged; a cancelled one never finishes.
+    time.sleep(3)
+    client.completions.create(model="genloop", prompt="after cancel", max_tokens=2)
+    deadline = time.time() + 15
+    while time.time() < deadline and "after cancel" not in read_inference_log(server["log"]).column(
+            "prompt").to_pylist():
+        time.sleep(0.5)
+    prompts = read_inference_log(server["log"]).column("prompt").to_pylist()
+    assert "after cancel" in prompts and "cancel me" not in prompts
+    running = [line for line in httpx.get(f"{server['url']}/metrics").text.splitlines()
+               if line.startswith("genloop_requests_running{")]
+    assert running and running[0].endswith(" 0.0")
+
+
+def test_backpressure_refuses_instead_of_queueing_forever(server, make_tiny_model, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray import serve
+
+    settings = ServerSettings(served_model_name="genloop", model_path=str(make_tiny_model(tmp_path / "m")),
+                              model_version="8", engine_class=HFEngine, engine_options={"max_batch_size": 1})
+    serve.run(build_app(settings, max_ongoing_requests=1, max_queued_requests=1), name="tight",
+              route_prefix="/tight")
+    try:
+        def call(_: int) -> int:
+            return httpx.post(f"{server['url']}/tight/v1/completions", timeout=120,
+                              json={"model": "genloop", "prompt": "busy", "max_tokens": 60}).status_code
+
+        with ThreadPoolExecutor(10) as pool:
+            statuses = list(pool.map(call, range(10)))
+        assert set(statuses) <= {200, 503} and statuses.count(503) >= 5 and 200 in statuses
+    finally:
+        serve.delete("tight")

@@ -1,0 +1,1 @@
+"""genloop monitoring: Prometheus instruments (more to come: drift, dashboards, alerts)."""
