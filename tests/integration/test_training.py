@@ -87,6 +87,16 @@ def test_train_registers_a_loadable_model_that_learned(docs_config: GenloopConfi
     assert changed
 
 
+def test_early_stopping_ends_the_run_after_patience_validations(docs_config: GenloopConfig):
+    docs_config.train.max_steps = 200
+    docs_config.train.eval_every = 5
+    docs_config.train.patience = 2
+    docs_config.train.min_delta = 100.0  # no validation after the first can count as an improvement
+    run = train(docs_config, "docs", show_progress=False)
+    assert run.metrics["steps"] == 15  # step 5 sets the best; 10 and 15 miss it; patience 2 stops there
+    assert run.metrics["best_step"] == 5
+
+
 def test_killed_worker_resumes_from_checkpoint(docs_config: GenloopConfig):
     docs_config.train.max_steps = 60
     outcome: dict = {}
