@@ -164,15 +164,19 @@ class Engine(ABC):
     Serve replica reports unhealthy until its model is ready and after it has been drained.
     """
 
-    @property
-    @abstractmethod
-    def model_version(self) -> str:
-        """The registry version this engine serves; stamped on responses, metrics and the inference log."""
+    # Set by every engine: the constructor sets the version, load() the context length.
+    _model_version: str
+    _context_length: int = 0
 
     @property
-    @abstractmethod
+    def model_version(self) -> str:
+        """The registry version this engine serves; stamped on responses, metrics and the inference log."""
+        return self._model_version
+
+    @property
     def context_length(self) -> int:
         """Most tokens (prompt + completion) one sequence may hold; valid after load()."""
+        return self._context_length
 
     @property
     @abstractmethod

@@ -163,14 +163,6 @@ class HFEngine(Engine):
     # -- Engine properties -------------------------------------------------------------------
 
     @property
-    def model_version(self) -> str:
-        return self._model_version
-
-    @property
-    def context_length(self) -> int:
-        return self._context_length
-
-    @property
     def supported_params(self) -> frozenset[str]:
         return SUPPORTED_PARAMS
 
