@@ -446,9 +446,12 @@ def test_int8_engine_generates(tiny):
         engine = HFEngine(tiny[0], "v-int8", int8=True)
         await engine.load()
         try:
-            result = await engine.generate(GenerationRequest(prompt=tiny[3][1], params=SamplingParams(max_tokens=5)))
+            params = SamplingParams(max_tokens=5, temperature=0)
+            result = await engine.generate(GenerationRequest(prompt=tiny[3][1], params=params))
         finally:
             await engine.close()
-        assert result.completion_tokens == 5
+        # The quantised model may end early with eos; what must hold is a well-formed completion.
+        assert 1 <= result.completion_tokens <= 5
+        assert result.finish_reason == "stop" or result.completion_tokens == 5
 
     asyncio.run(main())
