@@ -179,9 +179,12 @@ class Engine(ABC):
         return self._context_length
 
     @property
-    @abstractmethod
     def supported_params(self) -> frozenset[str]:
-        """Sampling fields this engine honours, so the API can answer 400 instead of silently ignoring one."""
+        """Sampling fields this engine honours, so the API can answer 400 instead of silently ignoring one.
+
+        Every field but ``n`` (the API fans n out as n requests); an engine that honours fewer overrides this.
+        """
+        return frozenset(SamplingParams.model_fields) - {"n"}
 
     @abstractmethod
     async def load(self) -> None:

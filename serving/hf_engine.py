@@ -62,9 +62,6 @@ from training.models import context_length, load_model
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_PARAMS = frozenset(
-    {"max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "presence_penalty", "frequency_penalty"}
-)
 
 
 class _Sequence:
@@ -161,10 +158,6 @@ class HFEngine(Engine):
         self._last: torch.Tensor | None = None  # [B] each row's latest token, the next step's input
 
     # -- Engine properties -------------------------------------------------------------------
-
-    @property
-    def supported_params(self) -> frozenset[str]:
-        return SUPPORTED_PARAMS
 
     @property
     def num_active(self) -> int:

@@ -30,9 +30,6 @@ from serving.engine import (
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_PARAMS = frozenset(
-    {"max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "presence_penalty", "frequency_penalty"}
-)
 
 
 class VLLMEngine(Engine):
@@ -73,10 +70,6 @@ class VLLMEngine(Engine):
         self._vllm: Any = None
         self._tokenizer: Any = None
         self._context_length = 0
-
-    @property
-    def supported_params(self) -> frozenset[str]:
-        return SUPPORTED_PARAMS
 
     async def load(self) -> None:
         if self._engine is not None:
