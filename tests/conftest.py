@@ -70,3 +70,46 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def register_model():
+    """Register a model folder as a new version in the config's MLflow registry (no Ray Train run)."""
+    from services.registry import MODEL_ARTIFACT, Registry
+
+    def register(config, folder: Path, tags: dict[str, str] | None = None) -> str:
+        registry = Registry(config)
+        run = registry.client.create_run(registry.experiment_id())
+        registry.client.log_artifacts(run.info.run_id, str(folder), MODEL_ARTIFACT)
+        registry.client.set_terminated(run.info.run_id, "FINISHED")
+        return str(registry.register(run.info.run_id, tags=tags or {"dataset": "test:v1"}).version)
+
+    return register
+
+
+@pytest.fixture
+def make_docs_dataset():
+    """Write dataset ``docs:v1`` of a config: pydoc paragraphs, shuffled, half train and ten validation.
+
+    Returns the other half: texts of the same domain the dataset does not hold.
+    """
+    import json
+    import random
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import pydoc_data.topics
+
+    from training.datasets import MANIFEST_FILE, TRAIN_FILE, VALIDATION_FILE
+
+    def make(config) -> list[str]:
+        docs = [p for t in pydoc_data.topics.topics.values() for p in t.split("\n\n") if len(p.split()) >= 8]
+        random.Random(0).shuffle(docs)
+        folder = config.datasets_dir / "docs" / "v1"
+        folder.mkdir(parents=True)
+        pq.write_table(pa.table({"text": docs[: len(docs) // 2]}), folder / TRAIN_FILE)
+        pq.write_table(pa.table({"text": docs[:10]}), folder / VALIDATION_FILE)
+        (folder / MANIFEST_FILE).write_text(json.dumps({"content_hash": "docs", "counts": {}, "created_at": "now"}))
+        return docs[len(docs) // 2:]
+
+    return make

@@ -1,7 +1,9 @@
 """The evaluation gate and the model lifecycle on real MLflow (SQLite) with tiny models trained here.
 
-One module-scoped registry holds the versions every test needs (trained once: that is most of
-the time); each test sets the aliases it starts from.
+One module-scoped registry holds the versions every test needs; each test sets the aliases it
+starts from. The models are trained in-process on the real ingested datasets (Ray Train is
+test_training's subject; here it would only multiply the time by ten) and registered with the
+tags genloop's training writes: dataset and parent version are what the gate reads.
 """
 
 from __future__ import annotations
@@ -11,15 +13,19 @@ import threading
 from html.parser import HTMLParser
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from services.audit import AuditLog
 from services.config import GenloopConfig, UserInputError
 from services.gate import evaluate
 from services.lifecycle import PromotionRefused, promote, roles, rollback
 from services.registry import Registry
-from services.training_run import train
-from training.datasets import ingest
+from training.datasets import ingest, resolve_dataset
+from training.models import build_model
+from training.tokenizer import train_tokenizer
 
 
 def reset_aliases(config: GenloopConfig, champion: str | None, previous: str | None = None) -> None:
@@ -32,24 +38,49 @@ def reset_aliases(config: GenloopConfig, champion: str | None, previous: str | N
             registry.client.set_registered_model_alias(registry.name, alias, version)
 
 
+def train_in_process(config: GenloopConfig, dataset: str, steps: int, folder: Path, base: Path | None = None,
+                     seed: int = 0, lr: float = 1e-3) -> Path:
+    """AdamW on random 128-token blocks of the dataset's train split; from scratch or from ``base``."""
+    texts = pq.read_table(resolve_dataset(config.datasets_dir, dataset).train_path).column("text").to_pylist()
+    if base is None:
+        tokenizer = train_tokenizer(texts, vocab_size=config.tokenizer.vocab_size)
+        model = build_model("tiny", tokenizer, block_size=128, seed=seed)
+    else:
+        tokenizer, model = AutoTokenizer.from_pretrained(base), AutoModelForCausalLM.from_pretrained(base)
+    ids = torch.tensor(tokenizer(tokenizer.eos_token.join(texts))["input_ids"])
+    blocks = ids[: len(ids) // 128 * 128].view(-1, 128)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        batch = blocks[torch.randint(len(blocks), (8,), generator=generator)]
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, ray_cluster) -> tuple[GenloopConfig, dict[str, str]]:
-    config = GenloopConfig(home=tmp_path_factory.mktemp("gate") / "home")
+def world(tmp_path_factory, ray_cluster, register_model) -> tuple[GenloopConfig, dict[str, str]]:
+    root = tmp_path_factory.mktemp("gate")
+    config = GenloopConfig(home=root / "home")
     config.data.max_documents_per_source = 1500
     config.tokenizer.vocab_size = 1024
-    config.train.micro_batch_size = 8
-    config.train.warmup_steps = 5
-    config.train.eval_every = 10
-    config.train.eval_batches = 2
     config.evaluation.max_texts = 60
     config.evaluation.prompts = 8
     config.evaluation.max_new_tokens = 24
     ingest(["builtin:python-docs"], "docs", config.data, config.datasets_dir)
     ingest(["builtin:python-code"], "code", config.data, config.datasets_dir)
+    folders: dict[str, Path] = {}
 
     def trained(dataset: str, steps: int, base: str | None = None, seed: int = 0, lr: float = 1e-3) -> str:
-        config.train.max_steps, config.train.seed, config.train.learning_rate = steps, seed, lr
-        return train(config, dataset, base=base, show_progress=False).version
+        folder = train_in_process(config, dataset, steps, root / f"model-{len(folders)}",
+                                  base=folders[base] if base else None, seed=seed, lr=lr)
+        version = register_model(config, folder, tags={"dataset": f"{dataset}:v1", "parent_version": base or ""})
+        folders[version] = folder
+        return version
 
     versions = {"champion": trained("docs", 60)}
     versions["one_step"] = trained("docs", 1)
@@ -217,25 +248,32 @@ def test_cli_exit_codes_and_tables(world):
     import subprocess
     import sys
 
+    from typer.testing import CliRunner
+
+    from services.cli import app
+
     config, v = world
     reset_aliases(config, v["champion"], v["better"])
-    env = {**os.environ, "GENLOOP_HOME": str(config.home), "COLUMNS": "200"}
+    env = {"GENLOOP_HOME": str(config.home), "COLUMNS": "200"}
 
-    def genloop(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "services.cli", *args], capture_output=True, text=True,
-                              env=env, timeout=300)
+    def genloop(*args: str):  # in-process: the tables and outcomes
+        return CliRunner().invoke(app, list(args), env=env)
 
-    unknown = genloop("promote", "99")
+    # One real process for what only a process shows: the exit code and a one-line error, no traceback.
+    unknown = subprocess.run([sys.executable, "-m", "services.cli", "promote", "99"], capture_output=True, text=True,
+                             env={**os.environ, **env}, timeout=300)
     assert unknown.returncode == 2 and "unknown model version" in unknown.stderr
-    assert genloop("promote", v["better"], "--force").returncode == 2  # --force needs --reason
+    assert "Traceback" not in unknown.stderr
+    needs_reason = genloop("promote", v["better"], "--force")
+    assert isinstance(needs_reason.exception, UserInputError) and "--reason" in str(needs_reason.exception)
     assert roles(config).champion == v["champion"]
 
     listing = genloop("models")
-    assert listing.returncode == 0
-    assert f"v{v['champion']}" in listing.stdout and "champion" in listing.stdout and "docs:v1" in listing.stdout
+    assert listing.exit_code == 0, listing.output
+    assert f"v{v['champion']}" in listing.output and "champion" in listing.output and "docs:v1" in listing.output
 
     forced = genloop("promote", v["rival"], "--force", "--reason", "hotfix for a bad answer")
-    assert forced.returncode == 0, forced.stderr
+    assert forced.exit_code == 0, forced.output
     assert roles(config).champion == v["rival"]
     history = genloop("models", "--history")
-    assert "force-promote" in history.stdout and "hotfix" in history.stdout
+    assert "force-promote" in history.output and "hotfix" in history.output
