@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Annotated
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import typer
 import yaml
@@ -163,6 +164,26 @@ def rollback_command(
     console.print(f"champion is v{roles.champion} again (previous: v{roles.previous})")
 
 
+@app.command("challenger")
+def challenger_command(
+    version: Annotated[str | None, typer.Argument(help="Version to shadow-serve beside the champion.")] = None,
+    clear: Annotated[bool, typer.Option("--clear", help="Remove the challenger alias.")] = False,
+    reason: Annotated[str, typer.Option(help="Why; recorded in the audit log.")] = "",
+    config_file: ConfigOption = None,
+) -> None:
+    """Name VERSION the challenger: with serving.shadow_percent > 0 it answers a mirrored share of
+    traffic into the inference log, never to callers."""
+    from services.lifecycle import set_challenger
+
+    if (version is None) == (not clear):
+        raise UserInputError("give a VERSION or --clear")
+    config = _load(config_file)
+    challenger = set_challenger(config, None if clear else version, reason=reason)
+    console.print(f"challenger is v{challenger}" if challenger else "challenger cleared")
+    if challenger and config.serving.shadow_percent == 0:
+        console.print("note: serving.shadow_percent is 0, so `genloop serve` mirrors no traffic to it")
+
+
 @app.command("models")
 def models_command(
     history: Annotated[bool, typer.Option("--history", help="Show the alias audit log instead.")] = False,
@@ -203,16 +224,17 @@ def serve_command(
     """Serve the champion over the OpenAI API and roll to each new champion; Ctrl-C drains and stops."""
     import time
 
-    from ray import serve
-
-    from services.serving_control import start_serving
+    from services.exporter import start_exporter
+    from services.serving_control import start_serving, stop_serving
 
     config = _load(config_file)
     if address is not None:
         config.ray.address = address
     watcher = start_serving(config)
-    console.print(f"serving v{watcher.serving_version} at http://{config.serving.host}:{config.serving.port}/v1 "
-                  "(Ctrl-C to stop)")
+    exporter = start_exporter(config)
+    shadow = f", v{watcher.serving.challenger} in shadow" if watcher.serving.challenger else ""
+    console.print(f"serving v{watcher.serving.champion}{shadow} at http://{config.serving.host}:{config.serving.port}/v1"
+                  " (Ctrl-C to stop)")
     try:
         while True:
             time.sleep(1)
@@ -220,7 +242,67 @@ def serve_command(
         console.print("draining in-flight requests…")
     finally:
         watcher.stop()
-        serve.shutdown()  # replicas finish what they have (graceful_shutdown_timeout_s) before exiting
+        stop_serving(own_cluster=address is None)
+        exporter.close()
+    console.print("stopped")
+
+
+@app.command("generate")
+def generate_command(
+    input_path: Annotated[Path, typer.Option("--input", "-i", help="JSONL: one {\"prompt\": …} per line, "
+                                             "optional id and sampling fields.")],
+    output_path: Annotated[Path, typer.Option("--output", "-o", help="JSONL answers, in input order.")],
+    model: Annotated[str, typer.Option(help="Version (3, v3) or alias.")] = "champion",
+    max_tokens: Annotated[int, typer.Option(help="For lines that do not set max_tokens.")] = 64,
+    temperature: Annotated[float, typer.Option(help="For lines that do not set temperature.")] = 1.0,
+    concurrency: Annotated[int, typer.Option(help="Engines (Ray Data actors) working in parallel.")] = 1,
+    batch_size: Annotated[int, typer.Option(help="Prompts handed to an engine at once.")] = 32,
+    config_file: ConfigOption = None,
+) -> None:
+    """Batch inference: answer every prompt of a JSONL file with the serving engine, on Ray Data."""
+    from services.cluster import connect
+    from services.serving_control import settings_for
+    from serving.batch import generate_file
+
+    config = _load(config_file)
+    if concurrency < 1 or batch_size < 1:
+        raise UserInputError("--concurrency and --batch-size must be at least 1")
+    settings = settings_for(config, model)
+    connect(config.ray)
+    counts = generate_file(settings, input_path, output_path,
+                           defaults={"max_tokens": max_tokens, "temperature": temperature},
+                           concurrency=concurrency, batch_size=batch_size, replica_cpus=config.serving.replica_cpus)
+    console.print(f"v{settings.model_version} answered {counts['answered']} of {counts['prompts']} prompts "
+                  f"({counts['errors']} refused) into {output_path}")
+
+
+def _duration(text: str) -> timedelta:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", text)
+    if not match:
+        raise UserInputError(f"--window {text!r}: give a number and a unit, e.g. 30m, 24h, 7d")
+    unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[match.group(2)]
+    return timedelta(**{unit: float(match.group(1))})
+
+
+@app.command("drift")
+def drift_command(
+    window: Annotated[str | None, typer.Option(help="Live traffic to compare, e.g. 30m, 24h, 7d "
+                                                     "(default monitoring.drift_window).")] = None,
+    config_file: ConfigOption = None,
+) -> None:
+    """Compare recent prompts with the champion's training data (Evidently); HTML + JSON report."""
+    from services.drift_check import drift_dir, run_drift_check
+
+    config = _load(config_file)
+    result = run_drift_check(config, _duration(window) if window else None)
+    table = Table("feature", "method", "score", "threshold", "drifted",
+                  title=f"drift vs v{result.model_version}: {result.verdict.upper()} "
+                        f"({result.reference_samples} reference, {result.current_samples} current prompts)")
+    for feature in result.features:
+        table.add_row(feature.feature, feature.method, f"{feature.score:.4g}", f"{feature.threshold:g}",
+                      "[red]yes" if feature.drifted else "[green]no")
+    console.print(table)
+    console.print(f"report: {drift_dir(config) / result.id}.html")
 
 
 @app.command("demo")

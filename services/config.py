@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -154,6 +155,7 @@ class ServingConfig(Section):
     engine: Literal["hf", "vllm"] = Field("hf", description="hf (transformers, CPU/GPU) or vllm (GPU only).")
     device: str = Field("cpu", description="Device of the hf engine (cpu, cuda).")
     num_replicas: int = Field(1, ge=1, description="Serve replicas (one engine each).")
+    replica_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves for each replica (and the shadow's).")
     max_batch_size: int = Field(32, ge=1, description="Most sequences one replica decodes together.")
     max_wait_ms: float = Field(5, ge=0, description="How long an idle engine waits to batch a burst.")
     max_queue_size: int = Field(1024, ge=1, description="Requests waiting in an engine beyond this get 429.")
@@ -161,9 +163,41 @@ class ServingConfig(Section):
     max_queued_requests: int = Field(256, ge=1, description="Requests waiting for a replica; beyond this 503.")
     int8: bool = Field(False, description="int8 dynamic quantisation of the hf engine on CPU.")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Larger request bodies get 413.")
-    watch_interval_s: float = Field(10, gt=0, description="How often the champion alias is checked for a new version.")
+    watch_interval_s: float = Field(
+        10, gt=0, description="How often the champion and challenger aliases are checked for a new version."
+    )
+    shadow_percent: float = Field(
+        0, ge=0, le=100,
+        description="Share of requests (%) mirrored to the `challenger` alias; its answers are logged, never returned.",
+    )
     inference_log: bool = Field(True, description="Write every request to $GENLOOP_HOME/inference-log.")
     redact_prompts: bool = Field(False, description="Log prompt hashes instead of prompt text.")
+
+
+class MonitoringConfig(Section):
+    scrape_targets_dir: Path | None = Field(
+        None, description="Prometheus file_sd directory where every replica and the control plane announce their "
+        "metrics port; None uses $GENLOOP_HOME/prometheus/targets (shared storage on multi-node)."
+    )
+    exporter_port: int = Field(
+        9464, ge=0, le=65535, description="Port of the control plane's metrics (training, gate, drift); 0 = any free."
+    )
+    drift_window: timedelta = Field(
+        timedelta(hours=24), description="Live traffic compared by `genloop drift` (ISO 8601 or seconds; CLI: 24h)."
+    )
+    drift_reference_window: tuple[datetime, datetime] | None = Field(
+        None, description="Pinned [start, end) of the inference log used as reference; None samples the champion's "
+        "training texts, cut to prompt-like prefixes."
+    )
+    drift_prefix_words: tuple[int, int] = Field(
+        (8, 48), description="Training texts become reference prompts of this many words (uniform, inclusive)."
+    )
+    drift_max_samples: int = Field(2000, ge=10, description="Prompts sampled from each side at most (bounds cost).")
+    drift_min_samples: int = Field(50, ge=2, description="Fewer prompts on either side → 'insufficient data'.")
+    drift_threshold: float = Field(
+        0.1, gt=0, description="Normed Wasserstein distance beyond which a numerical prompt feature drifted."
+    )
+    drift_share: float = Field(0.5, gt=0, le=1, description="Share of drifted features that makes the verdict drift.")
 
 
 class TrackingConfig(Section):
@@ -213,6 +247,7 @@ class GenloopConfig(BaseSettings):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="Held-out evaluation.")
     gate: GateConfig = Field(default_factory=GateConfig, description="Promotion gate policy.")
     serving: ServingConfig = Field(default_factory=ServingConfig, description="The OpenAI-compatible endpoint.")
+    monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig, description="Metrics and drift.")
     state_db_url: str | None = Field(
         None, description="SQLAlchemy URL of genloop's own tables (promotion audit); None uses "
         "sqlite:///$GENLOOP_HOME/genloop.db."
@@ -256,6 +291,10 @@ class GenloopConfig(BaseSettings):
     @property
     def inference_log_dir(self) -> Path:
         return self.home / "inference-log"
+
+    @property
+    def scrape_targets_dir(self) -> Path:
+        return (self.monitoring.scrape_targets_dir or self.home / "prometheus" / "targets").resolve()
 
     @property
     def state_db(self) -> str:

@@ -1,4 +1,4 @@
-"""Promotion and rollback: moving the registry aliases, through the gate, with an audit trail.
+"""Promotion, rollback and the challenger: moving the registry aliases, with an audit trail.
 
 The gate runs before the lock (it takes minutes); the alias change runs under the audit lock
 and only if the champion is still the one the candidate was judged against. If another
@@ -122,3 +122,27 @@ def rollback(config: GenloopConfig, *, reason: str = "", actor: str | None = Non
         audit.record(connection, actor=_actor(actor), action="rollback", from_version=champion,
                      to_version=previous, outcome="rolled-back", reason=reason)
     return Roles(champion=previous, previous=champion)
+
+
+def set_challenger(config: GenloopConfig, ref: str | None, *, reason: str = "", actor: str | None = None) -> str | None:
+    """Name ``ref`` the challenger (shadow-served beside the champion), or clear it with None.
+
+    No gate: a challenger answers no caller, it only earns evidence for a later promotion.
+    """
+    registry, audit = Registry(config), AuditLog(config.state_db)
+    with audit.exclusive() as connection:
+        before = _version(registry.alias_version("challenger"))
+        if ref is None:
+            if before is None:
+                raise UserInputError("there is no challenger to clear")
+            registry.client.delete_registered_model_alias(registry.name, "challenger")
+            after, outcome = None, "cleared"
+        else:
+            after = str(registry.resolve(ref).version)
+            if after == _version(registry.alias_version("champion")):
+                raise UserInputError(f"v{after} is the champion; a challenger must be another version")
+            registry.client.set_registered_model_alias(registry.name, "challenger", after)
+            outcome = "set"
+        audit.record(connection, actor=_actor(actor), action="challenger", from_version=before, to_version=after,
+                     outcome=outcome, reason=reason)
+    return after

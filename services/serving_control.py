@@ -4,7 +4,8 @@ Serving itself knows nothing of the registry: it serves a model folder and a ver
 This module resolves ``champion`` to those, deploys the Serve application, and redeploys it when
 the alias moves. A redeploy with new arguments is a Serve rolling update: replicas of the new
 version start and pass their health check before the old ones stop taking traffic and drain,
-so a swap fails no request.
+so a swap fails no request. With ``serving.shadow_percent`` set and a ``challenger`` alias, the
+challenger runs beside the champion in shadow mode and the watcher follows that alias too.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from dataclasses import dataclass
 
 from ray import serve
 
+from monitoring import metrics
 from services.cluster import connect
 from services.config import GenloopConfig, UserInputError
 from services.registry import Registry
@@ -24,6 +27,26 @@ logger = logging.getLogger(__name__)
 
 APP_NAME = "genloop"
 API_KEYS_ENV = "GENLOOP_API_KEYS"  # secrets come from the environment only
+
+
+@dataclass(frozen=True)
+class Target:
+    """What should be served: the champion, and the challenger when shadow mode is on."""
+
+    champion: str
+    challenger: str | None = None
+
+
+def current_target(config: GenloopConfig) -> Target | None:
+    """The versions the aliases name now; None without a champion."""
+    registry = Registry(config)
+    champion = registry.alias_version("champion")
+    if champion is None:
+        return None
+    challenger = registry.alias_version("challenger") if config.serving.shadow_percent > 0 else None
+    if challenger is not None and challenger.version == champion.version:
+        challenger = None
+    return Target(str(champion.version), str(challenger.version) if challenger is not None else None)
 
 
 def settings_for(config: GenloopConfig, version: str) -> ServerSettings:
@@ -51,26 +74,31 @@ def settings_for(config: GenloopConfig, version: str) -> ServerSettings:
         max_body_bytes=serving.max_body_bytes,
         inference_log_dir=str(config.inference_log_dir) if serving.inference_log else None,
         redact_prompts=serving.redact_prompts,
+        shadow_percent=serving.shadow_percent,
+        scrape_targets_dir=str(config.scrape_targets_dir),
     )
 
 
-def deploy(config: GenloopConfig, version: str) -> str:
-    """Deploy (or roll to) ``version``; returns once its replicas are serving."""
-    settings = settings_for(config, version)
+def deploy(config: GenloopConfig, target: Target) -> Target:
+    """Deploy (or roll to) ``target``; returns once its replicas are serving."""
+    settings = settings_for(config, target.champion)
+    shadow = settings_for(config, target.challenger) if target.challenger is not None else None
     app = build_app(settings, num_replicas=config.serving.num_replicas,
                     max_ongoing_requests=config.serving.max_ongoing_requests,
-                    max_queued_requests=config.serving.max_queued_requests)
+                    max_queued_requests=config.serving.max_queued_requests,
+                    replica_cpus=config.serving.replica_cpus, shadow=shadow)
     serve.run(app, name=APP_NAME, route_prefix="/")
-    logger.info("serving v%s", settings.model_version)
-    return settings.model_version
+    logger.info("serving v%s%s", target.champion,
+                f" with v{target.challenger} in shadow ({config.serving.shadow_percent:g} %)" if shadow else "")
+    return target
 
 
 class ChampionWatcher:
-    """Polls the ``champion`` alias and rolls the app to each new version it names."""
+    """Polls the ``champion`` (and ``challenger``) aliases and rolls the app to each new version they name."""
 
-    def __init__(self, config: GenloopConfig, serving_version: str):
+    def __init__(self, config: GenloopConfig, serving: Target):
         self.config = config
-        self.serving_version = serving_version
+        self.serving = serving
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="champion-watcher", daemon=True)
 
@@ -79,12 +107,13 @@ class ChampionWatcher:
         return self
 
     def check_once(self) -> bool:
-        """Roll to the champion if it changed; True when a rollout happened."""
-        champion = Registry(self.config).alias_version("champion")
-        if champion is None or str(champion.version) == self.serving_version:
+        """Roll to the aliases' versions if they changed; True when a rollout happened."""
+        target = current_target(self.config)
+        if target is None or target == self.serving:
             return False
-        logger.info("champion moved v%s → v%s: rolling out", self.serving_version, champion.version)
-        self.serving_version = deploy(self.config, str(champion.version))
+        logger.info("aliases moved %s → %s: rolling out", self.serving, target)
+        self.serving = deploy(self.config, target)
+        metrics.MODEL_SWAPS.inc()
         return True
 
     def _run(self) -> None:
@@ -92,7 +121,7 @@ class ChampionWatcher:
             try:
                 self.check_once()
             except Exception:  # a failed rollout keeps the old version serving; try again next tick
-                logger.exception("rollout failed; still serving v%s", self.serving_version)
+                logger.exception("rollout failed; still serving %s", self.serving)
 
     def stop(self) -> None:
         self._stop.set()
@@ -100,11 +129,19 @@ class ChampionWatcher:
 
 
 def start_serving(config: GenloopConfig) -> ChampionWatcher:
-    """Start Serve over HTTP with the champion and a watcher that follows the alias."""
-    champion = Registry(config).alias_version("champion")
-    if champion is None:
+    """Start Serve over HTTP with the champion and a watcher that follows the aliases."""
+    target = current_target(config)
+    if target is None:
         raise UserInputError("no champion to serve: promote a version first (genloop promote VERSION)")
     connect(config.ray)
     serve.start(http_options={"host": config.serving.host, "port": config.serving.port})
-    version = deploy(config, str(champion.version))
-    return ChampionWatcher(config, version).start()
+    return ChampionWatcher(config, deploy(config, target)).start()
+
+
+def stop_serving(own_cluster: bool) -> None:
+    """Delete the app, which drains it: replicas answer what they hold and what is queued for them
+    (up to ``graceful_shutdown_timeout_s``) before they exit, while the proxy still routes. On a
+    cluster we joined, Serve stays up for whoever else uses it; on our own, it stops too."""
+    serve.delete(APP_NAME)
+    if own_cluster:
+        serve.shutdown()

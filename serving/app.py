@@ -21,6 +21,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field, ValidationError
 from ray import serve
+from ray.serve.config import BackpressureConfig
+from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.engine import (
@@ -32,6 +34,7 @@ from serving.engine import (
     InvalidRequestError,
 )
 from monitoring import metrics
+from monitoring.scrape_targets import ScrapeTarget
 from serving.inference_log import InferenceLog, InferenceRecord, hash_client
 from serving.protocol import (
     MAX_PROMPTS,
@@ -69,6 +72,10 @@ class ServerSettings(BaseModel):
     inference_log_dir: str | None = Field(None, description="Where the inference log goes; None = off.")
     redact_prompts: bool = Field(False, description="Log prompt hashes instead of prompt text.")
     client_salt: str = Field("genloop", description="Salt of the hashed client id in the log.")
+    shadow_percent: float = Field(0.0, ge=0, le=100, description="Share of requests mirrored to the shadow model.")
+    scrape_targets_dir: str | None = Field(
+        None, description="Where each replica announces its own /metrics port to Prometheus; None = not announced."
+    )
 
 
 class APIError(Exception):
@@ -137,6 +144,50 @@ def _engine_error(exc: EngineError) -> APIError:
 
 # Module-level helpers sit above the deployment: Serve ships the class by value, and a helper
 # defined after it is missing from what gets shipped.
+class _EngineReplica:
+    """What every replica that runs a model shares: its engine, its inference-log writer, health, shutdown."""
+
+    async def __init__(self, settings: ServerSettings):
+        self.settings = settings
+        self.engine: Engine = settings.engine_class(settings.model_path, settings.model_version,
+                                                    **settings.engine_options)
+        await self.engine.load()
+        self.log = (InferenceLog(settings.inference_log_dir, redact_prompts=settings.redact_prompts)
+                    if settings.inference_log_dir else None)
+        self.scrape_target = None
+        if settings.scrape_targets_dir:
+            replica = serve.get_replica_context().replica_id
+            self.scrape_target = ScrapeTarget(
+                settings.scrape_targets_dir, f"{replica.deployment_id.name}-{replica.unique_id}",
+                labels={"component": replica.deployment_id.name, "replica": replica.unique_id})
+        metrics.MODEL_LOADS.labels(settings.model_version).inc()
+
+    async def check_health(self) -> None:
+        if not await self.engine.health():
+            raise RuntimeError("engine is not healthy")
+
+    async def __del__(self) -> None:  # Serve calls this on graceful shutdown, after draining
+        if self.log is not None:
+            self.log.close()
+        await self.engine.close()
+        if self.scrape_target is not None:
+            self.scrape_target.close()
+
+    def _log(self, *, route: str, response_id: str, prompt: str, result: GenerationResult | None, status: int,
+             latency: float, client_hash: str = "", shadow: bool = False) -> None:
+        if self.log is None:
+            return
+        accepted = self.log.append(InferenceRecord(
+            request_id=response_id, route=route, model_version=self.settings.model_version, shadow=shadow,
+            status=status, prompt=prompt, output=result.text if result else "",
+            prompt_tokens=result.prompt_tokens if result else 0,
+            completion_tokens=result.completion_tokens if result else 0,
+            latency_seconds=latency, ttft_seconds=result.ttft_seconds if result else None, client_hash=client_hash,
+        ))
+        if not accepted:
+            metrics.INFERENCE_LOG_DROPPED.inc()
+
+
 def _usage(results: list[GenerationResult]) -> Usage:
     prompt = sum(r.prompt_tokens for r in results)
     completion = sum(r.completion_tokens for r in results)
@@ -152,26 +203,20 @@ def _usage(results: list[GenerationResult]) -> Usage:
     graceful_shutdown_timeout_s=60,
 )
 @serve.ingress(api)
-class OpenAIServer:
-    async def __init__(self, settings: ServerSettings):
-        self.settings = settings
-        self.engine: Engine = settings.engine_class(settings.model_path, settings.model_version,
-                                                    **settings.engine_options)
-        await self.engine.load()
+class OpenAIServer(_EngineReplica):
+    async def __init__(self, settings: ServerSettings, shadow: DeploymentHandle | None = None):
+        await super().__init__(settings)
         api.state.settings = settings
         metrics.MODEL_INFO.labels(settings.model_version).set(1)
-        self.log = (InferenceLog(settings.inference_log_dir, redact_prompts=settings.redact_prompts)
-                    if settings.inference_log_dir else None)
+        # Engine gauges are read when scraped, whichever endpoint the scrape comes through.
+        metrics.REQUESTS_RUNNING.labels(settings.model_version).set_function(
+            lambda: getattr(self.engine, "num_active", 0))
+        metrics.REQUESTS_WAITING.labels(settings.model_version).set_function(
+            lambda: getattr(self.engine, "num_waiting", 0))
+        self.shadow = shadow
+        self._mirror_credit = 0.0
+        self._mirrors: set[asyncio.Task] = set()
         logger.info("replica ready with v%s", settings.model_version)
-
-    async def check_health(self) -> None:
-        if not await self.engine.health():
-            raise RuntimeError("engine is not healthy")
-
-    async def __del__(self) -> None:  # Serve calls this on graceful shutdown, after draining
-        if self.log is not None:
-            self.log.close()
-        await self.engine.close()
 
     # --- plumbing -------------------------------------------------------------------------
     def _check_model(self, model: str) -> None:
@@ -196,19 +241,9 @@ class OpenAIServer:
                     (result.total_seconds - result.ttft_seconds) / (result.completion_tokens - 1))
             metrics.PROMPT_TOKENS.labels(version).inc(result.prompt_tokens)
             metrics.GENERATION_TOKENS.labels(version).inc(result.completion_tokens)
-        if self.log is None:
-            return
         client = user or request.headers.get("authorization", "") or (request.client.host if request.client else "")
-        accepted = self.log.append(InferenceRecord(
-            request_id=response_id, route=route, model_version=self.settings.model_version, status=status,
-            prompt=prompt, output=result.text if result else "",
-            prompt_tokens=result.prompt_tokens if result else 0,
-            completion_tokens=result.completion_tokens if result else 0,
-            latency_seconds=latency, ttft_seconds=result.ttft_seconds if result else None,
-            client_hash=hash_client(client, self.settings.client_salt),
-        ))
-        if not accepted:
-            metrics.INFERENCE_LOG_DROPPED.inc()
+        self._log(route=route, response_id=response_id, prompt=prompt, result=result, status=status,
+                  latency=latency, client_hash=hash_client(client, self.settings.client_salt))
 
     def _validate(self, body: CompletionRequest | ChatCompletionRequest) -> None:
         unsupported = body.unsupported()
@@ -237,6 +272,32 @@ class OpenAIServer:
                 choice_params = params if params.seed is None else params.model_copy(update={"seed": params.seed + i})
                 requests.append(GenerationRequest(prompt=prompt, params=choice_params))
         return requests
+
+    def _mirror(self, route: str, response_id: str, requests: list[GenerationRequest]) -> None:
+        """Send a copy of every ``shadow_percent``-th request to the shadow model, without waiting.
+
+        A credit counter, not a coin flip, so the mirrored share is exact on any traffic volume.
+        The shadow's answer goes only to the inference log; its failures and backlog never reach
+        the caller (its own small queue refuses, and that is counted).
+        """
+        if self.shadow is None:
+            return
+        self._mirror_credit += self.settings.shadow_percent / 100
+        if self._mirror_credit < 1:
+            return
+        self._mirror_credit -= 1
+
+        async def mirror() -> None:
+            try:
+                await self.shadow.mirror.remote(route, response_id, [r.model_dump() for r in requests])
+                metrics.SHADOW_REQUESTS.labels("ok").inc()
+            except Exception as exc:  # noqa: BLE001 — whatever the shadow does, the caller is unaffected
+                metrics.SHADOW_REQUESTS.labels("error").inc()
+                logger.warning("shadow request failed: %s", exc)
+
+        task = asyncio.create_task(mirror())
+        self._mirrors.add(task)
+        task.add_done_callback(self._mirrors.discard)
 
     async def _run(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         try:
@@ -305,6 +366,7 @@ class OpenAIServer:
             raise APIError(400, f"prompt must be 1 to {MAX_PROMPTS} non-empty strings", "prompt")
         response_id, created, started = new_id("cmpl"), now(), time.perf_counter()
         requests = self._requests(prompts, body, body.max_tokens)
+        self._mirror("completions", response_id, requests)
 
         def log(prompt: str, result: GenerationResult) -> None:
             self._record(request, "completions", response_id, prompt, result, 200, started, body.user)
@@ -328,6 +390,7 @@ class OpenAIServer:
         prompt = self.engine.render_chat([m.model_dump(exclude_none=True) for m in body.messages])
         response_id, created, started = new_id("chatcmpl"), now(), time.perf_counter()
         requests = self._requests([prompt], body, body.token_budget(default=256))
+        self._mirror("chat.completions", response_id, requests)
 
         def log(prompt: str, result: GenerationResult) -> None:
             self._record(request, "chat.completions", response_id, prompt, result, 200, started, body.user)
@@ -346,10 +409,8 @@ class OpenAIServer:
 
     @api.get("/metrics")
     async def prometheus_metrics(self) -> Response:
-        """This replica's instruments in Prometheus text; engine gauges are read at scrape time."""
-        version = self.settings.model_version
-        metrics.REQUESTS_RUNNING.labels(version).set(getattr(self.engine, "num_active", 0))
-        metrics.REQUESTS_WAITING.labels(version).set(getattr(self.engine, "num_waiting", 0))
+        """The instruments of whichever replica answers: fine with one; Prometheus should scrape each
+        replica's own port instead (see monitoring.scrape_targets)."""
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     # --- server-sent events ---------------------------------------------------------------
@@ -420,12 +481,40 @@ class OpenAIServer:
             yield event
 
 
+@serve.deployment(name="shadow", max_ongoing_requests=32, max_queued_requests=32, health_check_period_s=2,
+                  graceful_shutdown_wait_loop_s=1, graceful_shutdown_timeout_s=30)
+class ShadowModel(_EngineReplica):
+    """The challenger in shadow mode: answers mirrored requests into the inference log, never to a caller.
+
+    Its rows carry the caller's response id, so champion and challenger answers to the same prompt
+    join on ``request_id`` for comparison.
+    """
+
+    async def mirror(self, route: str, response_id: str, requests: list[dict]) -> None:
+        async def answer(request: GenerationRequest) -> None:
+            started = time.perf_counter()
+            try:
+                result, status = await self.engine.generate(request), 200
+            except EngineError as exc:
+                result, status = None, _engine_error(exc).status
+            self._log(route=route, response_id=response_id, prompt=request.prompt or "", result=result,
+                      status=status, latency=time.perf_counter() - started, shadow=True)
+
+        await asyncio.gather(*(answer(GenerationRequest.model_validate(r)) for r in requests))
+
+
 def build_app(settings: ServerSettings, num_replicas: int = 1, max_ongoing_requests: int = 64,
-              max_queued_requests: int = 256):
+              max_queued_requests: int = 256, replica_cpus: float = 1.0, shadow: ServerSettings | None = None):
     """The Serve application, ready for ``serve.run``.
 
     Backpressure is Serve's: a replica takes ``max_ongoing_requests`` at once, a caller waits in a
-    queue of ``max_queued_requests``, and beyond that Serve answers 503 at once, never an unbounded queue.
+    queue of ``max_queued_requests``, and beyond that Serve answers 429 with Retry-After at once, never
+    an unbounded queue. With ``shadow`` settings, one replica of the shadow model runs beside the
+    server and gets ``settings.shadow_percent`` % of the requests mirrored to it.
     """
-    return OpenAIServer.options(num_replicas=num_replicas, max_ongoing_requests=max_ongoing_requests,
-                                max_queued_requests=max_queued_requests).bind(settings)
+    options = {"ray_actor_options": {"num_cpus": replica_cpus}}
+    shadow_app = ShadowModel.options(**options).bind(shadow) if shadow is not None else None
+    return OpenAIServer.options(
+        num_replicas=num_replicas, max_ongoing_requests=max_ongoing_requests, max_queued_requests=max_queued_requests,
+        backpressure_config=BackpressureConfig(status_code=429, retry_after_s=1), **options,
+    ).bind(settings, shadow_app)

@@ -47,6 +47,7 @@ import torch
 from transformers import AutoTokenizer, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from monitoring import metrics
 from services.config import UserInputError
 from serving.engine import (
     Engine,
@@ -132,6 +133,7 @@ class HFEngine(Engine):
             raise ValueError("int8 dynamic quantisation runs on CPU only")
         self.model_path = Path(model_path)
         self._model_version = model_version
+        self._batch_sizes = metrics.BATCH_SIZE.labels(model_version)  # observed once per decode step
         self.device = torch.device(device)
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000
@@ -396,6 +398,7 @@ class HFEngine(Engine):
 
     def _decode_step(self) -> None:
         rows = len(self._active)
+        self._batch_sizes.observe(rows)
         self._mask = torch.cat([self._mask, self._mask.new_ones((rows, 1))], dim=1)
         logits = self.model(
             input_ids=self._last[:, None], attention_mask=self._mask, position_ids=self._positions[:, None],

@@ -1,7 +1,7 @@
 """Rolling the served champion under continuous load: zero failed requests, old replicas gone.
 
-Two tiny models are registered as real MLflow versions (no Ray Train: the run and its artifacts
-are made directly), served by ``genloop serve``'s control plane, and the champion alias is moved
+Two tiny models are registered as real MLflow versions (no Ray Train: ``register_model`` makes
+the run and its artifacts directly), served by ``genloop serve``'s control plane, and the champion alias is moved
 while eight clients keep sending requests.
 """
 
@@ -14,22 +14,14 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 from ray import serve
 
-from services.config import GenloopConfig
-from services.registry import MODEL_ARTIFACT, Registry
+from services.registry import Registry
 from services.serving_control import APP_NAME, start_serving
 from serving.app import VERSION_HEADER
 
 
-def register(config: GenloopConfig, folder) -> str:
-    registry = Registry(config)
-    run = registry.client.create_run(registry.experiment_id())
-    registry.client.log_artifacts(run.info.run_id, str(folder), MODEL_ARTIFACT)
-    registry.client.set_terminated(run.info.run_id, "FINISHED")
-    return str(registry.register(run.info.run_id, tags={"dataset": "test:v1"}).version)
-
-
 def test_champion_swap_under_load_fails_no_request(ray_cluster, genloop_config, make_tiny_model, tmp_path,
-                                                    free_port):
+                                                    free_port, register_model):
+    register = register_model
     config = genloop_config
     config.serving.port = free_port
     config.serving.watch_interval_s = 0.5
@@ -81,5 +73,57 @@ def test_champion_swap_under_load_fails_no_request(ray_cluster, genloop_config, 
         assert sum(deployment.replica_states.values()) == 1  # the old replica is gone
     finally:
         stop.set()
+        watcher.stop()
+        serve.shutdown()
+
+
+def test_challenger_in_shadow_answers_a_mirrored_share_into_the_log_only(ray_cluster, genloop_config,
+                                                                         make_tiny_model, tmp_path, free_port,
+                                                                         register_model):
+    register = register_model
+    from services.lifecycle import set_challenger
+    from serving.inference_log import read_inference_log
+
+    config = genloop_config
+    config.serving.port = free_port
+    config.serving.watch_interval_s = 3600  # rolled by hand below
+    config.serving.shadow_percent = 50
+    config.serving.replica_cpus = 0.5
+    champion = register(config, make_tiny_model(tmp_path / "a", seed=0))
+    challenger = register(config, make_tiny_model(tmp_path / "b", seed=1))
+    registry = Registry(config)
+    registry.client.set_registered_model_alias(registry.name, "champion", champion)
+    set_challenger(config, challenger, reason="try it")
+
+    watcher = start_serving(config)
+    url = f"http://127.0.0.1:{free_port}/v1/completions"
+    try:
+        assert watcher.serving.challenger == challenger
+        ids = []
+        for i in range(10):
+            response = httpx.post(url, json={"model": "genloop", "prompt": f"prompt {i}", "max_tokens": 4},
+                                  timeout=60)
+            assert response.status_code == 200 and response.headers[VERSION_HEADER] == champion
+            ids.append(response.json()["id"])
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            rows = read_inference_log(config.inference_log_dir).to_pylist()
+            shadow = [r for r in rows if r["shadow"]]
+            if len(shadow) >= 5 and len(rows) >= 15:
+                break
+            time.sleep(0.5)
+        assert len(shadow) == 5  # exactly 50 %
+        assert {r["model_version"] for r in shadow} == {challenger}
+        assert {r["request_id"] for r in shadow} <= set(ids)  # joins with the champion's answer
+        assert all(r["status"] == 200 and r["completion_tokens"] > 0 for r in shadow)
+        assert {r["model_version"] for r in rows if not r["shadow"]} == {champion}
+
+        set_challenger(config, None)
+        assert watcher.check_once() and watcher.serving.challenger is None
+        deployments = serve.status().applications[APP_NAME].deployments
+        assert "shadow" not in deployments
+        assert httpx.post(url, json={"model": "genloop", "prompt": "x", "max_tokens": 2},
+                          timeout=60).status_code == 200
+    finally:
         watcher.stop()
         serve.shutdown()
