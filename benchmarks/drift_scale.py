@@ -29,7 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+from report import RESULTS, emit  # benchmarks/ is the script's folder, on sys.path
+
 
 
 def prepare(home: Path, prompts: int) -> None:
@@ -124,10 +125,7 @@ def main() -> None:
                                        "peak_rss_mb": bounded["peak_rss_mb"] / all_rows["peak_rss_mb"]},
         "goal_under_30_s": bounded["seconds"] < 30,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -34,12 +34,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from engine_throughput import BATCH, build, run_engine  # noqa: E402 - sibling benchmark, same model
+from report import RESULTS, emit  # noqa: E402 - benchmarks/ is the script's folder
 
 from serving.hf_engine import HFEngine, _quantize_int8  # noqa: E402
 from training.evaluation import evaluate_model, make_prompts  # noqa: E402
 from training.models import parameter_count  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 
 
 def corpus() -> tuple[list[str], list[str]]:
@@ -155,10 +155,7 @@ def main() -> None:
         },
         "greedy_continuations_identical": agreement(fp32_text, int8_text),
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -36,10 +36,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from engine_throughput import build, run_direct  # noqa: E402 - sibling benchmark, same model and prompts
+from report import RESULTS, emit  # noqa: E402 - benchmarks/ is the script's folder
 
 from training.models import parameter_count  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 SYSTEMS = ("naive", "hf_serve", "genloop")
 
 
@@ -279,10 +279,7 @@ def main() -> None:
     if "genloop" in results and "1" in results["genloop"]:
         report[f"genloop_ttft_p95_at_{top}_vs_single"] = (results["genloop"][top]["ttft_p95_s"]
                                                           / results["genloop"]["1"]["ttft_p50_s"])
-    text = json.dumps(report, indent=2)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
+    emit(report, args.out)
     plot(report, args.out.with_suffix(".png"))
 
 

@@ -37,28 +37,54 @@ def genloop_config(tmp_path: Path):
 
 
 @pytest.fixture(scope="session")
-def make_tiny_model():
-    """Build, briefly train (20 AdamW steps, in-process) and save a tiny GPT-2 with its tokenizer."""
-    import pydoc_data.topics
+def train_tiny():
+    """Train in-process: AdamW on random ``block_size``-token blocks of ``texts``, then save to ``folder``.
+
+    From scratch (the ``tiny`` preset, with ``tokenizer`` or one trained on ``texts``) or from the
+    model folder ``base``. Seeded, so the same call gives the same weights.
+    """
     import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from training.models import build_model
     from training.tokenizer import train_tokenizer
 
-    texts = [p for t in pydoc_data.topics.topics.values() for p in t.split("\n\n") if len(p) > 80][:400]
-    tokenizer = train_tokenizer(texts, vocab_size=512)
-
-    def make(folder: Path, seed: int = 0) -> Path:
-        model = build_model("tiny", tokenizer, block_size=64, seed=seed)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        ids = torch.tensor(tokenizer("\n".join(texts))["input_ids"][: 20 * 8 * 64]).view(20, 8, 64)
-        for batch in ids:
+    def train(texts: list[str], steps: int, folder: Path, *, base: Path | None = None, tokenizer=None,
+              vocab_size: int = 512, block_size: int = 64, seed: int = 0, lr: float = 3e-3) -> Path:
+        if base is not None:
+            tokenizer, model = AutoTokenizer.from_pretrained(base), AutoModelForCausalLM.from_pretrained(base)
+        else:
+            tokenizer = tokenizer or train_tokenizer(texts, vocab_size=vocab_size)
+            model = build_model("tiny", tokenizer, block_size=block_size, seed=seed)
+        ids = torch.tensor(tokenizer(tokenizer.eos_token.join(texts))["input_ids"])
+        blocks = ids[: len(ids) // block_size * block_size].view(-1, block_size)
+        generator = torch.Generator().manual_seed(seed)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+        model.train()
+        for _ in range(steps):
+            batch = blocks[torch.randint(len(blocks), (8,), generator=generator)]
             model(input_ids=batch, labels=batch).loss.backward()
             optimizer.step()
             optimizer.zero_grad()
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         return folder
+
+    return train
+
+
+@pytest.fixture(scope="session")
+def make_tiny_model(train_tiny):
+    """A tiny GPT-2 (64-token context) with its tokenizer, 20 steps into learning the pydoc topics."""
+    import pydoc_data.topics
+
+    from training.tokenizer import train_tokenizer
+
+    texts = [p for t in pydoc_data.topics.topics.values() for p in t.split("\n\n") if len(p) > 80][:400]
+    tokenizer = train_tokenizer(texts, vocab_size=512)
+
+    def make(folder: Path, seed: int = 0) -> Path:
+        return train_tiny(texts, 20, folder, tokenizer=tokenizer, seed=seed)
 
     return make
 

@@ -15,8 +15,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from services.audit import AuditLog
 from services.config import GenloopConfig, UserInputError
@@ -24,8 +22,6 @@ from services.gate import evaluate
 from services.lifecycle import PromotionRefused, promote, roles, rollback
 from services.registry import Registry
 from training.datasets import ingest, resolve_dataset
-from training.models import build_model
-from training.tokenizer import train_tokenizer
 
 
 def reset_aliases(config: GenloopConfig, champion: str | None, previous: str | None = None) -> None:
@@ -38,32 +34,8 @@ def reset_aliases(config: GenloopConfig, champion: str | None, previous: str | N
             registry.client.set_registered_model_alias(registry.name, alias, version)
 
 
-def train_in_process(config: GenloopConfig, dataset: str, steps: int, folder: Path, base: Path | None = None,
-                     seed: int = 0, lr: float = 1e-3) -> Path:
-    """AdamW on random 128-token blocks of the dataset's train split; from scratch or from ``base``."""
-    texts = pq.read_table(resolve_dataset(config.datasets_dir, dataset).train_path).column("text").to_pylist()
-    if base is None:
-        tokenizer = train_tokenizer(texts, vocab_size=config.tokenizer.vocab_size)
-        model = build_model("tiny", tokenizer, block_size=128, seed=seed)
-    else:
-        tokenizer, model = AutoTokenizer.from_pretrained(base), AutoModelForCausalLM.from_pretrained(base)
-    ids = torch.tensor(tokenizer(tokenizer.eos_token.join(texts))["input_ids"])
-    blocks = ids[: len(ids) // 128 * 128].view(-1, 128)
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    model.train()
-    for _ in range(steps):
-        batch = blocks[torch.randint(len(blocks), (8,), generator=generator)]
-        model(input_ids=batch, labels=batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, ray_cluster, register_model) -> tuple[GenloopConfig, dict[str, str]]:
+def world(tmp_path_factory, ray_cluster, register_model, train_tiny) -> tuple[GenloopConfig, dict[str, str]]:
     root = tmp_path_factory.mktemp("gate")
     config = GenloopConfig(home=root / "home")
     config.data.max_documents_per_source = 1500
@@ -76,8 +48,10 @@ def world(tmp_path_factory, ray_cluster, register_model) -> tuple[GenloopConfig,
     folders: dict[str, Path] = {}
 
     def trained(dataset: str, steps: int, base: str | None = None, seed: int = 0, lr: float = 1e-3) -> str:
-        folder = train_in_process(config, dataset, steps, root / f"model-{len(folders)}",
-                                  base=folders[base] if base else None, seed=seed, lr=lr)
+        texts = pq.read_table(resolve_dataset(config.datasets_dir, f"{dataset}:v1").train_path).column(
+            "text").to_pylist()
+        folder = train_tiny(texts, steps, root / f"model-{len(folders)}", base=folders[base] if base else None,
+                            vocab_size=config.tokenizer.vocab_size, block_size=128, seed=seed, lr=lr)
         version = register_model(config, folder, tags={"dataset": f"{dataset}:v1", "parent_version": base or ""})
         folders[version] = folder
         return version
