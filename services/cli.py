@@ -230,20 +230,23 @@ def serve_command(
     config = _load(config_file)
     if address is not None:
         config.ray.address = address
-    watcher = start_serving(config)
-    exporter = start_exporter(config)
-    shadow = f", v{watcher.serving.challenger} in shadow" if watcher.serving.challenger else ""
-    console.print(f"serving v{watcher.serving.champion}{shadow} at http://{config.serving.host}:{config.serving.port}/v1"
-                  " (Ctrl-C to stop)")
-    try:
+    watcher = exporter = None
+    try:  # Ctrl-C may come at any point, start-up included: whatever was started is stopped
+        watcher = start_serving(config)
+        exporter = start_exporter(config)
+        shadow = f", v{watcher.serving.challenger} in shadow" if watcher.serving.challenger else ""
+        console.print(f"serving v{watcher.serving.champion}{shadow} at http://{config.serving.host}:"
+                      f"{config.serving.port}/v1 (Ctrl-C to stop)")
         while True:
             time.sleep(1)
     except KeyboardInterrupt:
         console.print("draining in-flight requests…")
     finally:
-        watcher.stop()
-        stop_serving(own_cluster=address is None)
-        exporter.close()
+        if exporter is not None:
+            exporter.close()
+        if watcher is not None:
+            watcher.stop()
+            stop_serving(own_cluster=address is None)
     console.print("stopped")
 
 

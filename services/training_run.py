@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import ray.data
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from services.cluster import connect

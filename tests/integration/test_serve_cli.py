@@ -58,11 +58,12 @@ def test_serve_onto_existing_cluster_and_ctrl_c_drains(genloop_config, make_tiny
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{free_port}"
+        exporter_target = config.scrape_targets_dir / "control-plane.json"
         deadline = time.time() + 180
         while time.time() < deadline:
             assert server.poll() is None, server.stdout.read()
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+            try:  # ready once it serves and the control plane's metrics are announced
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200 and exporter_target.exists():
                     break
             except httpx.HTTPError:
                 pass
@@ -84,6 +85,7 @@ def test_serve_onto_existing_cluster_and_ctrl_c_drains(genloop_config, make_tiny
         output, _ = server.communicate(timeout=120)
         assert server.returncode == 0, output
         assert "draining" in output
+        assert not exporter_target.exists()  # no stale scrape target left behind
         status = _ray("status", f"--address={address}", env=env)
         assert status.returncode == 0, status.stderr  # the cluster is not ours to stop
     finally:

@@ -322,7 +322,7 @@ def test_closed_or_cancelled_stream_frees_its_slot(tiny):
             await wait_until(lambda: engine.num_active == 0)
 
             after = await engine.generate(GenerationRequest(prompt=tiny[3][2], params=SamplingParams(max_tokens=3)))
-            assert after.completion_tokens == 3  # the engine keeps serving
+            assert 1 <= after.completion_tokens <= 3  # the engine keeps serving (a sampled eos may end it early)
         finally:
             await engine.close()
 
