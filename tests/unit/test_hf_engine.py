@@ -369,7 +369,7 @@ def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(tiny):
                 await engine.generate(GenerationRequest(prompt=tiny[3][0], params=SamplingParams(max_tokens=4)))
             assert engine.num_active == 0 and await engine.health()
             result = await engine.generate(GenerationRequest(prompt=tiny[3][0], params=SamplingParams(max_tokens=4)))
-            assert result.completion_tokens == 4
+            assert 1 <= result.completion_tokens <= 4  # served again (sampled: an eos may end it early)
         finally:
             await engine.close()
 
