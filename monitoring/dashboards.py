@@ -148,14 +148,11 @@ def training() -> Dashboard:
         "genloop_training_best_val_loss * on (model_version) group_left max by (model_version) "
         "(genloop_champion_info)", "v{{model_version}}")), width=6)
     layout.row("Per version")
-    layout.panel(_timeseries("Validation loss by version", "short", _query(
-        "genloop_training_best_val_loss", "v{{model_version}}")), width=6)
-    layout.panel(_timeseries("Training time by version", "s", _query(
-        "genloop_training_duration_seconds", "v{{model_version}}")), width=6)
-    layout.panel(_timeseries("Cost by version", "currencyUSD", _query(
-        "genloop_training_cost_usd", "v{{model_version}}")), width=6)
-    layout.panel(_timeseries("Energy by version", "kwatth", _query(
-        "genloop_training_energy_kwh", "v{{model_version}}")), width=6)
+    for title, unit, metric in (("Validation loss", "short", "genloop_training_best_val_loss"),
+                                ("Training time", "s", "genloop_training_duration_seconds"),
+                                ("Cost", "currencyUSD", "genloop_training_cost_usd"),
+                                ("Energy", "kwatth", "genloop_training_energy_kwh")):
+        layout.panel(_timeseries(f"{title} by version", unit, _query(metric, "v{{model_version}}")), width=6)
     return layout.dashboard
 
 

@@ -12,6 +12,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
 from ray import serve
 
 from services.registry import Registry
@@ -19,17 +20,23 @@ from services.serving_control import APP_NAME, start_serving
 from serving.app import VERSION_HEADER
 
 
-def test_champion_swap_under_load_fails_no_request(ray_cluster, genloop_config, make_tiny_model, tmp_path,
-                                                    free_port, register_model):
-    register = register_model
+@pytest.fixture
+def two_versions(genloop_config, make_tiny_model, register_model, tmp_path, free_port):
+    """Two registered tiny models (different seeds), the first one champion; serving on a free port."""
     config = genloop_config
     config.serving.port = free_port
-    config.serving.watch_interval_s = 0.5
-    config.serving.max_batch_size = 8
-    first = register(config, make_tiny_model(tmp_path / "a", seed=0))
-    second = register(config, make_tiny_model(tmp_path / "b", seed=1))
+    first = register_model(config, make_tiny_model(tmp_path / "a", seed=0))
+    second = register_model(config, make_tiny_model(tmp_path / "b", seed=1))
     registry = Registry(config)
     registry.client.set_registered_model_alias(registry.name, "champion", first)
+    return config, first, second
+
+
+def test_champion_swap_under_load_fails_no_request(ray_cluster, two_versions, free_port):
+    config, first, second = two_versions
+    config.serving.watch_interval_s = 0.5
+    config.serving.max_batch_size = 8
+    registry = Registry(config)
 
     watcher = start_serving(config)
     url = f"http://127.0.0.1:{free_port}/v1/completions"
@@ -77,22 +84,14 @@ def test_champion_swap_under_load_fails_no_request(ray_cluster, genloop_config, 
         serve.shutdown()
 
 
-def test_challenger_in_shadow_answers_a_mirrored_share_into_the_log_only(ray_cluster, genloop_config,
-                                                                         make_tiny_model, tmp_path, free_port,
-                                                                         register_model):
-    register = register_model
+def test_challenger_in_shadow_answers_a_mirrored_share_into_the_log_only(ray_cluster, two_versions, free_port):
     from services.lifecycle import set_challenger
     from serving.inference_log import read_inference_log
 
-    config = genloop_config
-    config.serving.port = free_port
+    config, champion, challenger = two_versions
     config.serving.watch_interval_s = 3600  # rolled by hand below
     config.serving.shadow_percent = 50
     config.serving.replica_cpus = 0.5
-    champion = register(config, make_tiny_model(tmp_path / "a", seed=0))
-    challenger = register(config, make_tiny_model(tmp_path / "b", seed=1))
-    registry = Registry(config)
-    registry.client.set_registered_model_alias(registry.name, "champion", champion)
     set_challenger(config, challenger, reason="try it")
 
     watcher = start_serving(config)
