@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import io
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,13 +30,12 @@ from pathlib import Path
 import pydoc_data.topics
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from engine_throughput import BATCH, build, run_engine  # noqa: E402 - sibling benchmark, same model
-from report import RESULTS, emit  # noqa: E402 - benchmarks/ is the script's folder
+from engine_throughput import BATCH, build, run_engine  # sibling benchmark: same model
+from report import RESULTS, emit  # benchmarks/ is the script's folder, on sys.path
 
-from serving.hf_engine import HFEngine, _quantize_int8  # noqa: E402
-from training.evaluation import evaluate_model, make_prompts  # noqa: E402
-from training.models import parameter_count  # noqa: E402
+from serving.hf_engine import HFEngine, _quantize_int8
+from training.evaluation import evaluate_model, make_prompts
+from training.models import parameter_count
 
 
 

@@ -34,11 +34,10 @@ from pathlib import Path
 import httpx
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from engine_throughput import build, run_direct  # noqa: E402 - sibling benchmark, same model and prompts
-from report import RESULTS, emit  # noqa: E402 - benchmarks/ is the script's folder
+from engine_throughput import build, run_direct  # sibling benchmark: same model and prompts
+from report import RESULTS, emit  # benchmarks/ is the script's folder, on sys.path
 
-from training.models import parameter_count  # noqa: E402
+from training.models import parameter_count
 
 SYSTEMS = ("naive", "hf_serve", "genloop")
 

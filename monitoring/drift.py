@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 FEATURES = ("prompt", "length", "word_count", "non_letter_percent", "byte_fallback_share", "surprise")
 Verdict = Literal["drift", "no drift", "insufficient data"]
+LATEST = "latest.json"  # the newest result in the report folder, what the metrics exporter reads
 _BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")  # sentencepiece byte fallback
 
 
@@ -143,7 +144,7 @@ def sample(prompts: list[str], limit: int, seed: int) -> list[str]:
 def detect_drift(reference: list[str], current: list[str], *, model: torch.nn.Module, tokenizer: Any,
                  model_version: str, reference_label: str, current_label: str, settings: DriftSettings,
                  out_dir: Path) -> DriftResult:
-    """Compare ``current`` prompts with ``reference``; write ``out_dir/<id>.json`` and ``.html``."""
+    """Compare ``current`` prompts with ``reference``; write ``out_dir/<id>.json``, ``.html`` and ``latest.json``."""
     created = datetime.now(UTC)
     result = DriftResult(
         id=f"drift-{created:%Y%m%dT%H%M%S%fZ}", created_at=created, verdict="insufficient data",
@@ -166,7 +167,9 @@ def detect_drift(reference: list[str], current: list[str], *, model: torch.nn.Mo
         temporary = out_dir / f".{result.id}.html.tmp"
         snapshot.save_html(str(temporary))
         os.replace(temporary, out_dir / f"{result.id}.html")
-    _write(out_dir / f"{result.id}.json", result.model_dump_json(indent=2))
+    text = result.model_dump_json(indent=2)
+    _write(out_dir / f"{result.id}.json", text)
+    _write(out_dir / LATEST, text)
     publish(result)
     logger.info("drift: %s (%s)", result.verdict, ", ".join(result.drifted_features) or "no feature drifted")
     return result
@@ -210,6 +213,11 @@ def publish(result: DriftResult) -> None:
     metrics.DRIFT_SAMPLES.labels("reference").set(result.reference_samples)
     metrics.DRIFT_SAMPLES.labels("current").set(result.current_samples)
     metrics.DRIFT_LAST_RUN.set(result.created_at.timestamp())
+
+
+def read_latest(out_dir: Path) -> DriftResult | None:
+    path = out_dir / LATEST
+    return DriftResult.model_validate_json(path.read_text(encoding="utf-8")) if path.exists() else None
 
 
 def _insufficient_html(result: DriftResult, settings: DriftSettings) -> str:

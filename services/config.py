@@ -160,7 +160,7 @@ class ServingConfig(Section):
     max_wait_ms: float = Field(5, ge=0, description="How long an idle engine waits to batch a burst.")
     max_queue_size: int = Field(1024, ge=1, description="Requests waiting in an engine beyond this get 429.")
     max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica takes at once (Serve).")
-    max_queued_requests: int = Field(256, ge=1, description="Requests waiting for a replica; beyond this 503.")
+    max_queued_requests: int = Field(256, ge=1, description="Requests waiting for a replica; beyond this 429.")
     int8: bool = Field(False, description="int8 dynamic quantisation of the hf engine on CPU.")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Larger request bodies get 413.")
     watch_interval_s: float = Field(

@@ -18,7 +18,7 @@ from mlflow.entities import Metric
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from monitoring.drift import DriftResult, DriftSettings, detect_drift
+from monitoring.drift import DriftResult, DriftSettings, detect_drift, read_latest
 from services.config import GenloopConfig, UserInputError
 from services.registry import Registry
 from serving.inference_log import read_inference_log
@@ -26,9 +26,6 @@ from training.datasets import resolve_dataset
 from training.evaluation import load_for_evaluation
 
 logger = logging.getLogger(__name__)
-
-LATEST = "latest.json"
-
 
 def drift_dir(config: GenloopConfig) -> Path:
     return config.reports_dir / "drift"
@@ -86,7 +83,7 @@ def run_drift_check(config: GenloopConfig, window: timedelta | None = None) -> D
 
 
 def _record(config: GenloopConfig, registry: Registry, result: DriftResult) -> None:
-    """The report as an MLflow run of the experiment, and as ``latest.json`` for the metrics exporter."""
+    """The report as an MLflow run of the experiment."""
     folder = drift_dir(config)
     client = registry.client
     run = client.create_run(registry.experiment_id(), run_name=result.id,
@@ -100,12 +97,7 @@ def _record(config: GenloopConfig, registry: Registry, result: DriftResult) -> N
         client.log_artifact(run.info.run_id, str(folder / f"{result.id}.{suffix}"), "drift")
     client.set_terminated(run.info.run_id, "FINISHED")
     logger.info("drift run %s logged as MLflow run %s", result.id, run.info.run_id)
-    latest = folder / LATEST
-    temporary = folder / f".{LATEST}.tmp"
-    temporary.write_text(result.model_dump_json(indent=2), encoding="utf-8")
-    temporary.replace(latest)
 
 
 def latest_drift(config: GenloopConfig) -> DriftResult | None:
-    path = drift_dir(config) / LATEST
-    return DriftResult.model_validate_json(path.read_text(encoding="utf-8")) if path.exists() else None
+    return read_latest(drift_dir(config))
