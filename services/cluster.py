@@ -22,4 +22,6 @@ def connect(settings: RayConfig) -> None:
         logger.info("joining Ray cluster at %s", settings.address)
         ray.init(address=settings.address, logging_level=logging.WARNING)
     else:
-        ray.init(num_cpus=settings.num_cpus, logging_level=logging.WARNING)
+        # "local" always starts a fresh instance: without it, ray.init() joins whatever cluster a past
+        # `ray start` on this machine recorded in /tmp/ray — even one that has since died.
+        ray.init(address="local", num_cpus=settings.num_cpus, logging_level=logging.WARNING)
