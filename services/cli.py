@@ -53,9 +53,11 @@ def data_ingest(
     config_file: ConfigOption = None,
 ) -> None:
     """Clean, deduplicate and split SOURCES into a new version of dataset NAME."""
+    from services.cluster import connect
     from training.datasets import ingest
 
     config = _load(config_file)
+    connect(config.ray)  # the configured Ray, not whatever Ray Data's auto-init would join
     result = ingest(sources, name, config.data, config.datasets_dir)
     version = result.version
     verb = "created" if result.created else "unchanged, already"

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from services.cluster import connect
 from services.config import GenloopConfig
 from services.lifecycle import PromotionRefused, promote
 from services.registry import Registry
@@ -28,6 +29,7 @@ def run_demo(config: GenloopConfig, max_steps: int, console: Console) -> None:
     first_cap = config.data.max_documents_per_source or 3000  # a few minutes on two CPU cores
     config.train.max_steps = max_steps
     config.train.eval_every = max(10, max_steps // 6)
+    connect(config.ray)  # before ingest: Ray Data would otherwise start (or join) a Ray of its own choosing
 
     console.rule("[bold]round 1: data → train from scratch → gate → champion")
     run = _train_round(config, first_cap, base=None, console=console)
