@@ -159,6 +159,10 @@ class ServingConfig(Section):
     max_batch_size: int = Field(32, ge=1, description="Most sequences one replica decodes together.")
     max_wait_ms: float = Field(5, ge=0, description="How long an idle engine waits to batch a burst.")
     max_queue_size: int = Field(1024, ge=1, description="Requests waiting in an engine beyond this get 429.")
+    stream_events_per_step: int = Field(
+        8, ge=1, description="Most streamed chunks the hf engine hands out per decoding step; with more streams, "
+        "each chunk carries several tokens (a host-overhead cap; ≥ max_batch_size streams every token).",
+    )
     max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica takes at once (Serve).")
     max_queued_requests: int = Field(256, ge=1, description="Requests waiting for a replica; beyond this 429.")
     int8: bool = Field(False, description="int8 dynamic quantisation of the hf engine on CPU.")

@@ -120,10 +120,11 @@ class GenerationRequest(BaseModel):
 
 
 class GenerationChunk(BaseModel):
-    """What one decoding step produced for one request, as streamed to the client."""
+    """New output of one request since its previous chunk, as streamed to the client (usually one token;
+    several when the engine groups tokens under load)."""
 
     text: str = Field("", description="New text since the previous chunk; may be empty while a stop string is pending.")
-    token_ids: list[int] = Field(default_factory=list, description="Tokens generated in this step.")
+    token_ids: list[int] = Field(default_factory=list, description="Tokens generated since the previous chunk.")
     finish_reason: FinishReason | None = Field(
         None, description="Set on the last chunk: 'stop' (eos or stop string) or 'length' (max_tokens or context)."
     )

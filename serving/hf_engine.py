@@ -17,6 +17,14 @@ with spare columns that a step writes in place (``_BatchLayer``) instead of tran
 ``DynamicLayer``, which re-allocates the whole cache at every token: on CPU that made 32-way decoding
 20–40 % faster for a 1M- and a 12M-parameter GPT-2 (see benchmarks/engine_throughput.py).
 
+Streaming cost is paid per event, not per token: each chunk a consumer receives is a Python
+object, an SSE event, a Ray Serve message to the proxy, an HTTP write and a parse in the client.
+At 32 streams that overhead was as large as the decoding itself (genloop served 0.55× of one
+``generate`` on 2 cores). So a step hands out at most ``stream_events_per_step`` events: with a
+batch of B sequences each consumer gets its tokens every ⌈B / stream_events_per_step⌉ steps, as
+one chunk (vLLM's ``stream_interval`` groups tokens the same way, with a fixed count). Up to that
+many concurrent streams see every token at once; first tokens and last chunks are never held.
+
 Concurrency: one dedicated worker thread owns the model and the cache and runs the loop; the event
 loop only submits requests and receives results. A per-step ``asyncio.to_thread`` hop would put the
 event loop's latency (HTTP parsing, other coroutines) between every two decoding steps and cost a
@@ -75,7 +83,7 @@ class _Sequence:
     __slots__ = (
         "request_id", "prompt_ids", "params", "limit", "loop", "queue", "future", "generator", "output_ids",
         "counts", "text", "sent", "prefix_offset", "read_offset", "finish_reason", "cancelled", "submitted",
-        "first_token_at", "max_stop",
+        "first_token_at", "max_stop", "pending_text", "pending_ids",
     )
 
     def __init__(self, request: GenerationRequest, prompt_ids: list[int], limit: int, streaming: bool):
@@ -98,6 +106,7 @@ class _Sequence:
         self.cancelled = False
         self.submitted = time.perf_counter()
         self.first_token_at: float | None = None
+        self.pending_text, self.pending_ids = "", []  # generated but not yet handed to the consumer
         self.max_stop = max((len(s) for s in self.params.stop), default=0)
 
 
@@ -113,6 +122,8 @@ class HFEngine(Engine):
         dtype: weights dtype ("float32", "bfloat16", "float16" or a torch.dtype); None keeps the saved one.
         int8: dynamic int8 quantisation of every Linear (GPT-2's Conv1D converted first); CPU only.
         max_queue_size: requests waiting beyond this are refused with EngineOverloaded (HTTP 429).
+        stream_events_per_step: most stream chunks handed out per decoding step (tokens are grouped
+            beyond it); at least ``max_batch_size`` streams every token.
     """
 
     def __init__(
@@ -126,9 +137,10 @@ class HFEngine(Engine):
         dtype: str | torch.dtype | None = None,
         int8: bool = False,
         max_queue_size: int = 1024,
+        stream_events_per_step: int = 8,
     ):
-        if max_batch_size < 1:
-            raise ValueError("max_batch_size must be at least 1")
+        if max_batch_size < 1 or stream_events_per_step < 1:
+            raise ValueError("max_batch_size and stream_events_per_step must be at least 1")
         if int8 and not str(device).startswith("cpu"):
             raise ValueError("int8 dynamic quantisation runs on CPU only")
         self.model_path = Path(model_path)
@@ -142,6 +154,7 @@ class HFEngine(Engine):
             raise ValueError(f"dtype {dtype!r} is not a torch dtype")
         self.int8 = int8
         self.max_queue_size = max_queue_size
+        self.stream_events_per_step = stream_events_per_step
         self.model: Any = None
         self.tokenizer: Any = None
         self._context_length = 0
@@ -273,13 +286,13 @@ class HFEngine(Engine):
                 item = await seq.queue.get()
                 if isinstance(item, BaseException):
                     raise item
-                text, token, finish = item
+                text, tokens, finish = item
                 if finish is None:
-                    yield GenerationChunk.model_construct(text=text, token_ids=[token], finish_reason=None)
+                    yield GenerationChunk.model_construct(text=text, token_ids=tokens, finish_reason=None)
                 else:
                     yield GenerationChunk.model_construct(
                         text=text,
-                        token_ids=[token],
+                        token_ids=tokens,
                         finish_reason=finish,
                         prompt_tokens=len(seq.prompt_ids),
                         completion_tokens=len(seq.output_ids),
@@ -460,8 +473,13 @@ class HFEngine(Engine):
     # -- output -------------------------------------------------------------------------------
 
     def _emit(self, seqs: list[_Sequence], tokens: list[int]) -> None:
-        """Record each row's token, detokenize, check stop conditions, and hand results to consumers."""
+        """Record each row's token, detokenize, check stop conditions, and hand results to consumers.
+
+        A stream gets its pending tokens as one chunk when they reach ``group`` (see the module
+        docstring), on its first token, and when it finishes.
+        """
         now = time.perf_counter()
+        group = -(-len(seqs) // self.stream_events_per_step)
         deliveries: dict[asyncio.AbstractEventLoop, list] = {}
         for seq, token in zip(seqs, tokens):
             if seq.cancelled or seq.finish_reason is not None:
@@ -473,9 +491,13 @@ class HFEngine(Engine):
             delta = self._advance_text(seq, final=eos or len(seq.output_ids) >= seq.limit)
             if seq.finish_reason is None and (eos or len(seq.output_ids) >= seq.limit):
                 seq.finish_reason = "stop" if eos else "length"
-            payload = (delta, token, seq.finish_reason)
             if seq.queue is not None:
-                deliveries.setdefault(seq.loop, []).append((seq, payload))
+                seq.pending_text += delta
+                seq.pending_ids.append(token)
+                if seq.finish_reason is None and len(seq.output_ids) > 1 and len(seq.pending_ids) < group:
+                    continue
+                deliveries.setdefault(seq.loop, []).append((seq, (seq.pending_text, seq.pending_ids, seq.finish_reason)))
+                seq.pending_text, seq.pending_ids = "", []
             elif seq.finish_reason is not None:
                 deliveries.setdefault(seq.loop, []).append((seq, self._result(seq, now)))
         for loop, items in deliveries.items():

@@ -294,6 +294,32 @@ def test_streaming_yields_the_same_text_as_generate(tiny):
     asyncio.run(main())
 
 
+def test_streams_beyond_the_event_budget_get_tokens_in_groups(tiny):
+    """Four streams with one event per step: each chunk after the first carries about four tokens,
+    and nothing is lost or reordered — the ids and text equal generate's."""
+    async def main():
+        engine = engine_for(tiny, stream_events_per_step=1)
+        await engine.load()
+        try:
+            requests = [GenerationRequest(prompt=p, params=SamplingParams(max_tokens=20, **GREEDY))
+                        for p in tiny[3][:4]]
+            results = await asyncio.gather(*(engine.generate(r) for r in requests))
+            streams = await asyncio.gather(*(collect(engine.stream(r)) for r in requests))
+        finally:
+            await engine.close()
+        for request, result, chunks in zip(requests, results, streams):
+            assert [t for c in chunks for t in c.token_ids] == expected_ids(tiny, request.prompt, 20)
+            assert "".join(c.text for c in chunks) == result.text
+            assert len(chunks[0].token_ids) == 1  # the first token is never held back
+            assert max(len(c.token_ids) for c in chunks) == 4 and len(chunks) < 20 / 2
+            assert chunks[-1].finish_reason == "length" and chunks[-1].completion_tokens == 20
+
+    async def collect(stream):
+        return [chunk async for chunk in stream]
+
+    asyncio.run(main())
+
+
 async def wait_until(condition, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
