@@ -26,8 +26,10 @@ app = typer.Typer(help="genloop: keep a generative text model fresh in productio
                   pretty_exceptions_enable=False)
 config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
 data_app = typer.Typer(help="Ingest and list datasets.", no_args_is_help=True)
+scheduler_app = typer.Typer(help="Retrain on a schedule and on drift.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
+app.add_typer(scheduler_app, name="scheduler")
 
 console = Console()
 errors = Console(stderr=True)
@@ -308,6 +310,70 @@ def drift_command(
                       "[red]yes" if feature.drifted else "[green]no")
     console.print(table)
     console.print(f"report: {drift_dir(config) / result.id}.html")
+
+
+@scheduler_app.command("start")
+def scheduler_start(config_file: ConfigOption = None) -> None:
+    """Run the retrain and drift jobs on their schedule until Ctrl-C (a running job finishes first)."""
+    import time
+
+    from services.scheduler import GenloopScheduler
+
+    scheduler = GenloopScheduler(_load(config_file))
+    try:
+        scheduler.start()
+        _print_jobs(scheduler.history)
+        console.print("scheduler running (Ctrl-C to stop)")
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        console.print("stopping; a running job finishes first…")
+    finally:
+        scheduler.stop()
+
+
+@scheduler_app.command("run")
+def scheduler_run(
+    job: Annotated[str, typer.Argument(help="retrain or drift.")],
+    config_file: ConfigOption = None,
+) -> None:
+    """Run JOB once now, recorded in the job history; refused while a scheduler runs on the same store."""
+    from services.scheduler import GenloopScheduler
+
+    scheduler = GenloopScheduler(_load(config_file))
+    if job not in scheduler.JOBS:
+        raise UserInputError(f"unknown job {job!r}: {' or '.join(scheduler.JOBS)}")
+    with scheduler.exclusive():
+        outcome = scheduler.run(job, "manual")
+    console.print(f"{job}: {outcome}  ({scheduler.history.recent(1)[0].detail})")
+    if outcome == "failed":
+        raise typer.Exit(1)
+
+
+@scheduler_app.command("status")
+def scheduler_status(config_file: ConfigOption = None) -> None:
+    """The jobs with their next run, and the latest runs."""
+    from services.scheduler import JobHistory
+
+    history = JobHistory(_load(config_file).scheduler_db)
+    _print_jobs(history)
+    table = Table("started", "job", "reason", "outcome", "seconds", "detail", title="latest runs")
+    for run in history.recent():
+        seconds = f"{run.finished_at - run.started_at:.1f}" if run.finished_at else ""
+        table.add_row(_timestamp(run.started_at), run.job, run.reason, run.outcome, seconds, run.detail)
+    console.print(table)
+
+
+def _print_jobs(history) -> None:
+    table = Table("job", "runs", "last run", "next run", title="jobs")
+    for job in history.summary():
+        runs = ", ".join(f"{outcome} {count}" for outcome, count in sorted(job.runs.items()))
+        table.add_row(job.job, runs, _timestamp(job.last_run), _timestamp(job.next_run))
+    console.print(table)
+
+
+def _timestamp(seconds: float | None) -> str:
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds") if seconds else "—"
 
 
 @app.command("demo")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -204,6 +205,53 @@ class MonitoringConfig(Section):
     drift_share: float = Field(0.5, gt=0, le=1, description="Share of drifted features that makes the verdict drift.")
 
 
+class SchedulerConfig(Section):
+    retrain_cron: str | None = Field(
+        "0 3 * * *", description="When the retrain job runs (crontab, 5 fields, UTC); null = never on a schedule."
+    )
+    drift_interval: timedelta | None = Field(
+        timedelta(hours=1), description="How often the drift check runs (e.g. PT1H); null = never."
+    )
+    retrain_on_drift: bool = Field(True, description="A drift check that finds drift starts the retrain job.")
+    sources: list[str] = Field(
+        default_factory=list,
+        description="Data the retrain job ingests first (as `genloop data ingest`); empty = train on the newest "
+        "version of `dataset` as it is.",
+    )
+    dataset: str = Field("live", description="Dataset the retrain job ingests into and trains on.")
+    misfire_grace_s: int = Field(
+        3600, ge=1, description="A run missed while the scheduler was down still happens if it is this late at most."
+    )
+    job_store_url: str | None = Field(
+        None, description="SQLAlchemy URL of the job store and job history; default sqlite:///$GENLOOP_HOME/scheduler.db."
+    )
+
+    @field_validator("retrain_cron")
+    @classmethod
+    def _valid_cron(cls, value: str | None) -> str | None:
+        if value is not None:
+            cls.cron_trigger(value)  # APScheduler's ValueError names the bad field
+        return value
+
+    @staticmethod
+    def cron_trigger(expression: str) -> Any:
+        """An APScheduler CronTrigger (UTC) that reads ``expression`` as crontab(5) does.
+
+        APScheduler 3 numbers weekdays from Monday = 0, crontab from Sunday = 0 (and 7), so "1" would
+        fire on Tuesdays; numeric weekdays are turned into names first.
+        """
+        from datetime import UTC
+
+        from apscheduler.triggers.cron import CronTrigger
+
+        fields = expression.split()
+        if len(fields) != 5:
+            raise ValueError(f"crontab needs 5 fields (minute hour day month weekday), got {len(fields)}")
+        names = ("sun", "mon", "tue", "wed", "thu", "fri", "sat", "sun")
+        fields[4] = re.sub(r"(?<![/\d])[0-7](?!\d)", lambda m: names[int(m.group())], fields[4])  # not steps
+        return CronTrigger.from_crontab(" ".join(fields), timezone=UTC)
+
+
 class TrackingConfig(Section):
     tracking_uri: str | None = Field(
         None, description="MLflow tracking URI; None uses sqlite:///$GENLOOP_HOME/mlflow.db."
@@ -252,6 +300,7 @@ class GenloopConfig(BaseSettings):
     gate: GateConfig = Field(default_factory=GateConfig, description="Promotion gate policy.")
     serving: ServingConfig = Field(default_factory=ServingConfig, description="The OpenAI-compatible endpoint.")
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig, description="Metrics and drift.")
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig, description="Retraining on a schedule.")
     state_db_url: str | None = Field(
         None, description="SQLAlchemy URL of genloop's own tables (promotion audit); None uses "
         "sqlite:///$GENLOOP_HOME/genloop.db."
@@ -303,6 +352,10 @@ class GenloopConfig(BaseSettings):
     @property
     def state_db(self) -> str:
         return self.state_db_url or f"sqlite:///{(self.home / 'genloop.db').resolve()}"
+
+    @property
+    def scheduler_db(self) -> str:
+        return self.scheduler.job_store_url or f"sqlite:///{(self.home / 'scheduler.db').resolve()}"
 
     @property
     def ray_storage_path(self) -> str:

@@ -1,4 +1,5 @@
-"""The control plane's metrics endpoint: MLflow, the audit log and drift reports as Prometheus series.
+"""The control plane's metrics endpoint: MLflow, the audit log, drift reports and the scheduler's job
+history as Prometheus series.
 
 Training runs, gates, promotions and drift checks happen in short-lived commands and in the
 scheduler; counting them in-process would lose whatever a finished command counted. Their
@@ -35,6 +36,7 @@ from services.audit import AuditLog
 from services.config import GenloopConfig
 from services.drift_check import latest_drift
 from services.registry import Registry
+from services.scheduler import JobHistory
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +78,7 @@ def read_state(config: GenloopConfig) -> ControlPlaneState:
     return ControlPlaneState(
         training_runs=outcomes, last_successful_retrain=last_retrain, versions=versions,
         champion=str(champion.version) if champion else None, champion_since=champion_since, alias_changes=changes,
+        jobs=JobHistory(config.scheduler_db).summary(),
     )
 
 

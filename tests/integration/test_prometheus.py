@@ -1,5 +1,5 @@
 """A real Prometheus (the Debian package, on loopback) scrapes a live genloop with two Serve replicas and
-the control plane; after real traffic, a real gate and a real drift check, every dashboard panel's
+the control plane; after real traffic, a real gate and a drift check run by the real scheduler, every dashboard panel's
 query must return series through Prometheus's HTTP API, and the per-replica counters must add up to
 exactly the requests sent."""
 
@@ -16,17 +16,15 @@ import openai
 import pytest
 
 from monitoring import dashboards
-from services.drift_check import run_drift_check
 from services.exporter import start_exporter
 from services.gate import evaluate
 from services.lifecycle import promote
 from services.registry import Registry
+from services.scheduler import GenloopScheduler
 from services.serving_control import start_serving, stop_serving
 from serving.inference_log import read_inference_log
 
 pytestmark = pytest.mark.slow
-
-PENDING = {"genloop-scheduler.json": "the scheduler (next issue) is what produces these series"}
 
 
 def _query(prometheus: str, expr: str) -> list:
@@ -95,6 +93,10 @@ def test_prometheus_scrapes_every_replica_and_every_panel_has_data(
     evaluate(config, version)  # the real gate writes the report the exporter reads
     promote(config, version, force=True, reason="first model", actor="test")
 
+    config.scheduler.drift_interval = None  # run on demand below; the cron job gives a next run time
+    config.scheduler.retrain_on_drift = False
+    scheduler = GenloopScheduler(config)
+    scheduler.start()
     watcher = start_serving(config)
     exporter = start_exporter(config)
     try:
@@ -113,7 +115,12 @@ def test_prometheus_scrapes_every_replica_and_every_panel_has_data(
         deadline = time.time() + 30  # replicas write the inference log in batches, every 2 s
         while time.time() < deadline and len(read_inference_log(config.inference_log_dir)) < sent - 1:
             time.sleep(0.5)
-        assert run_drift_check(config).verdict != "insufficient data"  # on the prompts just logged
+        scheduler.run_now("drift")
+        deadline = time.time() + 180
+        while time.time() < deadline and not [r for r in scheduler.history.recent() if r.outcome != "running"]:
+            time.sleep(0.5)
+        drift_run = scheduler.history.recent()[0]
+        assert drift_run.outcome in ("drift", "no drift"), drift_run.detail  # on the prompts just logged
 
         deadline = time.time() + 60
         while time.time() < deadline and _value(prometheus, "sum(genloop_requests_total)") != sent:
@@ -126,8 +133,6 @@ def test_prometheus_scrapes_every_replica_and_every_panel_has_data(
 
         empty = []
         for name, text in dashboards.render().items():
-            if name in PENDING:
-                continue
             for panel in json.loads(text)["panels"]:
                 for target in panel.get("targets", []):
                     expr = target["expr"].replace("$__rate_interval", "2m")
@@ -136,5 +141,6 @@ def test_prometheus_scrapes_every_replica_and_every_panel_has_data(
         assert not empty, "\n".join(f"{n}: {t}: {e}" for n, t, e in empty)
     finally:
         exporter.close()
+        scheduler.stop()
         watcher.stop()
         stop_serving(own_cluster=True)

@@ -1,0 +1,63 @@
+"""One retraining round, as the scheduler runs it: new data → warm start from the champion → gate.
+
+The round is the loop of DESIGN.md in one call: ingest the configured sources (a new dataset
+version only when their content changed), train from the champion (from scratch when there is
+none) on the newest version, and promote through the evaluation gate. It does nothing when the
+champion was already trained on that very dataset version, so a cron schedule costs nothing on
+days without new data. A refused or failed round leaves the champion as it was: training only
+registers a version, and only the gate moves the alias.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from services.cluster import connect
+from services.config import GenloopConfig, UserInputError
+from services.lifecycle import PromotionRefused, promote
+from services.registry import Registry
+from services.training_run import train
+from training.datasets import ingest, list_versions
+
+logger = logging.getLogger(__name__)
+
+RetrainOutcome = Literal["promoted", "rejected", "skipped"]
+
+
+class RetrainResult(BaseModel):
+    outcome: RetrainOutcome
+    detail: str = Field(description="What happened, in a sentence for the job history.")
+    dataset: str | None = Field(None, description="Dataset version trained on, as name:vN.")
+    version: str | None = Field(None, description="Registered candidate version, when one was trained.")
+
+
+def retrain(config: GenloopConfig, reason: str) -> RetrainResult:
+    """Run one round; ``reason`` (cron, drift, manual) goes into the audit trail of the promotion."""
+    settings = config.scheduler
+    connect(config.ray)  # before ingest: Ray Data would otherwise start a Ray of its own choosing
+    if settings.sources:
+        result = ingest(settings.sources, settings.dataset, config.data, config.datasets_dir)
+        dataset = result.version.spec
+        logger.info("retrain (%s): %s %s", reason, dataset, "ingested" if result.created else "unchanged")
+    else:
+        versions = list_versions(config.datasets_dir, settings.dataset)
+        if not versions:
+            raise UserInputError(f"dataset {settings.dataset!r} has no version and scheduler.sources is empty: "
+                                 "nothing to train on")
+        dataset = versions[-1].spec
+
+    champion = Registry(config).alias_version("champion")
+    if champion is not None and champion.tags.get("dataset") == dataset:
+        return RetrainResult(outcome="skipped", dataset=dataset,
+                             detail=f"no new data: champion v{champion.version} was trained on {dataset}")
+    run = train(config, dataset, base="champion" if champion is not None else None, show_progress=False)
+    try:
+        promote(config, run.version, actor="scheduler", reason=f"retrain ({reason}) on {dataset}")
+    except PromotionRefused as refused:
+        return RetrainResult(outcome="rejected", dataset=dataset, version=run.version,
+                             detail=f"v{run.version} refused by the gate: {refused}")
+    return RetrainResult(outcome="promoted", dataset=dataset, version=run.version,
+                         detail=f"v{run.version} trained on {dataset} is the champion")

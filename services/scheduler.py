@@ -1,0 +1,250 @@
+"""The retraining scheduler: APScheduler jobs in a persistent job store, one run at a time.
+
+Two jobs, from ``config.scheduler``: ``retrain`` on a cron schedule (``services.retrain``) and
+``drift`` every ``drift_interval`` (``services.drift_check``), which starts a retrain right away
+when it finds drift. The jobs live in APScheduler's SQLAlchemy job store, so a restart keeps their
+schedule: a run missed while the scheduler was down still happens (once, ``coalesce``) if it is
+less than ``misfire_grace_s`` late. A job is rewritten only when its trigger changed in the config.
+
+One run at a time: a single executor thread runs every job, and the drift job runs a retrain in
+that same thread, so a retrain never overlaps another one or a drift check. A second scheduler on
+the same job store would run every job twice; an exclusive lock file next to the store refuses it.
+
+Every run lands in the ``job_runs`` table next to the job store (job, start, end, outcome, detail),
+which ``services.exporter`` turns into ``genloop_scheduler_*`` series and ``genloop scheduler status``
+prints. Outcomes are few and fixed: a retrain is promoted, rejected or skipped (no new data); a
+drift check is drift, no drift or insufficient data; anything that raises is failed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC
+from pathlib import Path
+
+from apscheduler.events import EVENT_JOB_MAX_INSTANCES, JobSubmissionEvent
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.base import BaseTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+from pydantic import BaseModel
+from sqlalchemy import Column, Float, Integer, MetaData, String, Table, create_engine, func, insert, select, update
+
+from monitoring.metrics import JobState
+from services.config import GenloopConfig, UserInputError
+
+logger = logging.getLogger(__name__)
+
+JOBS_TABLE = "apscheduler_jobs"
+metadata = MetaData()
+job_runs = Table(
+    "job_runs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("job", String(40), nullable=False),
+    Column("reason", String(40), nullable=False),
+    Column("started_at", Float, nullable=False),
+    Column("finished_at", Float),
+    Column("outcome", String(40), nullable=False),
+    Column("detail", String(2000), nullable=False, default=""),
+)
+
+
+class JobRun(BaseModel):
+    id: int
+    job: str
+    reason: str
+    started_at: float
+    finished_at: float | None
+    outcome: str
+    detail: str
+
+
+class JobHistory:
+    """The ``job_runs`` table and the job store's next run times, readable from any process."""
+
+    def __init__(self, url: str):
+        if url.startswith("sqlite:///"):
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self.url = url
+        self.engine = create_engine(url, connect_args={"timeout": 30} if url.startswith("sqlite") else {})
+        metadata.create_all(self.engine)
+        self._jobs = SQLAlchemyJobStore(engine=self.engine, tablename=JOBS_TABLE).jobs_t
+
+    def started(self, job: str, reason: str) -> int:
+        with self.engine.begin() as connection:
+            return connection.execute(insert(job_runs).values(
+                job=job, reason=reason, started_at=time.time(), outcome="running")).inserted_primary_key[0]
+
+    def finished(self, run_id: int, outcome: str, detail: str) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(update(job_runs).where(job_runs.c.id == run_id).values(
+                finished_at=time.time(), outcome=outcome, detail=detail[:2000]))
+
+    def recent(self, limit: int = 20) -> list[JobRun]:
+        with self.engine.connect() as connection:
+            rows = connection.execute(select(job_runs).order_by(job_runs.c.id.desc()).limit(limit)).mappings().all()
+        return [JobRun(**row) for row in rows]
+
+    def summary(self) -> list[JobState]:
+        """Per job: finished runs by outcome, when it last started, and when the job store runs it next."""
+        with self.engine.connect() as connection:
+            counts = connection.execute(
+                select(job_runs.c.job, job_runs.c.outcome, func.count(), func.max(job_runs.c.started_at))
+                .group_by(job_runs.c.job, job_runs.c.outcome)).all()
+            upcoming = dict(connection.execute(
+                select(self._jobs.c.id, self._jobs.c.next_run_time)).all()) if self._has_job_table(connection) else {}
+        jobs: dict[str, JobState] = {}
+        for job, outcome, count, last in counts:
+            summary = jobs.setdefault(job, JobState(job=job))
+            if outcome != "running":
+                summary.runs[outcome] = count
+            summary.last_run = max(summary.last_run or 0.0, last)
+        for job, next_run in upcoming.items():
+            jobs.setdefault(job, JobState(job=job)).next_run = next_run
+        return sorted(jobs.values(), key=lambda s: s.job)
+
+    def _has_job_table(self, connection) -> bool:
+        return self.engine.dialect.has_table(connection, JOBS_TABLE)
+
+
+# APScheduler persists a job as a reference to an importable function plus its arguments, so the
+# jobs call this module-level entry point, which finds the one running scheduler of this process.
+_running: GenloopScheduler | None = None
+
+
+def run_job(job: str, reason: str = "schedule") -> None:
+    if _running is None:
+        raise RuntimeError("no genloop scheduler runs in this process")
+    _running.run(job, reason)
+
+
+class GenloopScheduler:
+    """The configured jobs on a background APScheduler; ``start``/``stop``, or ``run`` one job now."""
+
+    JOBS = ("retrain", "drift")
+
+    def __init__(self, config: GenloopConfig):
+        self.config = config
+        self.history = JobHistory(config.scheduler_db)
+        self._lock_file = None
+        self.scheduler = BackgroundScheduler(
+            jobstores={"default": SQLAlchemyJobStore(engine=self.history.engine, tablename=JOBS_TABLE)},
+            executors={"default": ThreadPoolExecutor(max_workers=1)},
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": config.scheduler.misfire_grace_s},
+            timezone=UTC,
+        )
+        self.scheduler.add_listener(self._skipped, EVENT_JOB_MAX_INSTANCES)
+        self._run_lock = threading.Lock()
+
+    def triggers(self) -> dict[str, BaseTrigger]:
+        settings = self.config.scheduler
+        wanted: dict[str, BaseTrigger] = {}
+        if settings.retrain_cron:
+            wanted["retrain"] = settings.cron_trigger(settings.retrain_cron)
+        if settings.drift_interval:
+            wanted["drift"] = IntervalTrigger(seconds=settings.drift_interval.total_seconds(), timezone=UTC)
+        return wanted
+
+    def start(self) -> None:
+        global _running
+        if _running is not None:
+            raise UserInputError("a genloop scheduler already runs in this process")
+        self._take_store_lock()
+        self.scheduler.start(paused=True)  # jobs are reconciled before anything may fire
+        wanted = self.triggers()
+        for job in self.scheduler.get_jobs():
+            if job.id not in wanted:
+                logger.info("job %s is no longer configured: removed", job.id)
+                job.remove()
+        for job_id, trigger in wanted.items():
+            existing = self.scheduler.get_job(job_id)
+            if existing is not None and str(existing.trigger) == str(trigger):
+                continue  # keep its next run time, so a run missed while down is caught up
+            self.scheduler.add_job(run_job, trigger, id=job_id, name=job_id, args=[job_id], replace_existing=True)
+            logger.info("job %s scheduled: %s", job_id, trigger)
+        _running = self
+        self.scheduler.resume()
+
+    def stop(self) -> None:
+        """Stop firing jobs and wait for a running one to finish (a retrain is not cut off halfway)."""
+        global _running
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=True)
+        if _running is self:
+            _running = None
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+    def run_now(self, job: str) -> None:
+        """Queue ``job`` on the scheduler's executor, after whatever runs now (one at a time)."""
+        if job not in self.JOBS:
+            raise UserInputError(f"unknown job {job!r}: {' or '.join(self.JOBS)}")
+        self.scheduler.add_job(run_job, args=[job, "manual"], id=f"{job}-now-{time.time_ns()}", name=job)
+
+    def run(self, job: str, reason: str) -> str:
+        """Run ``job`` in this thread and record it; returns the outcome. Never raises for a failed run."""
+        with self._run_lock:
+            run_id = self.history.started(job, reason)
+            try:
+                outcome, detail = self._drift(reason) if job == "drift" else self._retrain(reason)
+            except Exception as exc:  # noqa: BLE001 - a failed run is recorded; the scheduler keeps going
+                logger.exception("job %s failed", job)
+                outcome, detail = "failed", f"{type(exc).__name__}: {exc}"
+            self.history.finished(run_id, outcome, detail)
+            logger.info("job %s (%s): %s — %s", job, reason, outcome, detail)
+        if job == "drift" and outcome == "drift" and self.config.scheduler.retrain_on_drift:
+            self.run("retrain", "drift")
+        return outcome
+
+    def _retrain(self, reason: str) -> tuple[str, str]:
+        from services.retrain import retrain  # heavy (torch, Ray): only where a job really runs
+
+        result = retrain(self.config, reason)
+        return result.outcome, result.detail
+
+    def _drift(self, _reason: str) -> tuple[str, str]:
+        from services.drift_check import run_drift_check
+
+        result = run_drift_check(self.config)
+        drifted = ", ".join(result.drifted_features) or "none"
+        return result.verdict, (f"{result.current_samples} prompts vs {result.reference_samples} reference; "
+                                f"drifted: {drifted}; report {result.id}")
+
+    def _skipped(self, event: JobSubmissionEvent) -> None:
+        job = self.scheduler.get_job(event.job_id)
+        run_id = self.history.started(job.name if job else event.job_id, "schedule")
+        self.history.finished(run_id, "skipped", "the previous run of this job was still going")
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the job store's lock without scheduling: for a one-off run outside ``start``."""
+        self._take_store_lock()
+        try:
+            yield
+        finally:
+            self._lock_file.close()
+            self._lock_file = None
+
+    def _take_store_lock(self) -> None:
+        """One scheduler per job store: an exclusive lock on a file beside a SQLite store (else the home)."""
+        url = self.config.scheduler_db
+        path = (Path(url.removeprefix("sqlite:///") + ".lock") if url.startswith("sqlite:///")
+                else self.config.home / "scheduler.lock")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = path.open("a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise UserInputError(f"another genloop scheduler runs on this job store ({path} is locked)") from None
+        self._lock_file = handle
+
+

@@ -1,0 +1,153 @@
+"""The scheduler on a real APScheduler with its SQLite job store, real Ray Train and the real gate."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from monitoring.metrics import ControlPlaneCollector
+from services.config import GenloopConfig, UserInputError
+from services.exporter import read_state
+from services.registry import Registry
+from services.scheduler import GenloopScheduler, JobHistory
+from serving.inference_log import InferenceLog, InferenceRecord
+
+
+def next_runs(config) -> dict[str, float | None]:
+    return {job.job: job.next_run for job in JobHistory(config.scheduler_db).summary()}
+
+
+def wait_for_runs(history: JobHistory, count: int, timeout: float = 600) -> list:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        runs = [run for run in history.recent(50) if run.outcome != "running"]
+        if len(runs) >= count:
+            return runs
+        time.sleep(0.5)
+    raise AssertionError(f"fewer than {count} finished runs: {history.recent(50)}")
+
+
+def test_jobs_persist_across_restarts_and_follow_the_config(genloop_config):
+    config = genloop_config
+    config.scheduler.retrain_cron = "0 3 * * *"
+    config.scheduler.drift_interval = None
+    scheduler = GenloopScheduler(config)
+    scheduler.start()
+    try:
+        with pytest.raises(UserInputError, match="another genloop scheduler"):
+            with GenloopScheduler(config).exclusive():
+                pass
+    finally:
+        scheduler.stop()
+    first = next_runs(config)
+    assert set(first) == {"retrain"}
+    assert datetime.fromtimestamp(first["retrain"], UTC).strftime("%H:%M") == "03:00"
+
+    restarted = GenloopScheduler(config)
+    restarted.start()
+    restarted.stop()
+    assert next_runs(config) == first  # the stored job was kept, not re-created
+
+    config.scheduler.retrain_cron = "30 4 * * 1"
+    config.scheduler.drift_interval = timedelta(hours=2)
+    changed = GenloopScheduler(config)
+    changed.start()
+    changed.stop()
+    runs = next_runs(config)
+    assert datetime.fromtimestamp(runs["retrain"], UTC).strftime("%a %H:%M") == "Mon 04:30"
+    assert 0 < runs["drift"] - time.time() <= 2 * 3600
+
+    config.scheduler.drift_interval = None
+    dropped = GenloopScheduler(config)
+    dropped.start()
+    dropped.stop()
+    assert set(next_runs(config)) == {"retrain"}
+
+
+def test_a_failing_job_is_recorded_and_the_schedule_goes_on(genloop_config):
+    """Drift with no champion fails every 1 s; each run is recorded as failed and reported to Prometheus."""
+    config = genloop_config
+    config.scheduler.retrain_cron = None
+    config.scheduler.drift_interval = timedelta(seconds=1)
+    scheduler = GenloopScheduler(config)
+    scheduler.start()
+    try:
+        runs = wait_for_runs(scheduler.history, 2, timeout=120)
+    finally:
+        scheduler.stop()
+    failed = [run for run in runs if run.outcome == "failed"]
+    assert len(failed) >= 2 and all("no champion" in run.detail for run in failed)
+    registry = CollectorRegistry()
+    registry.register(ControlPlaneCollector(lambda: read_state(config)))
+    text = generate_latest(registry).decode()
+    assert f'genloop_scheduler_job_runs_total{{job="drift",outcome="failed"}} {float(len(failed))}' in text
+    assert 'genloop_scheduler_next_run_timestamp_seconds{job="drift"}' in text
+
+
+@pytest.mark.slow
+def test_retrain_promotes_new_data_skips_old_data_and_drift_starts_it(genloop_config, ray_cluster):
+    config = genloop_config
+    config.scheduler.retrain_cron = None
+    config.scheduler.drift_interval = None
+    config.scheduler.sources = ["builtin:python-docs"]
+    config.data.max_documents_per_source = 600
+    config.tokenizer.vocab_size = 512
+    config.train.max_steps = 10
+    config.train.eval_every = 5
+    config.train.eval_batches = 2
+    config.train.micro_batch_size = 8
+    config.train.warmup_steps = 2
+    config.evaluation.max_texts = 10
+    config.evaluation.prompts = 4
+    config.evaluation.max_new_tokens = 8
+    config.gate.ceilings = {"perplexity": 1e9}  # the first model is judged by the bounds alone
+    config.monitoring.drift_min_samples = 20
+    config.monitoring.drift_max_samples = 80
+
+    scheduler = GenloopScheduler(config)
+    scheduler.start()
+    try:
+        scheduler.run_now("retrain")
+        scheduler.run_now("retrain")  # same sources, same content: nothing new to train on
+        wait_for_runs(scheduler.history, 2)
+        champion = Registry(config).alias_version("champion")
+        log = InferenceLog(config.inference_log_dir)
+        for i in range(60):  # traffic that is Python code, not prose: drift
+            log.append(InferenceRecord(request_id=f"r{i}", route="completions", model_version="1", status=200,
+                                       prompt=f"def handler_{i}(request):\n    return {{'id': {i}, 'ok': [x ** 2 for "
+                                              f"x in range({i})]}}  # {i * 7:x}"))
+        log.close()
+        scheduler.run_now("drift")
+        runs = wait_for_runs(scheduler.history, 4)
+    finally:
+        scheduler.stop()
+
+    first, second, drift, after_drift = sorted(runs, key=lambda run: run.id)
+    assert (first.job, first.outcome) == ("retrain", "promoted"), first.detail
+    assert champion is not None and champion.tags["dataset"] == "live:v1"
+    assert (second.outcome, second.detail) == ("skipped", "no new data: champion v1 was trained on live:v1")
+    assert second.started_at >= first.finished_at  # one run at a time
+    assert (drift.job, drift.outcome) == ("drift", "drift"), drift.detail
+    assert (after_drift.job, after_drift.reason, after_drift.outcome) == ("retrain", "drift", "skipped")
+    assert Registry(config).alias_version("champion").version == champion.version
+
+
+def test_cli_runs_a_job_once_and_shows_the_history(tmp_path):
+    from typer.testing import CliRunner
+
+    from services.cli import app
+
+    env = {"GENLOOP_HOME": str(tmp_path / "home")}
+    result = CliRunner().invoke(app, ["scheduler", "run", "retrain"], env=env)
+    assert result.exit_code == 1 and "retrain: failed" in result.output  # no data yet: recorded, not a crash
+    result = CliRunner().invoke(app, ["scheduler", "run", "train"], env=env)
+    assert isinstance(result.exception, UserInputError) and "unknown job 'train'" in str(result.exception)
+    result = CliRunner().invoke(app, ["scheduler", "status"], env=env)
+    assert result.exit_code == 0 and "failed 1" in result.output and "retrain" in result.output
+    [run] = JobHistory(GenloopConfig(home=tmp_path / "home").scheduler_db).recent()
+    assert (run.job, run.reason, run.outcome) == ("retrain", "manual", "failed") and "nothing to train on" in run.detail
+    bad = CliRunner().invoke(app, ["scheduler", "status"], env={**env, "GENLOOP_SCHEDULER__RETRAIN_CRON": "0 3 *"})
+    assert isinstance(bad.exception, UserInputError) and "crontab needs 5 fields" in str(bad.exception)
