@@ -13,7 +13,8 @@ the same job store would run every job twice; an exclusive lock file next to the
 Every run lands in the ``job_runs`` table next to the job store (job, start, end, outcome, detail),
 which ``services.exporter`` turns into ``genloop_scheduler_*`` series and ``genloop scheduler status``
 prints. Outcomes are few and fixed: a retrain is promoted, rejected or skipped (no new data); a
-drift check is drift, no drift or insufficient data; anything that raises is failed.
+drift check is drift, no drift or insufficient data; anything that raises, or was cut off by the
+process dying, is failed; a due run that could not start is skipped (still busy) or missed (too late).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from contextlib import contextmanager
 from datetime import UTC
 from pathlib import Path
 
-from apscheduler.events import EVENT_JOB_MAX_INSTANCES, JobSubmissionEvent
+from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED, JobEvent
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -87,6 +88,13 @@ class JobHistory:
             connection.execute(update(job_runs).where(job_runs.c.id == run_id).values(
                 finished_at=time.time(), outcome=outcome, detail=detail[:2000]))
 
+    def interrupted(self) -> int:
+        """Close runs a dead process left open (only the store's lock holder may call this)."""
+        with self.engine.begin() as connection:
+            return connection.execute(update(job_runs).where(job_runs.c.outcome == "running").values(
+                finished_at=time.time(), outcome="failed",
+                detail="interrupted: the process running it stopped")).rowcount
+
     def recent(self, limit: int = 20) -> list[JobRun]:
         with self.engine.connect() as connection:
             rows = connection.execute(select(job_runs).order_by(job_runs.c.id.desc()).limit(limit)).mappings().all()
@@ -140,7 +148,7 @@ class GenloopScheduler:
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": config.scheduler.misfire_grace_s},
             timezone=UTC,
         )
-        self.scheduler.add_listener(self._skipped, EVENT_JOB_MAX_INSTANCES)
+        self.scheduler.add_listener(self._not_run, EVENT_JOB_MAX_INSTANCES | EVENT_JOB_MISSED)
         self._run_lock = threading.Lock()
 
     def triggers(self) -> dict[str, BaseTrigger]:
@@ -218,10 +226,14 @@ class GenloopScheduler:
         return result.verdict, (f"{result.current_samples} prompts vs {result.reference_samples} reference; "
                                 f"drifted: {drifted}; report {result.id}")
 
-    def _skipped(self, event: JobSubmissionEvent) -> None:
+    def _not_run(self, event: JobEvent) -> None:
+        """A due run that did not happen is recorded too: still busy (skipped) or too late (missed)."""
         job = self.scheduler.get_job(event.job_id)
         run_id = self.history.started(job.name if job else event.job_id, "schedule")
-        self.history.finished(run_id, "skipped", "the previous run of this job was still going")
+        if event.code == EVENT_JOB_MISSED:
+            self.history.finished(run_id, "missed", f"more than {self.config.scheduler.misfire_grace_s} s late")
+        else:
+            self.history.finished(run_id, "skipped", "the previous run of this job was still going")
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -246,5 +258,7 @@ class GenloopScheduler:
             handle.close()
             raise UserInputError(f"another genloop scheduler runs on this job store ({path} is locked)") from None
         self._lock_file = handle
+        if closed := self.history.interrupted():
+            logger.warning("%d job runs were left open by a stopped scheduler: recorded as failed", closed)
 
 

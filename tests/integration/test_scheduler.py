@@ -72,13 +72,16 @@ def test_a_failing_job_is_recorded_and_the_schedule_goes_on(genloop_config):
     config = genloop_config
     config.scheduler.retrain_cron = None
     config.scheduler.drift_interval = timedelta(seconds=1)
+    crashed = JobHistory(config.scheduler_db).started("retrain", "schedule")  # its process died mid-run
     scheduler = GenloopScheduler(config)
     scheduler.start()
     try:
-        runs = wait_for_runs(scheduler.history, 2, timeout=120)
+        runs = wait_for_runs(scheduler.history, 3, timeout=120)
     finally:
         scheduler.stop()
-    failed = [run for run in runs if run.outcome == "failed"]
+    [interrupted] = [run for run in runs if run.id == crashed]
+    assert (interrupted.outcome, interrupted.detail) == ("failed", "interrupted: the process running it stopped")
+    failed = [run for run in runs if run.outcome == "failed" and run.job == "drift"]
     assert len(failed) >= 2 and all("no champion" in run.detail for run in failed)
     registry = CollectorRegistry()
     registry.register(ControlPlaneCollector(lambda: read_state(config)))
