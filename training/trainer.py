@@ -56,12 +56,12 @@ def fit(
 ) -> TrainOutcome:
     """Train on Ray Train and return the best checkpoint; raises ``TrainingFailed``."""
     reserved = settings.num_workers * settings.cpus_per_worker
-    total = ray.cluster_resources().get("CPU", 0)
-    if not settings.use_gpu and total - reserved < 1:
+    free = ray.available_resources().get("CPU", 0)  # not the total: serving replicas may hold some
+    if not settings.use_gpu and free - reserved < 1:
         # With every CPU reserved by the workers, Ray Data cannot run the reads that feed them: a hang.
         raise UserInputError(
-            f"{settings.num_workers} workers × {settings.cpus_per_worker} CPUs leave {total - reserved:g} of the "
-            f"cluster's {total:g} CPUs for Ray Data; lower train.num_workers or train.cpus_per_worker"
+            f"{settings.num_workers} workers × {settings.cpus_per_worker} CPUs leave {free - reserved:g} of the "
+            f"cluster's {free:g} free CPUs for Ray Data; lower train.num_workers or train.cpus_per_worker"
         )
     progress_queue = ray.util.queue.Queue(maxsize=10_000, actor_options={"num_cpus": 0})
     trainer = TorchTrainer(

@@ -163,3 +163,16 @@ def test_unloadable_base_is_a_user_error(docs_config: GenloopConfig, tmp_path: P
         train(docs_config, "docs", base=str(broken), show_progress=False)
     assert Registry(docs_config).versions() == []
     assert MlflowClient(docs_config.mlflow_tracking_uri).search_experiments()  # store usable
+
+
+def test_training_that_would_starve_ray_data_is_refused(docs_config: GenloopConfig, ray_cluster):
+    """A Serve replica (here: any actor) holding a CPU leaves the workers and Ray Data too little: a
+    clear error before anything is registered, not a run that hangs waiting for a CPU."""
+    holder = ray_cluster.remote(num_cpus=1)(type("CpuHolder", (), {"ping": lambda self: True})).remote()
+    ray_cluster.get(holder.ping.remote())
+    try:
+        with pytest.raises(UserInputError, match="free CPUs for Ray Data"):
+            train(docs_config, "docs")
+    finally:
+        ray_cluster.kill(holder)
+    assert Registry(docs_config).versions() == []
