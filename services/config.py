@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -237,8 +236,10 @@ class SchedulerConfig(Section):
     def cron_trigger(expression: str) -> Any:
         """An APScheduler CronTrigger (UTC) that reads ``expression`` as crontab(5) does.
 
-        APScheduler 3 numbers weekdays from Monday = 0, crontab from Sunday = 0 (and 7), so "1" would
-        fire on Tuesdays; numeric weekdays are turned into names first.
+        APScheduler 3 numbers weekdays from Monday = 0 and crontab from Sunday = 0 (or 7), so "1"
+        would fire on Tuesdays; the weekday field is expanded here, crontab's way, into day names.
+        Crontab fires when the day of month *or* the weekday matches if both are given, APScheduler
+        only when both do: such an expression is refused rather than run on other days.
         """
         from datetime import UTC
 
@@ -247,9 +248,36 @@ class SchedulerConfig(Section):
         fields = expression.split()
         if len(fields) != 5:
             raise ValueError(f"crontab needs 5 fields (minute hour day month weekday), got {len(fields)}")
-        names = ("sun", "mon", "tue", "wed", "thu", "fri", "sat", "sun")
-        fields[4] = re.sub(r"(?<![/\d])[0-7](?!\d)", lambda m: names[int(m.group())], fields[4])  # not steps
+        if fields[2] != "*" and fields[4] != "*":
+            raise ValueError("give the day of month or the weekday, not both (crontab would fire on either)")
+        if fields[4] != "*":
+            fields[4] = ",".join(_WEEKDAYS[day] for day in sorted(_crontab_weekdays(fields[4])))
         return CronTrigger.from_crontab(" ".join(fields), timezone=UTC)
+
+
+_WEEKDAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+
+
+def _crontab_weekdays(field: str) -> set[int]:
+    """The days (Sunday = 0) a crontab weekday field names: lists of *, N, N-M, each with /STEP; names too."""
+    def day(text: str) -> int:
+        value = _WEEKDAYS.index(text[:3].lower()) if text[:3].lower() in _WEEKDAYS else int(text)
+        if not 0 <= value <= 7:
+            raise ValueError(f"weekday {text} is not 0-7 or a day name")
+        return value
+
+    days: set[int] = set()
+    for item in field.split(","):
+        span, _, step = item.partition("/")
+        try:
+            low, high = (0, 6) if span == "*" else (day(span.split("-")[0]), day(span.split("-")[-1]))
+            every = int(step) if step else 1
+        except ValueError as exc:
+            raise ValueError(f"weekday field {field!r}: {exc}") from None
+        if every < 1 or low > high:
+            raise ValueError(f"weekday field {field!r}: {item!r} is not a valid range")
+        days.update(d % 7 for d in range(low, high + 1, every))
+    return days
 
 
 class TrackingConfig(Section):

@@ -49,3 +49,29 @@ def test_home_is_absolute_for_ray_workers(tmp_path: Path, monkeypatch):
     config = GenloopConfig(home=Path("relative/state"))
     assert config.home == tmp_path / "relative" / "state"
     assert config.home.is_absolute()
+
+
+@pytest.mark.parametrize("expression, weekdays", [
+    ("30 4 * * 1", "mon"),  # APScheduler alone would read 1 as Tuesday
+    ("0 3 * * 0", "sun"), ("0 3 * * 7", "sun"),
+    ("0 3 * * */2", "sun,tue,thu,sat"),
+    ("0 3 * * 1-5/2", "mon,wed,fri"),
+    ("0 3 * * 0-6", "sun,mon,tue,wed,thu,fri,sat"),
+    ("0 3 * * Mon-Fri", "mon,tue,wed,thu,fri"),
+    ("0 3 * * *", "*"),
+])
+def test_retrain_cron_reads_weekdays_as_crontab_does(expression, weekdays):
+    from services.config import SchedulerConfig
+
+    assert f"day_of_week='{weekdays}'" in str(SchedulerConfig.cron_trigger(expression))
+
+
+@pytest.mark.parametrize("expression, message", [
+    ("0 3 * *", "5 fields"), ("0 3 1 * 1", "not both"), ("0 3 * * 9", "0-7"), ("0 3 * * 5-1", "valid range"),
+    ("61 3 * * *", "maximum value"),
+])
+def test_bad_retrain_cron_is_a_config_error_naming_the_problem(tmp_path, expression, message):
+    file = tmp_path / "genloop.yaml"
+    file.write_text(f"scheduler:\n  retrain_cron: '{expression}'\n")
+    with pytest.raises(ConfigError, match=message):
+        load_config(file)
