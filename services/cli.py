@@ -344,7 +344,7 @@ def scheduler_run(
     if job not in scheduler.JOBS:
         raise UserInputError(f"unknown job {job!r}: {' or '.join(scheduler.JOBS)}")
     with scheduler.exclusive():
-        outcome = scheduler.run(job, "manual")
+        outcome = scheduler.run(job, "manual", show_progress=True)
     console.print(f"{job}: {outcome}  ({scheduler.history.recent(1)[0].detail})")
     if outcome == "failed":
         raise typer.Exit(1)

@@ -10,6 +10,7 @@ inside ``genloop serve`` and announces itself to Prometheus like the replicas do
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -78,8 +79,14 @@ def read_state(config: GenloopConfig) -> ControlPlaneState:
     return ControlPlaneState(
         training_runs=outcomes, last_successful_retrain=last_retrain, versions=versions,
         champion=str(champion.version) if champion else None, champion_since=champion_since, alias_changes=changes,
-        jobs=JobHistory(config.scheduler_db).summary(),
+        jobs=_job_history(config.scheduler_db).summary(),
     )
+
+
+@functools.cache
+def _job_history(url: str) -> JobHistory:
+    """One engine per job store for the exporter's life: a scrape must stay cheap."""
+    return JobHistory(url)
 
 
 def _latest_evaluations(config: GenloopConfig) -> dict[str, dict[str, dict[str, float]]]:

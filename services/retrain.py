@@ -3,8 +3,8 @@
 The round is the loop of DESIGN.md in one call: ingest the configured sources (a new dataset
 version only when their content changed), train from the champion (from scratch when there is
 none) on the newest version, and promote through the evaluation gate. It does nothing when the
-champion was already trained on that very dataset version, so a cron schedule costs nothing on
-days without new data. A refused or failed round leaves the champion as it was: training only
+champion was already trained on that very dataset version, or a candidate trained on it from this
+champion was refused, so a cron schedule (or persistent drift) costs nothing without new data. A refused or failed round leaves the champion as it was: training only
 registers a version, and only the gate moves the alias.
 """
 
@@ -34,26 +34,31 @@ class RetrainResult(BaseModel):
     version: str | None = Field(None, description="Registered candidate version, when one was trained.")
 
 
-def retrain(config: GenloopConfig, reason: str) -> RetrainResult:
+def retrain(config: GenloopConfig, reason: str, show_progress: bool = False) -> RetrainResult:
     """Run one round; ``reason`` (cron, drift, manual) goes into the audit trail of the promotion."""
     settings = config.scheduler
-    connect(config.ray)  # before ingest: Ray Data would otherwise start a Ray of its own choosing
+    if not settings.sources and not list_versions(config.datasets_dir, settings.dataset):
+        raise UserInputError(f"dataset {settings.dataset!r} has no version and scheduler.sources is empty: "
+                             "nothing to train on")
     if settings.sources:
+        connect(config.ray)  # before ingest: Ray Data would otherwise start a Ray of its own choosing
         result = ingest(settings.sources, settings.dataset, config.data, config.datasets_dir)
-        dataset = result.version.spec
-        logger.info("retrain (%s): %s %s", reason, dataset, "ingested" if result.created else "unchanged")
-    else:
-        versions = list_versions(config.datasets_dir, settings.dataset)
-        if not versions:
-            raise UserInputError(f"dataset {settings.dataset!r} has no version and scheduler.sources is empty: "
-                                 "nothing to train on")
-        dataset = versions[-1].spec
+        logger.info("retrain (%s): %s %s", reason, result.version.spec, "ingested" if result.created else "unchanged")
+    dataset = list_versions(config.datasets_dir, settings.dataset)[-1].spec
 
-    champion = Registry(config).alias_version("champion")
+    registry = Registry(config)
+    champion = registry.alias_version("champion")
     if champion is not None and champion.tags.get("dataset") == dataset:
         return RetrainResult(outcome="skipped", dataset=dataset,
                              detail=f"no new data: champion v{champion.version} was trained on {dataset}")
-    run = train(config, dataset, base="champion" if champion is not None else None, show_progress=False)
+    parent = str(champion.version) if champion is not None else ""
+    tried = [v for v in registry.versions() if v.tags.get("dataset") == dataset
+             and v.tags.get("parent_version", "") == parent]
+    if tried:  # the gate already judged this very round; training it again would only repeat that
+        return RetrainResult(outcome="skipped", dataset=dataset, version=str(tried[-1].version),
+                             detail=f"v{tried[-1].version} was already trained on {dataset} from "
+                                    f"{'v' + parent if parent else 'scratch'} and is not the champion")
+    run = train(config, dataset, base="champion" if champion is not None else None, show_progress=show_progress)
     try:
         promote(config, run.version, actor="scheduler", reason=f"retrain ({reason}) on {dataset}")
     except PromotionRefused as refused:

@@ -43,6 +43,7 @@ from services.config import GenloopConfig, UserInputError
 logger = logging.getLogger(__name__)
 
 JOBS_TABLE = "apscheduler_jobs"
+_ONE_OFF = "-now-"  # id infix of run_now's one-off jobs: "<job>-now-<ns>"
 metadata = MetaData()
 job_runs = Table(
     "job_runs",
@@ -107,7 +108,8 @@ class JobHistory:
                 select(job_runs.c.job, job_runs.c.outcome, func.count(), func.max(job_runs.c.started_at))
                 .group_by(job_runs.c.job, job_runs.c.outcome)).all()
             upcoming = dict(connection.execute(
-                select(self._jobs.c.id, self._jobs.c.next_run_time)).all()) if self._has_job_table(connection) else {}
+                select(self._jobs.c.id, self._jobs.c.next_run_time).where(~self._jobs.c.id.contains(_ONE_OFF))
+            ).all()) if self._has_job_table(connection) else {}
         jobs: dict[str, JobState] = {}
         for job, outcome, count, last in counts:
             summary = jobs.setdefault(job, JobState(job=job))
@@ -165,20 +167,32 @@ class GenloopScheduler:
         if _running is not None:
             raise UserInputError("a genloop scheduler already runs in this process")
         self._take_store_lock()
-        self.scheduler.start(paused=True)  # jobs are reconciled before anything may fire
+        try:
+            self.scheduler.start(paused=True)  # jobs are reconciled before anything may fire
+            self._reconcile()
+        except BaseException:
+            self.stop()
+            raise
+        _running = self
+        self.scheduler.resume()
+
+    def _reconcile(self) -> None:
+        """Make the stored jobs the configured ones; an unchanged job keeps its next run time, so a run
+        missed while the scheduler was down is caught up."""
         wanted = self.triggers()
+        grace = self.config.scheduler.misfire_grace_s
         for job in self.scheduler.get_jobs():
-            if job.id not in wanted:
+            if job.id not in wanted:  # unconfigured, or a run_now that never ran
                 logger.info("job %s is no longer configured: removed", job.id)
                 job.remove()
         for job_id, trigger in wanted.items():
             existing = self.scheduler.get_job(job_id)
             if existing is not None and str(existing.trigger) == str(trigger):
-                continue  # keep its next run time, so a run missed while down is caught up
+                if existing.misfire_grace_time != grace:
+                    existing.modify(misfire_grace_time=grace)
+                continue
             self.scheduler.add_job(run_job, trigger, id=job_id, name=job_id, args=[job_id], replace_existing=True)
             logger.info("job %s scheduled: %s", job_id, trigger)
-        _running = self
-        self.scheduler.resume()
 
     def stop(self) -> None:
         """Stop firing jobs and wait for a running one to finish (a retrain is not cut off halfway)."""
@@ -195,30 +209,32 @@ class GenloopScheduler:
         """Queue ``job`` on the scheduler's executor, after whatever runs now (one at a time)."""
         if job not in self.JOBS:
             raise UserInputError(f"unknown job {job!r}: {' or '.join(self.JOBS)}")
-        self.scheduler.add_job(run_job, args=[job, "manual"], id=f"{job}-now-{time.time_ns()}", name=job)
+        self.scheduler.add_job(run_job, args=[job, "manual"], id=f"{job}{_ONE_OFF}{time.time_ns()}", name=job)
 
-    def run(self, job: str, reason: str) -> str:
-        """Run ``job`` in this thread and record it; returns the outcome. Never raises for a failed run."""
+    def run(self, job: str, reason: str, show_progress: bool = False) -> str:
+        """Run ``job`` in this thread and record it; returns the outcome. Never raises for a failed run.
+
+        ``show_progress`` draws training's progress bar (for a person at a terminal, not the scheduler)."""
         with self._run_lock:
             run_id = self.history.started(job, reason)
             try:
-                outcome, detail = self._drift(reason) if job == "drift" else self._retrain(reason)
+                outcome, detail = self._drift() if job == "drift" else self._retrain(reason, show_progress)
             except Exception as exc:  # noqa: BLE001 - a failed run is recorded; the scheduler keeps going
                 logger.exception("job %s failed", job)
                 outcome, detail = "failed", f"{type(exc).__name__}: {exc}"
             self.history.finished(run_id, outcome, detail)
             logger.info("job %s (%s): %s — %s", job, reason, outcome, detail)
         if job == "drift" and outcome == "drift" and self.config.scheduler.retrain_on_drift:
-            self.run("retrain", "drift")
+            self.run("retrain", "drift", show_progress)
         return outcome
 
-    def _retrain(self, reason: str) -> tuple[str, str]:
+    def _retrain(self, reason: str, show_progress: bool) -> tuple[str, str]:
         from services.retrain import retrain  # heavy (torch, Ray): only where a job really runs
 
-        result = retrain(self.config, reason)
+        result = retrain(self.config, reason, show_progress)
         return result.outcome, result.detail
 
-    def _drift(self, _reason: str) -> tuple[str, str]:
+    def _drift(self) -> tuple[str, str]:
         from services.drift_check import run_drift_check
 
         result = run_drift_check(self.config)
@@ -228,8 +244,8 @@ class GenloopScheduler:
 
     def _not_run(self, event: JobEvent) -> None:
         """A due run that did not happen is recorded too: still busy (skipped) or too late (missed)."""
-        job = self.scheduler.get_job(event.job_id)
-        run_id = self.history.started(job.name if job else event.job_id, "schedule")
+        job, _, one_off = event.job_id.partition(_ONE_OFF)
+        run_id = self.history.started(job, "manual" if one_off else "schedule")
         if event.code == EVENT_JOB_MISSED:
             self.history.finished(run_id, "missed", f"more than {self.config.scheduler.misfire_grace_s} s late")
         else:

@@ -97,9 +97,10 @@ def test_prometheus_scrapes_every_replica_and_every_panel_has_data(
     config.scheduler.retrain_on_drift = False
     scheduler = GenloopScheduler(config)
     scheduler.start()
-    watcher = start_serving(config)
-    exporter = start_exporter(config)
+    watcher = exporter = None
     try:
+        watcher = start_serving(config)
+        exporter = start_exporter(config)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{config.serving.port}/v1", api_key="x", max_retries=0)
         sent = 0
         for i in range(24):
@@ -128,8 +129,9 @@ def test_prometheus_scrapes_every_replica_and_every_panel_has_data(
         assert _value(prometheus, "sum(genloop_requests_total)") == sent  # every replica, each counted once
         assert _value(prometheus, 'count(up{component="genloop"} == 1)') == 2
         assert _value(prometheus, "sum(genloop_model_info)") == 2
-        while time.time() < deadline and _value(prometheus, "genloop_drift_last_run_timestamp_seconds") is None:
-            time.sleep(1)
+        for recorded in ("genloop_drift_last_run_timestamp_seconds", "sum(genloop_scheduler_job_runs_total)"):
+            while time.time() < deadline and _value(prometheus, recorded) is None:  # the exporter caches 10 s
+                time.sleep(1)
 
         empty = []
         for name, text in dashboards.render().items():
@@ -140,7 +142,9 @@ def test_prometheus_scrapes_every_replica_and_every_panel_has_data(
                         empty.append((name, panel["title"], expr))
         assert not empty, "\n".join(f"{n}: {t}: {e}" for n, t, e in empty)
     finally:
-        exporter.close()
         scheduler.stop()
-        watcher.stop()
-        stop_serving(own_cluster=True)
+        if exporter is not None:
+            exporter.close()
+        if watcher is not None:
+            watcher.stop()
+            stop_serving(own_cluster=True)
