@@ -1,13 +1,21 @@
 """``genloop demo``: the whole loop, end to end, on data that ships with Python.
 
 Each stage the project has is run for real (Ray Data ingestion, Ray Train on CPU workers, MLflow
-registry, the evaluation gate and promotion), so the demo doubles as the smoke test a new user
-runs first. Round one trains a first model from scratch and promotes it on the absolute bounds;
-round two ingests more data, warm-starts from the champion and has to beat it at the gate.
+registry, the evaluation gate and promotion, Ray Serve, the inference log, the scheduler's jobs),
+so the demo doubles as the smoke test a new user runs first. Round one trains a first model from
+scratch and promotes it on the absolute bounds; round two is the scheduler's retrain job: it
+ingests more data, warm-starts from the champion and has to beat it at the gate. Then the
+champion serves held-out prompts over the OpenAI API, and the scheduler's drift job compares that
+traffic with what the champion was trained on.
 """
 
 from __future__ import annotations
 
+import json
+import time
+import urllib.request
+
+import pyarrow.parquet as pq
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -17,12 +25,17 @@ from services.cluster import connect
 from services.config import GenloopConfig
 from services.lifecycle import PromotionRefused, promote
 from services.registry import Registry
+from services.scheduler import GenloopScheduler
+from services.serving_control import start_serving, stop_serving
 from services.training_run import TrainingRun, train
-from training.datasets import ingest
+from serving.app import VERSION_HEADER
+from serving.inference_log import read_inference_log
+from training.datasets import ingest, resolve_dataset
 
 DEMO_DATASET = "python-docs"
 DEMO_SOURCES = ["builtin:python-docs"]
 DEMO_PROMPTS = ["The for statement is used to", "A list comprehension"]
+TRAFFIC = 60  # held-out prompts sent to the endpoint: above monitoring.drift_min_samples
 
 
 def run_demo(config: GenloopConfig, max_steps: int, console: Console) -> None:
@@ -32,24 +45,68 @@ def run_demo(config: GenloopConfig, max_steps: int, console: Console) -> None:
     connect(config.ray)  # before ingest: Ray Data would otherwise start (or join) a Ray of its own choosing
 
     console.rule("[bold]round 1: data → train from scratch → gate → champion")
-    run = _train_round(config, first_cap, base=None, console=console)
+    run = _train_round(config, first_cap, console=console)
     _promote(config, run, console)
     _samples(config, console)
 
-    console.rule("[bold]round 2: more data → warm start from the champion → gate")
+    console.rule("[bold]round 2: the scheduler's retrain job — more data → warm start from the champion → gate")
     config.train.learning_rate /= 3  # fine-tuning: smaller steps than pre-training
-    run = _train_round(config, first_cap * 2, base="champion", console=console)
-    _promote(config, run, console)
-    _samples(config, console)
+    config.data.max_documents_per_source = first_cap * 2
+    config.scheduler.sources, config.scheduler.dataset = DEMO_SOURCES, DEMO_DATASET
+    scheduler = GenloopScheduler(config)
+    with scheduler.exclusive():
+        _job(scheduler, "retrain", console)
+
+    console.rule("[bold]serving: the champion over the OpenAI API → inference log → drift job")
+    _serve_and_check_drift(config, scheduler, console)
 
 
-def _train_round(config: GenloopConfig, cap: int, base: str | None, console: Console) -> TrainingRun:
+def _job(scheduler: GenloopScheduler, job: str, console: Console) -> None:
+    outcome = scheduler.run(job, "demo", show_progress=True)
+    detail = scheduler.history.recent(1)[0].detail
+    console.print(f"{job} job: [bold]{outcome}[/] — {detail}", highlight=False)
+
+
+def _serve_and_check_drift(config: GenloopConfig, scheduler: GenloopScheduler, console: Console) -> None:
+    dataset = resolve_dataset(config.datasets_dir, DEMO_DATASET)
+    texts = pq.read_table(dataset.validation_path, columns=["text"]).column("text").to_pylist()
+    prompts = [" ".join(text.split()[:12]) for text in texts[:TRAFFIC]]
+    url = f"http://{config.serving.host}:{config.serving.port}/v1/completions"
+    watcher = start_serving(config)
+    try:
+        for prompt in DEMO_PROMPTS:
+            answer, version = _complete(url, config.serving.model_name, prompt, max_tokens=30)
+            console.print(f"served by v{version}: [bold]{prompt}[/]{answer}")
+        for prompt in prompts:
+            _complete(url, config.serving.model_name, prompt, max_tokens=8)
+        sent = len(DEMO_PROMPTS) + len(prompts)
+        deadline = time.time() + 60  # replicas append to the inference log in batches, every 2 s
+        while len(read_inference_log(config.inference_log_dir)) < sent and time.time() < deadline:
+            time.sleep(0.5)
+        console.print(f"{sent} requests answered; {len(read_inference_log(config.inference_log_dir))} rows in "
+                      f"{config.inference_log_dir}")
+        with scheduler.exclusive():
+            _job(scheduler, "drift", console)
+    finally:
+        watcher.stop()
+        stop_serving(own_cluster=True)
+
+
+def _complete(url: str, model: str, prompt: str, max_tokens: int) -> tuple[str, str]:
+    """One greedy completion through the OpenAI API; its text and the version that served it."""
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+    request = urllib.request.Request(url, data=body.encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.load(response)["choices"][0]["text"], response.headers[VERSION_HEADER]
+
+
+def _train_round(config: GenloopConfig, cap: int, console: Console) -> TrainingRun:
     config.data.max_documents_per_source = cap
     result = ingest(DEMO_SOURCES, DEMO_DATASET, config.data, config.datasets_dir)
     counts = result.version.manifest["counts"]
     console.print(f"dataset {DEMO_DATASET}:v{result.version.version} ({'new' if result.created else 'unchanged'}): "
                   f"{counts['kept']} documents kept of {counts['read']}, dropped {counts['dropped']}")
-    run = train(config, f"{DEMO_DATASET}:v{result.version.version}", base=base)
+    run = train(config, f"{DEMO_DATASET}:v{result.version.version}")
     table = Table("metric", "value", title=f"training run {run.run_id[:8]} → v{run.version}")
     for key, value in {**run.metrics, "tokens/s": run.cost.tokens_per_second, "cost $": run.cost.cost_usd,
                        "energy kWh": run.cost.energy_kwh, "MFU": run.cost.mfu}.items():
