@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -39,6 +40,14 @@ ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML 
 
 def _load(config_file: Path | None) -> GenloopConfig:
     return load_config(config_file)
+
+
+def _stop_on_sigterm() -> None:
+    """Treat SIGTERM (systemd, Kubernetes, `kill`) like Ctrl-C, so long-running commands stop cleanly."""
+    def interrupt(_signum, _frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 @config_app.command("show")
@@ -225,7 +234,7 @@ def serve_command(
     address: Annotated[str | None, typer.Option(help="Deploy onto this Ray cluster instead of a local one.")] = None,
     config_file: ConfigOption = None,
 ) -> None:
-    """Serve the champion over the OpenAI API and roll to each new champion; Ctrl-C drains and stops."""
+    """Serve the champion over the OpenAI API and roll to each new champion; Ctrl-C or SIGTERM drains and stops."""
     import time
 
     from services.exporter import start_exporter
@@ -234,6 +243,7 @@ def serve_command(
     config = _load(config_file)
     if address is not None:
         config.ray.address = address
+    _stop_on_sigterm()
     watcher = exporter = None
     try:  # Ctrl-C may come at any point, start-up included: whatever was started is stopped
         watcher = start_serving(config)
@@ -314,12 +324,13 @@ def drift_command(
 
 @scheduler_app.command("start")
 def scheduler_start(config_file: ConfigOption = None) -> None:
-    """Run the retrain and drift jobs on their schedule until Ctrl-C (a running job finishes first)."""
+    """Run the retrain and drift jobs on their schedule until Ctrl-C or SIGTERM (a running job finishes first)."""
     import time
 
     from services.scheduler import GenloopScheduler
 
     scheduler = GenloopScheduler(_load(config_file))
+    _stop_on_sigterm()
     try:
         scheduler.start()
         _print_jobs(scheduler.history)

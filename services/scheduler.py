@@ -198,6 +198,7 @@ class GenloopScheduler:
         """Stop firing jobs and wait for a running one to finish (a retrain is not cut off halfway)."""
         global _running
         if self.scheduler.running:
+            self.scheduler.pause()  # no new submissions while the executor shuts down
             self.scheduler.shutdown(wait=True)
         if _running is self:
             _running = None
@@ -219,6 +220,9 @@ class GenloopScheduler:
             run_id = self.history.started(job, reason)
             try:
                 outcome, detail = self._drift() if job == "drift" else self._retrain(reason, show_progress)
+            except UserInputError as exc:  # the state or config is not ready (no champion, no data): no bug
+                logger.warning("job %s failed: %s", job, exc)
+                outcome, detail = "failed", str(exc)
             except Exception as exc:  # noqa: BLE001 - a failed run is recorded; the scheduler keeps going
                 logger.exception("job %s failed", job)
                 outcome, detail = "failed", f"{type(exc).__name__}: {exc}"

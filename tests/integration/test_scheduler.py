@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -176,3 +180,24 @@ def test_cli_runs_a_job_once_and_shows_the_history(tmp_path):
     assert (run.job, run.reason, run.outcome) == ("retrain", "manual", "failed") and "nothing to train on" in run.detail
     bad = CliRunner().invoke(app, ["scheduler", "status"], env={**env, "GENLOOP_SCHEDULER__RETRAIN_CRON": "0 3 *"})
     assert isinstance(bad.exception, UserInputError) and "crontab needs 5 fields" in str(bad.exception)
+
+
+def test_scheduler_start_stops_cleanly_on_sigterm(tmp_path):
+    """As under systemd or Kubernetes: SIGTERM stops `genloop scheduler start` like Ctrl-C, exit 0."""
+    env = {**os.environ, "GENLOOP_HOME": str(tmp_path / "home"), "COLUMNS": "200"}
+    process = subprocess.Popen([sys.executable, "-m", "services.cli", "scheduler", "start"], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            if "scheduler running" in line:
+                break
+        process.send_signal(signal.SIGTERM)
+        output = "".join(lines) + process.communicate(timeout=60)[0]
+    finally:
+        process.kill()
+    assert process.returncode == 0, output
+    assert "retrain" in output and "stopping" in output and "Traceback" not in output
+    with GenloopScheduler(GenloopConfig(home=tmp_path / "home")).exclusive():  # its lock was released
+        pass
