@@ -82,7 +82,11 @@ def test_serve_onto_existing_cluster_and_ctrl_c_drains(genloop_config, make_tiny
             server.send_signal(signal.SIGINT)
             results = [answer.result() for answer in answers]
         assert results == [(200, version)] * 10
-        output, _ = server.communicate(timeout=120)
+        try:
+            output, _ = server.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            pytest.fail("genloop serve did not stop after Ctrl-C:\n" + server.communicate()[0][-6000:])
         assert server.returncode == 0, output
         assert "draining" in output
         assert not exporter_target.exists()  # no stale scrape target left behind
