@@ -245,8 +245,7 @@ def serve_command(
         config.ray.address = address
     watcher = exporter = None
     try:  # Ctrl-C may come at any point, start-up included: whatever was started is stopped
-        watcher = start_serving(config)
-        _stop_on_sigterm()  # after ray.init, which installs its own (an exit without draining)
+        watcher = start_serving(config)  # ray.init's SIGTERM handler exits through the finally below: drained
         exporter = start_exporter(config)
         shadow = f", v{watcher.serving.challenger} in shadow" if watcher.serving.challenger else ""
         console.print(f"serving v{watcher.serving.champion}{shadow} at http://{config.serving.host}:"

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -54,14 +55,19 @@ def test_serve_onto_existing_cluster_and_ctrl_c_drains(genloop_config, make_tiny
     while _ray("status", f"--address={address}", env=env).returncode != 0:
         assert time.time() < deadline and head.poll() is None, "ray start --head failed"
         time.sleep(1)
-    server = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "--address", address], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # PYTHONFAULTHANDLER: should it hang, SIGABRT makes it print every thread's stack (see below).
+    server = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "--address", address],
+                              env={**env, "PYTHONFAULTHANDLER": "1"}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []  # read all along: a full pipe would block the server's writes
+    reader = threading.Thread(target=lambda: lines.extend(server.stdout), daemon=True)
+    reader.start()
     try:
         url = f"http://127.0.0.1:{free_port}"
         exporter_target = config.scrape_targets_dir / "control-plane.json"
         deadline = time.time() + 180
         while time.time() < deadline:
-            assert server.poll() is None, server.stdout.read()
+            assert server.poll() is None, "".join(lines)
             try:  # ready once it serves and the control plane's metrics are announced
                 if httpx.get(f"{url}/health", timeout=2).status_code == 200 and exporter_target.exists():
                     break
@@ -83,10 +89,14 @@ def test_serve_onto_existing_cluster_and_ctrl_c_drains(genloop_config, make_tiny
             results = [answer.result() for answer in answers]
         assert results == [(200, version)] * 10
         try:
-            output, _ = server.communicate(timeout=120)
+            server.wait(timeout=120)
         except subprocess.TimeoutExpired:
-            server.kill()
-            pytest.fail("genloop serve did not stop after Ctrl-C:\n" + server.communicate()[0][-6000:])
+            server.send_signal(signal.SIGABRT)  # faulthandler prints where every thread is stuck
+            server.wait(timeout=30)
+            reader.join(timeout=10)
+            pytest.fail("genloop serve did not stop after Ctrl-C:\n" + "".join(lines)[-12000:])
+        reader.join(timeout=30)
+        output = "".join(lines)
         assert server.returncode == 0, output
         assert "draining" in output
         assert not exporter_target.exists()  # no stale scrape target left behind

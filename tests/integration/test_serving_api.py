@@ -119,7 +119,8 @@ def test_every_request_lands_in_the_inference_log(client, server):
     import time
 
     client.completions.create(model="genloop", prompt="logged prompt", max_tokens=3, temperature=0, user="alice")
-    list(client.completions.create(model="genloop", prompt="streamed prompt", max_tokens=3, stream=True))
+    list(client.completions.create(model="genloop", prompt="streamed prompt", max_tokens=3, stream=True,
+                                   temperature=0))  # greedy: a sampled eos would end it early
     deadline = time.time() + 15
     while time.time() < deadline:
         prompts = read_inference_log(server["log"]).column("prompt").to_pylist()
