@@ -42,11 +42,16 @@ def _load(config_file: Path | None) -> GenloopConfig:
     return load_config(config_file)
 
 
-def _stop_on_sigterm() -> None:
-    """Treat SIGTERM (systemd, Kubernetes, `kill`) like Ctrl-C, so long-running commands stop cleanly."""
+def _stop_on_signals() -> None:
+    """Ctrl-C (SIGINT) and SIGTERM (systemd, Kubernetes, `kill`) stop long-running commands cleanly.
+
+    SIGINT is set explicitly: a process started with it ignored (a background job of a
+    non-interactive shell, some supervisors and test runners) would otherwise never drain.
+    """
     def interrupt(_signum, _frame):
         raise KeyboardInterrupt
 
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, interrupt)
 
 
@@ -243,9 +248,10 @@ def serve_command(
     config = _load(config_file)
     if address is not None:
         config.ray.address = address
+    _stop_on_signals()
     watcher = exporter = None
     try:  # Ctrl-C may come at any point, start-up included: whatever was started is stopped
-        watcher = start_serving(config)  # ray.init's SIGTERM handler exits through the finally below: drained
+        watcher = start_serving(config)  # ray.init's SIGTERM handler replaces ours; it exits through finally
         exporter = start_exporter(config)
         shadow = f", v{watcher.serving.challenger} in shadow" if watcher.serving.challenger else ""
         console.print(f"serving v{watcher.serving.champion}{shadow} at http://{config.serving.host}:"
@@ -329,7 +335,7 @@ def scheduler_start(config_file: ConfigOption = None) -> None:
     from services.scheduler import GenloopScheduler
 
     scheduler = GenloopScheduler(_load(config_file))
-    _stop_on_sigterm()
+    _stop_on_signals()
     try:
         scheduler.start()
         _print_jobs(scheduler.history)

@@ -56,9 +56,11 @@ def test_serve_onto_existing_cluster_and_ctrl_c_drains(genloop_config, make_tiny
         assert time.time() < deadline and head.poll() is None, "ray start --head failed"
         time.sleep(1)
     # PYTHONFAULTHANDLER: should it hang, SIGABRT makes it print every thread's stack (see below).
+    # Started with SIGINT ignored, as a background job of a non-interactive shell is: Ctrl-C must still drain.
     server = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "--address", address],
                               env={**env, "PYTHONFAULTHANDLER": "1"}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+                              stderr=subprocess.STDOUT, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     lines: list[str] = []  # read all along: a full pipe would block the server's writes
     reader = threading.Thread(target=lambda: lines.extend(server.stdout), daemon=True)
     reader.start()
