@@ -4,8 +4,9 @@ The round is the loop of DESIGN.md in one call: ingest the configured sources (a
 version only when their content changed), train from the champion (from scratch when there is
 none) on the newest version, and promote through the evaluation gate. It does nothing when the
 champion was already trained on that very dataset version, or a candidate trained on it from this
-champion was refused, so a cron schedule (or persistent drift) costs nothing without new data. A refused or failed round leaves the champion as it was: training only
-registers a version, and only the gate moves the alias.
+champion was refused, so a cron schedule (or persistent drift) costs nothing without new data. A
+refused or failed round leaves the champion as it was: training only registers a version, and only
+the gate moves the alias.
 """
 
 from __future__ import annotations
