@@ -63,7 +63,7 @@ def run_demo(config: GenloopConfig, max_steps: int, console: Console) -> None:
 
 def _job(scheduler: GenloopScheduler, job: str, console: Console) -> None:
     outcome = scheduler.run(job, "demo", show_progress=True)
-    detail = scheduler.history.recent(1)[0].detail
+    detail = next(run.detail for run in scheduler.history.recent(5) if run.job == job)  # not a retrain it started
     console.print(f"{job} job: [bold]{outcome}[/] — {detail}", highlight=False)
 
 
