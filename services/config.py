@@ -163,6 +163,10 @@ class ServingConfig(Section):
         8, ge=1, description="Most streamed chunks the hf engine hands out per decoding step; with more streams, "
         "each chunk carries several tokens (a host-overhead cap; ≥ max_batch_size streams every token).",
     )
+    max_prefill_tokens: int = Field(
+        1024, ge=1, description="Most padded prompt positions in one prefill forward of the hf engine; a burst "
+        "of newcomers is prefilled shortest first in groups under this (less padding, earlier first tokens).",
+    )
     max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica takes at once (Serve).")
     max_queued_requests: int = Field(256, ge=1, description="Requests waiting for a replica; beyond this 429.")
     int8: bool = Field(False, description="int8 dynamic quantisation of the hf engine on CPU.")

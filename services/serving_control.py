@@ -62,7 +62,8 @@ def settings_for(config: GenloopConfig, version: str) -> ServerSettings:
 
         options = {"device": serving.device, "max_batch_size": serving.max_batch_size,
                    "max_wait_ms": serving.max_wait_ms, "max_queue_size": serving.max_queue_size,
-                   "int8": serving.int8, "stream_events_per_step": serving.stream_events_per_step}
+                   "int8": serving.int8, "stream_events_per_step": serving.stream_events_per_step,
+                   "max_prefill_tokens": serving.max_prefill_tokens}
     keys = [key.strip() for key in os.environ.get(API_KEYS_ENV, "").split(",") if key.strip()]
     return ServerSettings(
         served_model_name=serving.model_name,

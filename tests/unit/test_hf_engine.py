@@ -24,7 +24,7 @@ from serving.engine import (
     InvalidRequestError,
     SamplingParams,
 )
-from serving.hf_engine import HFEngine, _Sequence
+from serving.hf_engine import HFEngine, _Sequence, prefill_groups
 from training.models import build_model
 from training.tokenizer import train_tokenizer
 
@@ -130,12 +130,13 @@ def test_requests_joining_a_running_batch_match_generate(tiny):
     asyncio.run(main())
 
 
-def test_concurrent_burst_matches_generate(tiny):
-    """All 8 at once (one shared prefill, left padded), then leaving one by one."""
+@pytest.mark.parametrize("max_prefill_tokens", [1024, 100])
+def test_concurrent_burst_matches_generate(tiny, max_prefill_tokens):
+    """All 8 at once (one shared prefill, or several by length), then leaving one by one."""
     prompts = tiny[3]
 
     async def main():
-        engine = engine_for(tiny)
+        engine = engine_for(tiny, max_prefill_tokens=max_prefill_tokens)
         await engine.load()
         try:
             requests = [
@@ -151,6 +152,22 @@ def test_concurrent_burst_matches_generate(tiny):
         expected = expected_ids(tiny, prompts[i], 8 + 3 * i)
         assert result.text == tiny[1].decode(expected, skip_special_tokens=True)
         assert result.completion_tokens == 8 + 3 * i
+
+
+def test_prefill_groups_are_length_sorted_and_within_the_token_budget(tiny):
+    _, tokenizer, _, prompts = tiny
+    lengths = [len(tokenizer(p)["input_ids"]) for p in prompts]
+    seqs = [_Sequence.__new__(_Sequence) for _ in lengths]
+    for seq, length in zip(seqs, lengths):
+        seq.prompt_ids = [0] * length
+    groups = prefill_groups(seqs, 100)
+    assert sorted(map(len, (s.prompt_ids for g in groups for s in g))) == sorted(lengths)
+    flat = [len(s.prompt_ids) for g in groups for s in g]
+    assert flat == sorted(flat), "shortest first"
+    assert 1 < len(groups) < len(seqs)
+    for group in groups:  # a prompt above the budget runs alone; the others fit in it
+        assert len(group) * max(len(s.prompt_ids) for s in group) <= 100 or len(group) == 1
+    assert [len(g) for g in prefill_groups(seqs, 10_000)] == [len(seqs)]
 
 
 def test_max_tokens_finishes_with_length(tiny):
