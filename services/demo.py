@@ -23,11 +23,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from services.cluster import connect
 from services.config import GenloopConfig
-from services.lifecycle import PromotionRefused, promote
 from services.registry import Registry
+from services.retrain import RetrainResult, retrain
 from services.scheduler import GenloopScheduler
 from services.serving_control import start_serving, stop_serving
-from services.training_run import TrainingRun, train
 from serving.app import VERSION_HEADER
 from serving.inference_log import read_inference_log
 from training.datasets import ingest, resolve_dataset
@@ -45,14 +44,16 @@ def run_demo(config: GenloopConfig, max_steps: int, console: Console) -> None:
     connect(config.ray)  # before ingest: Ray Data would otherwise start (or join) a Ray of its own choosing
 
     console.rule("[bold]round 1: data → train from scratch → gate → champion")
-    run = _train_round(config, first_cap, console=console)
-    _promote(config, run, console)
+    config.data.max_documents_per_source = first_cap
+    _ingest(config, console)
+    config.scheduler.sources, config.scheduler.dataset = [], DEMO_DATASET  # the round trains on what was ingested
+    _show_round(config, retrain(config, "demo", show_progress=True, actor="genloop demo"), console)
     _samples(config, console)
 
     console.rule("[bold]round 2: the scheduler's retrain job — more data → warm start from the champion → gate")
     config.train.learning_rate /= 3  # fine-tuning: smaller steps than pre-training
     config.data.max_documents_per_source = first_cap * 2
-    config.scheduler.sources, config.scheduler.dataset = DEMO_SOURCES, DEMO_DATASET
+    config.scheduler.sources = DEMO_SOURCES
     scheduler = GenloopScheduler(config)
     with scheduler.exclusive():
         _job(scheduler, "retrain", console)
@@ -100,31 +101,27 @@ def _complete(url: str, model: str, prompt: str, max_tokens: int) -> tuple[str, 
         return json.load(response)["choices"][0]["text"], response.headers[VERSION_HEADER]
 
 
-def _train_round(config: GenloopConfig, cap: int, console: Console) -> TrainingRun:
-    config.data.max_documents_per_source = cap
+def _ingest(config: GenloopConfig, console: Console) -> None:
     result = ingest(DEMO_SOURCES, DEMO_DATASET, config.data, config.datasets_dir)
     counts = result.version.manifest["counts"]
-    console.print(f"dataset {DEMO_DATASET}:v{result.version.version} ({'new' if result.created else 'unchanged'}): "
+    console.print(f"dataset {result.version.spec} ({'new' if result.created else 'unchanged'}): "
                   f"{counts['kept']} documents kept of {counts['read']}, dropped {counts['dropped']}")
-    run = train(config, f"{DEMO_DATASET}:v{result.version.version}")
-    table = Table("metric", "value", title=f"training run {run.run_id[:8]} → v{run.version}")
-    for key, value in {**run.metrics, "tokens/s": run.cost.tokens_per_second, "cost $": run.cost.cost_usd,
-                       "energy kWh": run.cost.energy_kwh, "MFU": run.cost.mfu}.items():
-        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
-    console.print(table)
-    return run
 
 
-def _promote(config: GenloopConfig, run: TrainingRun, console: Console) -> None:
-    try:
-        report = promote(config, run.version, actor="genloop demo")
-    except PromotionRefused as refused:
-        console.print(f"[yellow]gate refused v{run.version}[/]: {refused}")
-        return
-    for rule in report.rules:
+def _show_round(config: GenloopConfig, result: RetrainResult, console: Console) -> None:
+    """The training run's metrics and cost, the gate's verdict rule by rule, and the outcome."""
+    if result.run is not None:
+        run = result.run
+        table = Table("metric", "value", title=f"training run {run.run_id[:8]} → v{run.version}")
+        for key, value in {**run.metrics, "tokens/s": run.cost.tokens_per_second, "cost $": run.cost.cost_usd,
+                           "energy kWh": run.cost.energy_kwh, "MFU": run.cost.mfu}.items():
+            table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+        console.print(table)
+    for rule in result.report.rules if result.report is not None else []:
         console.print(f"  {'[green]pass' if rule.passed else '[red]fail'}[/] {rule.rule}: {rule.reason}")
-    console.print(f"[green]v{run.version} is the champion[/] "
-                  f"(report {config.reports_dir / 'evaluations' / report.id}.html)")
+    colour = {"promoted": "green", "rejected": "yellow"}.get(result.outcome, "default")
+    report = f" (report {config.reports_dir / 'evaluations' / result.report.id}.html)" if result.report else ""
+    console.print(f"[{colour}]{result.outcome}[/]: {result.detail}{report}", highlight=False)
 
 
 def _samples(config: GenloopConfig, console: Console) -> None:

@@ -18,9 +18,10 @@ from pydantic import BaseModel, Field
 
 from services.cluster import connect
 from services.config import GenloopConfig, UserInputError
+from services.gate import EvaluationReport
 from services.lifecycle import PromotionRefused, promote
 from services.registry import Registry
-from services.training_run import train
+from services.training_run import TrainingRun, train
 from training.datasets import ingest, list_versions
 
 logger = logging.getLogger(__name__)
@@ -33,10 +34,12 @@ class RetrainResult(BaseModel):
     detail: str = Field(description="What happened, in a sentence for the job history.")
     dataset: str | None = Field(None, description="Dataset version trained on, as name:vN.")
     version: str | None = Field(None, description="Registered candidate version, when one was trained.")
+    run: TrainingRun | None = Field(None, description="The training run (metrics, cost), when one was trained.")
+    report: EvaluationReport | None = Field(None, description="The gate's report, when it judged the candidate.")
 
 
-def retrain(config: GenloopConfig, reason: str, show_progress: bool = False) -> RetrainResult:
-    """Run one round; ``reason`` (cron, drift, manual) goes into the audit trail of the promotion."""
+def retrain(config: GenloopConfig, reason: str, show_progress: bool = False, actor: str = "scheduler") -> RetrainResult:
+    """Run one round; ``actor`` and ``reason`` (cron, drift, manual) go into the promotion's audit trail."""
     settings = config.scheduler
     if not settings.sources and not list_versions(config.datasets_dir, settings.dataset):
         raise UserInputError(f"dataset {settings.dataset!r} has no version and scheduler.sources is empty: "
@@ -61,9 +64,9 @@ def retrain(config: GenloopConfig, reason: str, show_progress: bool = False) -> 
                                     f"{'v' + parent if parent else 'scratch'} and is not the champion")
     run = train(config, dataset, base="champion" if champion is not None else None, show_progress=show_progress)
     try:
-        promote(config, run.version, actor="scheduler", reason=f"retrain ({reason}) on {dataset}")
+        report = promote(config, run.version, actor=actor, reason=f"retrain ({reason}) on {dataset}")
     except PromotionRefused as refused:
-        return RetrainResult(outcome="rejected", dataset=dataset, version=run.version,
-                             detail=f"v{run.version} refused by the gate: {refused}")
-    return RetrainResult(outcome="promoted", dataset=dataset, version=run.version,
+        return RetrainResult(outcome="rejected", dataset=dataset, version=run.version, run=run,
+                             report=refused.report, detail=f"v{run.version} refused by the gate: {refused}")
+    return RetrainResult(outcome="promoted", dataset=dataset, version=run.version, run=run, report=report,
                          detail=f"v{run.version} trained on {dataset} is the champion")
