@@ -139,9 +139,11 @@ class Server:
         import ray
         from ray import serve
 
+        from services.cluster import use_fast_serve_data_plane
         from serving.app import ServerSettings, build_app
         from serving.hf_engine import HFEngine
 
+        use_fast_serve_data_plane()  # as `genloop serve` starts its Ray
         ray.init(num_cpus=os.cpu_count(), logging_level="ERROR", include_dashboard=False,
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": str(self.threads)}})
         serve.start(http_options={"host": "127.0.0.1", "port": self.port})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import ray
 import ray.data
@@ -10,6 +11,29 @@ import ray.data
 from services.config import RayConfig
 
 logger = logging.getLogger(__name__)
+
+
+# Ray Serve's faster data plane: most of its "throughput optimized" mode (Ray >= 2.56) without direct
+# ingress, which would drop the proxy that routes between old and new replicas during a rollout.
+# The proxy hands each request to the replica over gRPC, by value, instead of through Ray's object
+# store; user code and the router share their process's event loop instead of one thread each; the
+# request-path log is buffered; objects alive at start-up are left out of garbage collection. Measured with benchmarks/serve_load.py at 32 streams on 2 CPU cores:
+# 0.83x of one in-process generate against 0.76x with Serve's defaults (mean of 6 interleaved runs).
+SERVE_DATA_PLANE_ENV = {
+    "RAY_SERVE_PROXY_USE_GRPC": "1",
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
+    "RAY_SERVE_FREEZE_GC_ON_STARTUP": "1",
+}
+
+
+def use_fast_serve_data_plane() -> None:
+    """Put ``SERVE_DATA_PLANE_ENV`` in this process's environment, where a Ray it starts passes it to
+    Serve's controller, proxy and replicas; values already set (an operator's) win. A cluster started
+    elsewhere (``ray start``) takes them from its own environment."""
+    for name, value in SERVE_DATA_PLANE_ENV.items():
+        os.environ.setdefault(name, value)
 
 
 def connect(settings: RayConfig) -> None:
@@ -24,4 +48,5 @@ def connect(settings: RayConfig) -> None:
     else:
         # "local" always starts a fresh instance: without it, ray.init() joins whatever cluster a past
         # `ray start` on this machine recorded in /tmp/ray — even one that has since died.
+        use_fast_serve_data_plane()
         ray.init(address="local", num_cpus=settings.num_cpus, logging_level=logging.WARNING)

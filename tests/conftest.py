@@ -17,11 +17,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A real local Ray with the machine's two CPUs, shared by every test that needs it."""
+    """A real local Ray with the machine's two CPUs, shared by every test that needs it; Serve runs
+    on the data plane ``genloop serve`` uses."""
     import ray
     import ray.data
 
+    from services.cluster import use_fast_serve_data_plane
+
     if not ray.is_initialized():
+        use_fast_serve_data_plane()
         ray.init(num_cpus=2, log_to_driver=True)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
