@@ -16,6 +16,7 @@ import pydoc_data.topics
 import pytest
 import torch
 from pydantic import ValidationError
+from transformers.activations import NewGELUActivation
 
 from serving.engine import (
     EngineError,
@@ -81,12 +82,15 @@ async def stream_ids(engine: HFEngine, request: GenerationRequest, started: asyn
 
 
 def test_greedy_matches_generate_alone(tiny):
+    """Also with the engine's fused GELU in place of the reference's six-op one."""
     prompts = tiny[3]
+    assert any(isinstance(m, NewGELUActivation) for m in tiny[2].modules())
 
     async def main():
         engine = engine_for(tiny)
         await engine.load()
         try:
+            assert not any(isinstance(m, NewGELUActivation) for m in engine.model.modules())
             for prompt in (prompts[0], prompts[5]):
                 request = GenerationRequest(prompt=prompt, params=SamplingParams(max_tokens=24, **GREEDY))
                 ids, _, _ = await stream_ids(engine, request)
