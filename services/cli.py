@@ -293,7 +293,8 @@ def generate_command(
     connect(config.ray)
     counts = generate_file(settings, input_path, output_path,
                            defaults={"max_tokens": max_tokens, "temperature": temperature},
-                           concurrency=concurrency, batch_size=batch_size, replica_cpus=config.serving.replica_cpus)
+                           concurrency=concurrency, batch_size=batch_size, replica_cpus=config.serving.replica_cpus,
+                           replica_gpus=config.serving.gpus_per_replica)
     console.print(f"v{settings.model_version} answered {counts['answered']} of {counts['prompts']} prompts "
                   f"({counts['errors']} refused) into {output_path}")
 

@@ -156,6 +156,11 @@ class ServingConfig(Section):
     device: str = Field("cpu", description="Device of the hf engine (cpu, cuda).")
     num_replicas: int = Field(1, ge=1, description="Serve replicas (one engine each).")
     replica_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves for each replica (and the shadow's).")
+    replica_gpus: float | None = Field(
+        None, ge=0, description="GPUs Ray reserves for each replica; None: 1 for a cuda device or the vllm engine, "
+        "else 0 (Ray hides GPUs from actors that reserve none). Below 1, e.g. 0.5, lets a new replica start beside "
+        "the old one on a single GPU during a rollout.",
+    )
     max_batch_size: int = Field(32, ge=1, description="Most sequences one replica decodes together.")
     max_wait_ms: float = Field(5, ge=0, description="How long an idle engine waits to batch a burst.")
     max_queue_size: int = Field(1024, ge=1, description="Requests waiting in an engine beyond this get 429.")
@@ -180,6 +185,12 @@ class ServingConfig(Section):
     )
     inference_log: bool = Field(True, description="Write every request to $GENLOOP_HOME/inference-log.")
     redact_prompts: bool = Field(False, description="Log prompt hashes instead of prompt text.")
+
+    @property
+    def gpus_per_replica(self) -> float:
+        if self.replica_gpus is not None:
+            return self.replica_gpus
+        return 1.0 if self.engine == "vllm" or self.device.startswith("cuda") else 0.0
 
 
 class MonitoringConfig(Section):

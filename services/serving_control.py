@@ -87,7 +87,8 @@ def deploy(config: GenloopConfig, target: Target) -> Target:
     app = build_app(settings, num_replicas=config.serving.num_replicas,
                     max_ongoing_requests=config.serving.max_ongoing_requests,
                     max_queued_requests=config.serving.max_queued_requests,
-                    replica_cpus=config.serving.replica_cpus, shadow=shadow)
+                    replica_cpus=config.serving.replica_cpus, replica_gpus=config.serving.gpus_per_replica,
+                    shadow=shadow)
     serve.run(app, name=APP_NAME, route_prefix="/")
     logger.info("serving v%s%s", target.champion,
                 f" with v{target.challenger} in shadow ({config.serving.shadow_percent:g} %)" if shadow else "")

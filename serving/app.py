@@ -504,7 +504,8 @@ class ShadowModel(_EngineReplica):
 
 
 def build_app(settings: ServerSettings, num_replicas: int = 1, max_ongoing_requests: int = 64,
-              max_queued_requests: int = 256, replica_cpus: float = 1.0, shadow: ServerSettings | None = None):
+              max_queued_requests: int = 256, replica_cpus: float = 1.0, replica_gpus: float = 0.0,
+              shadow: ServerSettings | None = None):
     """The Serve application, ready for ``serve.run``.
 
     Backpressure is Serve's: a replica takes ``max_ongoing_requests`` at once, a caller waits in a
@@ -512,7 +513,7 @@ def build_app(settings: ServerSettings, num_replicas: int = 1, max_ongoing_reque
     an unbounded queue. With ``shadow`` settings, one replica of the shadow model runs beside the
     server and gets ``settings.shadow_percent`` % of the requests mirrored to it.
     """
-    options = {"ray_actor_options": {"num_cpus": replica_cpus}}
+    options = {"ray_actor_options": {"num_cpus": replica_cpus, "num_gpus": replica_gpus}}
     shadow_app = ShadowModel.options(**options).bind(shadow) if shadow is not None else None
     return OpenAIServer.options(
         num_replicas=num_replicas, max_ongoing_requests=max_ongoing_requests, max_queued_requests=max_queued_requests,

@@ -97,14 +97,14 @@ class _EngineActor:
 
 def generate_file(settings: ServerSettings, input_path: Path, output_path: Path, *, defaults: dict[str, Any],
                   concurrency: int = 1, batch_size: int = 32, replica_cpus: float = 1.0,
-                  show_progress: bool = True) -> dict[str, int]:
+                  replica_gpus: float = 0.0, show_progress: bool = True) -> dict[str, int]:
     """Answer every prompt of ``input_path`` into ``output_path`` (JSONL, input order); returns counts."""
     rows = read_prompts(input_path, defaults)
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
     dataset = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // batch_size, 64))).map_batches(
         _EngineActor, fn_constructor_args=(settings,), batch_size=batch_size, batch_format="numpy",
-        concurrency=concurrency, num_cpus=replica_cpus,
+        concurrency=concurrency, num_cpus=replica_cpus, num_gpus=replica_gpus,
     )
     output_path.parent.mkdir(parents=True, exist_ok=True)
     temporary = output_path.with_name(f".{output_path.name}.tmp")

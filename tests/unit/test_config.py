@@ -75,3 +75,15 @@ def test_bad_retrain_cron_is_a_config_error_naming_the_problem(tmp_path, express
     file.write_text(f"scheduler:\n  retrain_cron: '{expression}'\n")
     with pytest.raises(ConfigError, match=message):
         load_config(file)
+
+
+@pytest.mark.parametrize(("serving", "gpus"), [
+    ({}, 0.0),
+    ({"device": "cuda"}, 1.0),
+    ({"device": "cuda:1"}, 1.0),
+    ({"engine": "vllm"}, 1.0),
+    ({"engine": "vllm", "replica_gpus": 0.5}, 0.5),  # two replicas share one GPU during a rollout
+    ({"replica_gpus": 0}, 0.0),
+])
+def test_gpu_replicas_reserve_a_gpu_unless_told_otherwise(serving, gpus):
+    assert GenloopConfig(serving=serving).serving.gpus_per_replica == gpus
