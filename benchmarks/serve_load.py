@@ -47,7 +47,7 @@ SYSTEMS = ("naive", "hf_serve", "genloop")
 
 
 # --- (a) the naive server ------------------------------------------------------------------------
-def naive_server(model_dir: str, port: int) -> None:
+def naive_server(model_dir: str, port: int, device: str) -> None:
     """One ``model.generate`` per request on FastAPI's thread pool, streamed through TextIteratorStreamer."""
     from threading import Thread
 
@@ -56,13 +56,13 @@ def naive_server(model_dir: str, port: int) -> None:
     from fastapi.responses import StreamingResponse
     from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     app = FastAPI()
 
     @app.post("/v1/completions")
     def complete(body: dict) -> StreamingResponse:
-        ids = tokenizer(body["prompt"], return_tensors="pt")
+        ids = tokenizer(body["prompt"], return_tensors="pt").to(device)
         streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
         out: dict = {}
 
@@ -115,8 +115,8 @@ def wait_ready(url: str, process: subprocess.Popen | None, timeout: float = 300)
 class Server:
     """A system under test: started, measured through ``url``, stopped."""
 
-    def __init__(self, system: str, model_dir: Path, threads: int):
-        self.system, self.model_dir, self.threads = system, model_dir, threads
+    def __init__(self, system: str, model_dir: Path, threads: int, device: str):
+        self.system, self.model_dir, self.threads, self.device = system, model_dir, threads, device
         self.port = free_port()
         self.process: subprocess.Popen | None = None
         self.model_name = {"hf_serve": str(model_dir)}.get(system, "genloop")
@@ -128,12 +128,12 @@ class Server:
     def __enter__(self) -> Server:
         env = {**os.environ, "OMP_NUM_THREADS": str(self.threads)}
         if self.system == "naive":
-            self.process = subprocess.Popen([sys.executable, __file__, "--naive-server", str(self.model_dir),
-                                             str(self.port)], env=env)
+            self.process = subprocess.Popen(
+                [sys.executable, __file__, "--naive-server", str(self.model_dir), self.device, str(self.port)], env=env)
         elif self.system == "hf_serve":
             self.process = subprocess.Popen(
                 [str(Path(sys.executable).parent / "transformers"), "serve", "--continuous-batching", "--device",
-                 "cpu", "--host", "127.0.0.1", "--port", str(self.port), str(self.model_dir)], env=env)
+                 self.device, "--host", "127.0.0.1", "--port", str(self.port), str(self.model_dir)], env=env)
         else:
             self._start_genloop()
         wait_ready(f"{self.url}/health", self.process)
@@ -152,8 +152,9 @@ class Server:
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": str(self.threads)}})
         serve.start(http_options={"host": "127.0.0.1", "port": self.port})
         settings = ServerSettings(served_model_name="genloop", model_path=str(self.model_dir), model_version="1",
-                                  engine_class=HFEngine, engine_options={"max_batch_size": 32})
-        serve.run(build_app(settings), name="genloop", route_prefix="/")
+                                  engine_class=HFEngine, engine_options={"max_batch_size": 32, "device": self.device})
+        app = build_app(settings, replica_gpus=0.0 if self.device == "cpu" else 1.0)  # Ray hides unreserved GPUs
+        serve.run(app, name="genloop", route_prefix="/")
 
     def __exit__(self, *exc) -> None:
         if self.process is not None:
@@ -258,24 +259,26 @@ def main() -> None:
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--out", type=Path, default=RESULTS / "serve_load.json")
-    parser.add_argument("--naive-server", nargs=2, metavar=("MODEL_DIR", "PORT"), help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU host (every system and the limit)")
+    parser.add_argument("--naive-server", nargs=3, metavar=("MODEL_DIR", "DEVICE", "PORT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.naive_server:
         torch.set_num_threads(args.threads)
-        naive_server(args.naive_server[0], int(args.naive_server[1]))
+        naive_server(args.naive_server[0], int(args.naive_server[2]), args.naive_server[1])
         return
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "model"
         model, tokenizer, prompt_ids = build(model_dir)
+        model = model.to(args.device)
         prompts = [tokenizer.decode(ids) for ids in prompt_ids]
         run_direct(model, tokenizer, prompt_ids[:4], 8)  # warm-up
         results: dict[str, dict] = {}
         directs: dict[str, dict] = {}
         for system in args.systems:
             before = measure_direct(model, tokenizer, prompt_ids, args.new_tokens)
-            with Server(system, model_dir, args.threads) as server:
+            with Server(system, model_dir, args.threads, args.device) as server:
                 asyncio.run(load(server, prompts[:2], 2, 8))  # warm-up
                 results[system] = {str(c): asyncio.run(load(server, prompts, c, args.new_tokens))
                                    for c in args.concurrency}
