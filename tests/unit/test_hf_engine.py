@@ -134,6 +134,31 @@ def test_requests_joining_a_running_batch_match_generate(tiny):
     asyncio.run(main())
 
 
+def test_a_burst_joining_a_running_batch_in_length_groups_matches_generate(tiny):
+    """One request runs; seven more arrive together, are prefilled in groups of at most 100 padded
+    positions and join the running batch in one rebuild. Every one must equal generate() alone."""
+    prompts = tiny[3]
+
+    async def main():
+        engine = engine_for(tiny, max_prefill_tokens=100)
+        await engine.load()
+        try:
+            started = asyncio.Event()
+            long = GenerationRequest(prompt=prompts[7], params=SamplingParams(max_tokens=40, **GREEDY))
+            running = asyncio.create_task(stream_ids(engine, long, started))
+            await started.wait()
+            burst = [GenerationRequest(prompt=p, params=SamplingParams(max_tokens=12, **GREEDY)) for p in prompts[:7]]
+            results = await asyncio.gather(*(engine.generate(r) for r in burst))
+            return (await running)[0], results
+        finally:
+            await engine.close()
+
+    running_ids, results = asyncio.run(main())
+    assert running_ids == expected_ids(tiny, prompts[7], 40)
+    for prompt, result in zip(prompts[:7], results):
+        assert result.text == tiny[1].decode(expected_ids(tiny, prompt, 12), skip_special_tokens=True)
+
+
 @pytest.mark.parametrize("max_prefill_tokens", [1024, 100])
 def test_concurrent_burst_matches_generate(tiny, max_prefill_tokens):
     """All 8 at once (one shared prefill, or several by length), then leaving one by one."""
