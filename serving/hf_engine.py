@@ -197,8 +197,9 @@ class HFEngine(Engine):
 
     @property
     def num_active(self) -> int:
-        """Sequences in the running batch (what a cancelled stream must free)."""
-        return len(self._active)
+        """Live sequences in the running batch: a finished or cancelled one stops counting at once,
+        though its row may be computed, and ignored, until the batch is next compacted."""
+        return sum(1 for s in self._active if s.finish_reason is None and not s.cancelled)
 
     @property
     def num_waiting(self) -> int:
@@ -330,13 +331,13 @@ class HFEngine(Engine):
             while True:
                 newcomers: list[_Sequence] = []
                 try:
-                    self._drop_finished()  # before admission, so freed slots are refilled at once
+                    self._drop_finished(slots_wanted=bool(self._waiting))  # freed slots are refilled at once
                     newcomers = self._take_newcomers()
                     if newcomers is None:
                         break
                     if newcomers:
                         self._prefill(newcomers)
-                        self._drop_finished()  # a newcomer may finish on its first token
+                        self._drop_finished(slots_wanted=False)  # a newcomer may finish on its first token
                     if self._active:
                         self._decode_step()
                 except Exception as exc:  # noqa: BLE001 - a bug or OOM must fail requests, not kill the loop
@@ -415,13 +416,23 @@ class HFEngine(Engine):
         self._last = torch.cat([part.last for part in parts])
         self._active = [seq for part in parts for seq in part.seqs]
 
-    def _drop_finished(self) -> None:
-        """Remove finished and cancelled sequences, then trim columns that are padding in every row."""
+    def _drop_finished(self, slots_wanted: bool) -> None:
+        """Remove finished and cancelled rows, then trim columns that are padding in every row.
+
+        Removing rebuilds the whole cache, about 10 ms for 32 rows of the 12M GPT-2 on 2 CPU cores,
+        and with staggered finishes it came at nearly every step: 21 % of the wall time of 32
+        requests of 33–64 tokens. A step costs far less per row, so a dead row stays in the batch,
+        computed and ignored, until a quarter of the rows are dead, all are, or a waiting request
+        wants the slot: those 32 requests went from 941–1020 to 1040–1113 tokens/s (3 runs each).
+        """
         keep = [i for i, s in enumerate(self._active) if s.finish_reason is None and not s.cancelled]
-        if len(keep) == len(self._active):
+        dead = len(self._active) - len(keep)
+        if dead == 0:
             return
         if not keep:
             self._reset_batch()
+            return
+        if not slots_wanted and dead * 4 < len(self._active):
             return
         index = torch.tensor(keep, device=self.device)
         mask = self._mask.index_select(0, index)
@@ -444,7 +455,8 @@ class HFEngine(Engine):
             use_cache=True, **{self._cache_kwarg: self._cache},
         ).logits[:, -1, :]
         tokens = self._sample(logits, self._active)
-        self._positions = self._positions + 1
+        # A dead row that ended at the context limit keeps stepping until compaction: hold its position.
+        self._positions = (self._positions + 1).clamp(max=self._context_length - 1)
         self._last = torch.tensor(tokens, device=self.device)
         self._emit(self._active, tokens)
 

@@ -159,6 +159,27 @@ def test_a_burst_joining_a_running_batch_in_length_groups_matches_generate(tiny)
         assert result.text == tiny[1].decode(expected_ids(tiny, prompt, 12), skip_special_tokens=True)
 
 
+def test_a_row_that_ended_at_the_context_limit_stays_harmless_until_compaction(tiny):
+    """One of five requests fills the whole context and ends; four keep decoding 30 more steps with
+    its dead row still in the batch (one dead in five is below the compaction threshold)."""
+    prompts = tiny[3]
+    limit = tiny[2].config.n_positions
+    full = len(tiny[1](prompts[6])["input_ids"])
+    cases = [(prompts[6], limit - full)] + [(prompts[i], limit - full + 30) for i in (0, 1, 2, 0)]  # ≤ 24 tokens
+
+    async def main():
+        engine = engine_for(tiny)
+        await engine.load()
+        try:
+            requests = [GenerationRequest(prompt=p, params=SamplingParams(max_tokens=n, **GREEDY)) for p, n in cases]
+            return await asyncio.gather(*(engine.generate(r) for r in requests))
+        finally:
+            await engine.close()
+
+    for (prompt, max_tokens), result in zip(cases, asyncio.run(main())):
+        assert result.text == tiny[1].decode(expected_ids(tiny, prompt, max_tokens), skip_special_tokens=True)
+
+
 @pytest.mark.parametrize("max_prefill_tokens", [1024, 100])
 def test_concurrent_burst_matches_generate(tiny, max_prefill_tokens):
     """All 8 at once (one shared prefill, or several by length), then leaving one by one."""
