@@ -148,7 +148,7 @@ class Server:
         from serving.hf_engine import HFEngine
 
         use_fast_serve_data_plane()  # as `genloop serve` starts its Ray
-        ray.init(num_cpus=os.cpu_count(), logging_level="ERROR", include_dashboard=False,
+        ray.init(address="local", num_cpus=os.cpu_count(), logging_level="ERROR", include_dashboard=False,
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": str(self.threads)}})
         serve.start(http_options={"host": "127.0.0.1", "port": self.port})
         settings = ServerSettings(served_model_name="genloop", model_path=str(self.model_dir), model_version="1",

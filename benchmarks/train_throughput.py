@@ -108,7 +108,7 @@ def main() -> None:
         model.save_pretrained(init_dir)
         tokenizer.save_pretrained(init_dir)
 
-        ray.init(num_cpus=args.threads + 1, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=args.threads + 1, include_dashboard=False, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         ours = ray_loop(parquet, init_dir, settings, work)
         ray.shutdown()

@@ -26,7 +26,7 @@ def ray_cluster():
 
     if not ray.is_initialized():
         use_fast_serve_data_plane()
-        ray.init(num_cpus=2, log_to_driver=True)
+        ray.init(address="local", num_cpus=2, log_to_driver=True)  # never a stale `ray start` cluster
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
