@@ -10,9 +10,9 @@ each consumer its token.
 The running batch keeps all sequences right-aligned in one left-padded KV cache with a 2-D attention
 mask and per-sequence position ids, exactly the layout ``model.generate`` uses for a left-padded
 batch, so greedy output matches ``generate`` token for token. Joining pads the narrower parts on the
-left and concatenates along the batch; leaving selects the remaining rows and drops leading columns
+left and concatenates along the batch; compaction selects the live rows and drops leading columns
 that are padding in every row, so the cache is only as wide as the longest live sequence. Both
-rebuild the cache, once per change of membership. Between changes, each layer's KV lives in a buffer
+rebuild the cache, so finished rows are compacted in batches, not one by one. Between rebuilds, each layer's KV lives in a buffer
 with spare columns that a step writes in place (``_BatchLayer``) instead of transformers'
 ``DynamicLayer``, which re-allocates the whole cache at every token: on CPU that made 32-way decoding
 20–40 % faster for a 1M- and a 12M-parameter GPT-2 (see benchmarks/engine_throughput.py).
