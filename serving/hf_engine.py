@@ -12,10 +12,11 @@ mask and per-sequence position ids, exactly the layout ``model.generate`` uses f
 batch, so greedy output matches ``generate`` token for token. Joining pads the narrower parts on the
 left and concatenates along the batch; compaction selects the live rows and drops leading columns
 that are padding in every row, so the cache is only as wide as the longest live sequence. Both
-rebuild the cache, so finished rows are compacted in batches, not one by one. Between rebuilds, each layer's KV lives in a buffer
-with spare columns that a step writes in place (``_BatchLayer``) instead of transformers'
-``DynamicLayer``, which re-allocates the whole cache at every token: on CPU that made 32-way decoding
-20–40 % faster for a 1M- and a 12M-parameter GPT-2 (see benchmarks/engine_throughput.py).
+rebuild the cache, so finished rows are compacted in batches, not one by one. Between rebuilds,
+each layer's KV lives in a buffer with spare columns that a step writes in place (``_BatchLayer``)
+instead of transformers' ``DynamicLayer``, which re-allocates the whole cache at every token: on
+CPU that made 32-way decoding 20–40 % faster for a 1M- and a 12M-parameter GPT-2 (see
+benchmarks/engine_throughput.py).
 
 Streaming cost is paid per event, not per token: each chunk a consumer receives is a Python
 object, an SSE event, a Ray Serve message to the proxy, an HTTP write and a parse in the client.
@@ -116,6 +117,11 @@ class _Sequence:
         self.pending_text, self.pending_ids = "", []  # generated but not yet handed to the consumer
         self.max_stop = max((len(s) for s in self.params.stop), default=0)
 
+    @property
+    def live(self) -> bool:
+        """Still generating for someone: neither finished nor cancelled."""
+        return self.finish_reason is None and not self.cancelled
+
 
 class _Rows(NamedTuple):
     """Rows of a batch and their state: the running batch, or a prefilled group about to join it."""
@@ -199,7 +205,7 @@ class HFEngine(Engine):
     def num_active(self) -> int:
         """Live sequences in the running batch: a finished or cancelled one stops counting at once,
         though its row may be computed, and ignored, until the batch is next compacted."""
-        return sum(1 for s in self._active if s.finish_reason is None and not s.cancelled)
+        return sum(1 for s in self._active if s.live)
 
     @property
     def num_waiting(self) -> int:
@@ -425,7 +431,7 @@ class HFEngine(Engine):
         computed and ignored, until a quarter of the rows are dead, all are, or a waiting request
         wants the slot: those 32 requests went from 941–1020 to 1040–1113 tokens/s (3 runs each).
         """
-        keep = [i for i, s in enumerate(self._active) if s.finish_reason is None and not s.cancelled]
+        keep = [i for i, s in enumerate(self._active) if s.live]
         dead = len(self._active) - len(keep)
         if dead == 0:
             return
@@ -523,7 +529,7 @@ class HFEngine(Engine):
         group = -(-len(seqs) // self.stream_events_per_step)
         deliveries: dict[asyncio.AbstractEventLoop, list] = {}
         for seq, token in zip(seqs, tokens):
-            if seq.cancelled or seq.finish_reason is not None:
+            if not seq.live:
                 continue
             if seq.first_token_at is None:
                 seq.first_token_at = now
@@ -693,10 +699,15 @@ def _fused_activations(model: torch.nn.Module) -> torch.nn.Module:
     float32). A 32-row decoding step of the 12M GPT-2 on 2 CPU cores took 11 % less time."""
     from transformers.activations import GELUTanh, NewGELUActivation
 
+    return _replace_modules(model, NewGELUActivation, lambda _: GELUTanh())
+
+
+def _replace_modules(model: torch.nn.Module, kind: type, replacement) -> torch.nn.Module:
+    """Put ``replacement(child)`` in place of every submodule of type ``kind``; returns ``model``."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, NewGELUActivation):
-                setattr(parent, name, GELUTanh())
+            if isinstance(child, kind):
+                setattr(parent, name, replacement(child))
     return model
 
 
@@ -710,13 +721,13 @@ def _quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
     """
     from transformers.pytorch_utils import Conv1D
 
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, Conv1D):
-                linear = torch.nn.Linear(child.weight.shape[0], child.weight.shape[1], dtype=child.weight.dtype)
-                linear.weight.data = child.weight.data.t().contiguous()
-                linear.bias.data = child.bias.data
-                setattr(parent, name, linear)
+    def as_linear(conv: Conv1D) -> torch.nn.Linear:
+        linear = torch.nn.Linear(conv.weight.shape[0], conv.weight.shape[1], dtype=conv.weight.dtype)
+        linear.weight.data = conv.weight.data.t().contiguous()
+        linear.bias.data = conv.bias.data
+        return linear
+
+    _replace_modules(model, Conv1D, as_linear)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from torch.ao.quantization import quantize_dynamic
