@@ -17,8 +17,9 @@ logger = logging.getLogger(__name__)
 # ingress, which would drop the proxy that routes between old and new replicas during a rollout.
 # The proxy hands each request to the replica over gRPC, by value, instead of through Ray's object
 # store; user code and the router share their process's event loop instead of one thread each; the
-# request-path log is buffered; objects alive at start-up are left out of garbage collection. Measured with benchmarks/serve_load.py at 32 streams on 2 CPU cores:
-# 0.83x of one in-process generate against 0.76x with Serve's defaults (mean of 6 interleaved runs).
+# request-path log is buffered; objects alive at start-up are left out of garbage collection.
+# Measured with benchmarks/serve_load.py at 32 streams on 2 CPU cores: 0.83x of one in-process
+# generate against 0.76x with Serve's defaults (mean of 6 interleaved runs).
 SERVE_DATA_PLANE_ENV = {
     "RAY_SERVE_PROXY_USE_GRPC": "1",
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
