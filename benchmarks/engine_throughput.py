@@ -86,6 +86,14 @@ def run_direct(model, tokenizer, prompts: list[list[int]], new_tokens: int) -> d
     return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds}
 
 
+def measure_direct(model, tokenizer, prompts: list[list[int]], new_tokens: int, repeats: int = 3) -> dict:
+    """The limit: the median ``generate`` run on all prompts; ``ttft_s``, the median time to their first
+    tokens (the prefill of all of them, a floor for any p95 TTFT wherever prefill is compute-bound)."""
+    direct = best([run_direct(model, tokenizer, prompts, new_tokens) for _ in range(repeats)])
+    direct["ttft_s"] = statistics.median(run_direct(model, tokenizer, prompts, 1)["seconds"] for _ in range(repeats))
+    return direct
+
+
 async def run_engine(engine: HFEngine, prompts: list[list[int]], new_tokens: int, stream: bool) -> dict:
     params = SamplingParams(max_tokens=new_tokens, temperature=0)
 
@@ -126,11 +134,7 @@ async def main_async(args: argparse.Namespace) -> dict:
         model, tokenizer, prompts = build(folder)
         model = model.to(args.device)
         run_direct(model, tokenizer, prompts[:4], 8)  # warm-up
-        direct = best([run_direct(model, tokenizer, prompts, args.new_tokens) for _ in range(args.repeats)])
-        # When the static batch's first tokens exist: the prefill of all 32 prompts, a floor for any p95 TTFT.
-        direct["ttft_s"] = statistics.median(
-            run_direct(model, tokenizer, prompts, 1)["seconds"] for _ in range(args.repeats)
-        )
+        direct = measure_direct(model, tokenizer, prompts, args.new_tokens, args.repeats)
 
         engine = HFEngine(folder, "bench", device=args.device, max_batch_size=BATCH, int8=args.int8)
         await engine.load()

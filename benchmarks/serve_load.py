@@ -38,7 +38,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from engine_throughput import best, build, run_direct  # sibling benchmark: same model and prompts
+from engine_throughput import build, measure_direct, run_direct  # sibling benchmark: same model and prompts
 from report import RESULTS, emit  # benchmarks/ is the script's folder, on sys.path
 
 from training.models import parameter_count
@@ -218,13 +218,6 @@ async def load(server: Server, prompts: list[str], concurrency: int, new_tokens:
         "e2e_p50_s": statistics.median(r["e2e"] for r in results),
         "e2e_p95_s": percentile([r["e2e"] for r in results], 0.95),
     }
-
-
-def measure_direct(model, tokenizer, prompt_ids: list[list[int]], new_tokens: int) -> dict:
-    """The limit: the median of three ``generate`` runs on all prompts; ``ttft_s``, the median prefill."""
-    direct = best([run_direct(model, tokenizer, prompt_ids, new_tokens) for _ in range(3)])
-    direct["ttft_s"] = statistics.median(run_direct(model, tokenizer, prompt_ids, 1)["seconds"] for _ in range(3))
-    return direct
 
 
 def plot(report: dict, path: Path) -> None:
