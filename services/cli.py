@@ -395,13 +395,17 @@ def _timestamp(seconds: float | None) -> str:
 
 @app.command("demo")
 def demo(
-    max_steps: Annotated[int, typer.Option(help="Training steps of the demo model.")] = 120,
+    max_steps: Annotated[int, typer.Option(help="Training steps of the first model.")] = 120,
+    new_domain: Annotated[str, typer.Option(
+        help="Corpus the traffic shifts to: a file, folder or glob of text data, or a builtin source.")
+    ] = "builtin:python-code",
     config_file: ConfigOption = None,
 ) -> None:
-    """Run the whole loop on built-in data: ingest, train, gate, promote, then retrain and gate again."""
+    """The loop on a domain shift: v1 on Python's docs, same-domain traffic (no drift), then traffic and
+    new documents from NEW_DOMAIN → drift → retrain with replay → gate → v2 rolled out under traffic."""
     from services.demo import run_demo
 
-    run_demo(_load(config_file), max_steps=max_steps, console=console)
+    run_demo(_load(config_file), max_steps=max_steps, console=console, new_domain=new_domain)
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from datetime import datetime, timedelta
+from datetime import datetime, time, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -146,6 +146,17 @@ class GateConfig(Section):
     floors: dict[GateMetric, float] = Field(
         default_factory=dict, description="Absolute lower bounds on the 'current' set, e.g. {chrf: 10}."
     )
+    traffic_weighting: bool = Field(
+        True, description="Weigh the 'current' and 'reference' gains by the share of recent live prompts that "
+        "look like each (a domain classifier); off, or without enough live prompts, 'current' alone must improve.",
+    )
+    live_prompts: int = Field(
+        200, ge=0, description="Recent live prompts (monitoring.drift_window of the inference log) sampled as the "
+        "third held-out set, 'live', and to measure the traffic shares; 0 = no live set.",
+    )
+    min_live_prompts: int = Field(
+        50, ge=1, description="Fewer live prompts than this: no 'live' set and no traffic weighting."
+    )
 
 
 class ServingConfig(Section):
@@ -239,6 +250,66 @@ class SchedulerConfig(Section):
     job_store_url: str | None = Field(
         None, description="SQLAlchemy URL of the job store and job history; default sqlite:///$GENLOOP_HOME/scheduler.db."
     )
+    replay_fraction: float = Field(
+        0.25, ge=0, lt=1, description="Share of a warm-start retrain's training documents replayed from the data "
+        "the champion and its ancestors trained on (by characters), so it does not forget them; 0 = the new "
+        "documents alone.",
+    )
+    retrain_budget: float = Field(
+        0.2, gt=0, description="Most compute a warm-start retrain may spend: up to 1, a share of its lineage's "
+        "from-scratch training compute; above 1, optimizer steps. Early stopping may end it sooner.",
+    )
+    retrain_micro_batch_size: int = Field(
+        4, ge=1, description="Sequences per worker per step of a warm start. Smaller than pre-training's: at a "
+        "fixed compute budget, more and smaller steps learn a new domain faster.",
+    )
+    incoming: Path | None = Field(
+        None, description="Folder watched for new data files (txt/jsonl/json/csv/parquet); each is ingested once, "
+        "by content hash, into `dataset`; null = no data watch.",
+    )
+    incoming_interval: timedelta | None = Field(
+        timedelta(minutes=5), description="How often the ingest job looks into `incoming` (e.g. PT5M); null = never."
+    )
+    incoming_settle_s: float = Field(
+        30, ge=0, description="A file in `incoming` is read only once it has not been modified for this long, so a "
+        "file still being written is never read halfway (write elsewhere and rename to be safe at any size).",
+    )
+    min_new_documents: int = Field(
+        100, ge=1, description="New documents, since the champion's data, that a retrain needs; the ingest job "
+        "starts one once this many have arrived.",
+    )
+    window: str | None = Field(
+        None, description="Off-peak window 'HH:MM-HH:MM' (UTC, may wrap midnight) for scheduled, drift and "
+        "new-data retrains; one due outside it waits for its start. null = any time; manual runs never wait.",
+    )
+    urgent_drift_score: float | None = Field(
+        0.9, gt=0, le=1, description="Drifted share of prompt features at or above which a drift-triggered "
+        "retrain runs at once, outside the window; null = never urgent.",
+    )
+    max_attempts: int = Field(3, ge=1, description="Attempts of a job run that fails (not of one refused by the gate).")
+    retry_backoff_s: float = Field(
+        60, ge=0, description="Wait before the second attempt of a failed run; doubled before each further one."
+    )
+
+    @field_validator("window")
+    @classmethod
+    def _valid_window(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_window(value)
+        return value
+
+    @field_validator("retrain_budget")
+    @classmethod
+    def _whole_steps(cls, value: float) -> float:
+        if value > 1 and value != int(value):
+            raise ValueError("above 1 the budget is a number of optimizer steps: give a whole number")
+        return value
+
+    def budget_steps(self, initial_tokens: int, tokens_per_step: int) -> int:
+        """Optimizer steps ``retrain_budget`` allows, given the lineage's from-scratch training tokens."""
+        if self.retrain_budget > 1:
+            return int(self.retrain_budget)
+        return max(1, int(self.retrain_budget * initial_tokens / tokens_per_step))
 
     @field_validator("retrain_cron")
     @classmethod
@@ -268,6 +339,17 @@ class SchedulerConfig(Section):
         if fields[4] != "*":
             fields[4] = ",".join(_WEEKDAYS[day] for day in sorted(_crontab_weekdays(fields[4])))
         return CronTrigger.from_crontab(" ".join(fields), timezone=UTC)
+
+
+def parse_window(text: str) -> tuple[time, time]:
+    """'HH:MM-HH:MM' → (start, end) times of day; the window wraps midnight when end ≤ start."""
+    try:
+        start, end = (time.fromisoformat(part.strip()) for part in text.split("-"))
+    except ValueError:
+        raise ValueError(f"window {text!r} is not 'HH:MM-HH:MM' (UTC)") from None
+    if start == end:
+        raise ValueError(f"window {text!r} is empty")
+    return start, end
 
 
 _WEEKDAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")

@@ -1,139 +1,277 @@
-"""``genloop demo``: the whole loop, end to end, on data that ships with Python.
+"""``genloop demo``: the loop's whole story on a real domain shift, unattended.
 
-Each stage the project has is run for real (Ray Data ingestion, Ray Train on CPU workers, MLflow
-registry, the evaluation gate and promotion, Ray Serve, the inference log, the scheduler's jobs),
-so the demo doubles as the smoke test a new user runs first. Round one trains a first model from
-scratch and promotes it on the absolute bounds; round two is the scheduler's retrain job: it
-ingests more data, warm-starts from the champion and has to beat it at the gate. Then the
-champion serves held-out prompts over the OpenAI API, and the scheduler's drift job compares that
-traffic with what the champion was trained on.
+Each stage runs for real (Ray Data ingestion, Ray Train on CPU workers, the MLflow registry, the
+gate and promotion, Ray Serve, the inference log, the scheduler's jobs):
+
+1. v1 is trained from scratch on Python's docs and promoted on the absolute bounds.
+2. v1 serves held-out docs prompts: the drift job finds no drift.
+3. Traffic turns to a new domain (any text corpus; by default Python's own source code) while that
+   domain's documents land in the watched ``incoming`` folder. The drift job finds drift and starts
+   the retrain: the landed files become a dataset version, the training mix replays part of v1's
+   data, the warm start keeps to the compute budget, and the gate weighs the sets by live traffic.
+4. v2 is rolled out under that live traffic, and every request is counted.
+
+It ends with one table of what a user wants to know: each domain's bits per byte before and after,
+the drift scores, requests served and failed, and what each training run cost.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
+import urllib.error
 import urllib.request
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
 
 import pyarrow.parquet as pq
-import torch
 from rich.console import Console
 from rich.table import Table
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from monitoring.traffic import prompt_prefixes
 from services.cluster import connect
-from services.config import GenloopConfig
-from services.registry import Registry
+from services.config import GenloopConfig, UserInputError
 from services.retrain import RetrainResult, retrain
-from services.scheduler import GenloopScheduler
+from services.scheduler import GenloopScheduler, JobRun
 from services.serving_control import start_serving, stop_serving
 from serving.app import VERSION_HEADER
 from serving.inference_log import read_inference_log
+from training.cleaning import VALIDATION, clean, content_hash, split_of
 from training.datasets import ingest, resolve_dataset
+from training.sources import resolve_source
 
 DEMO_DATASET = "python-docs"
 DEMO_SOURCES = ["builtin:python-docs"]
-DEMO_PROMPTS = ["The for statement is used to", "A list comprehension"]
-TRAFFIC = 60  # held-out prompts sent to the endpoint: above monitoring.drift_min_samples
+NEW_DOMAIN = "builtin:python-code"
+LIVE_DATASET = "live"  # the scheduler's dataset: what lands in incoming
+TRAFFIC = 60  # prompts per phase: above monitoring.drift_min_samples
+INCOMING_PARTS = 3  # the new domain's documents land as this many files
 
 
-def run_demo(config: GenloopConfig, max_steps: int, console: Console) -> None:
-    first_cap = config.data.max_documents_per_source or 3000  # a few minutes on two CPU cores
+@dataclass
+class Traffic:
+    """Greedy completions sent one after another from a thread until stopped; what came back."""
+
+    url: str
+    model: str
+    prompts: list[str]
+    served: dict[str, int] = field(default_factory=dict)  # version → answers
+    failed: list[str] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def send(self, prompt: str, max_tokens: int = 8) -> tuple[str, str] | None:
+        body = json.dumps({"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+        request = urllib.request.Request(self.url, data=body.encode(), headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                text, version = json.load(response)["choices"][0]["text"], response.headers[VERSION_HEADER]
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            self.failed.append(f"{type(exc).__name__}: {exc}")
+            return None
+        self.served[version] = self.served.get(version, 0) + 1
+        return text, version
+
+    def start(self, limit: int, seconds: float) -> Traffic:
+        """Cycle through the prompts in the background, at most ``limit`` requests or ``seconds``."""
+        def loop() -> None:
+            deadline = time.time() + seconds
+            for i in range(limit):
+                if self._stop.is_set() or time.time() > deadline:
+                    return
+                self.send(self.prompts[i % len(self.prompts)])
+                self._stop.wait(0.2)
+
+        self._thread = threading.Thread(target=loop, name="demo-traffic", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=180)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def total(self) -> int:
+        return sum(self.served.values()) + len(self.failed)
+
+
+def run_demo(config: GenloopConfig, max_steps: int, console: Console, new_domain: str = NEW_DOMAIN) -> None:
+    cap = config.data.max_documents_per_source or 3000  # a few minutes on two CPU cores
+    config.data.max_documents_per_source = cap
+    new_source = resolve_source(new_domain, config.data)  # a bad PATH fails here, before any work
     config.train.max_steps = max_steps
     config.train.eval_every = max(10, max_steps // 6)
+    # Training runs beside the serving replica: reserve little of Ray's CPUs for each, so Ray Data
+    # keeps one to stream the shards (torch threads stay at one per worker either way).
+    config.serving.replica_cpus = config.train.cpus_per_worker = 0.25
+    config.serving.watch_interval_s = 2
+    incoming = config.home / "incoming"
+    incoming.mkdir(parents=True, exist_ok=True)
+    config.scheduler.sources, config.scheduler.incoming, config.scheduler.incoming_settle_s = [], incoming, 1
+    config.scheduler.window = None
     connect(config.ray)  # before ingest: Ray Data would otherwise start (or join) a Ray of its own choosing
 
-    console.rule("[bold]round 1: data → train from scratch → gate → champion")
-    config.data.max_documents_per_source = first_cap
-    _ingest(config, console)
-    config.scheduler.sources, config.scheduler.dataset = [], DEMO_DATASET  # the round trains on what was ingested
-    _show_round(config, retrain(config, "demo", show_progress=True, actor="genloop demo"), console)
-    _samples(config, console)
+    console.rule("[bold]1 · v1: Python's docs → train from scratch → gate → champion")
+    result = ingest(DEMO_SOURCES, DEMO_DATASET, config.data, config.datasets_dir)
+    counts = result.version.manifest["counts"]
+    console.print(f"dataset {result.version.spec}: {counts['kept']} documents kept of {counts['read']}")
+    config.scheduler.dataset = DEMO_DATASET
+    first = retrain(config, "demo", show_progress=True, actor="genloop demo")
+    _show_round(config, first, console)
+    config.scheduler.dataset = LIVE_DATASET
 
-    console.rule("[bold]round 2: the scheduler's retrain job — more data → warm start from the champion → gate")
-    config.train.learning_rate /= 3  # fine-tuning: smaller steps than pre-training
-    config.data.max_documents_per_source = first_cap * 2
-    config.scheduler.sources = DEMO_SOURCES
+    old_prompts = _prompts(_validation_texts(config, result.version.spec), config)
+    new_docs = _documents(new_source, config)
+    new_prompts = _prompts([text for text in new_docs if split_of(content_hash(text),
+                                                                   config.data.validation_fraction) == VALIDATION],
+                           config)
+    if len(new_prompts) < 10:
+        raise UserInputError(f"{new_domain}: {len(new_docs)} documents give {len(new_prompts)} held-out prompts; "
+                             "the demo needs a corpus of at least a few hundred documents")
     scheduler = GenloopScheduler(config)
-    with scheduler.exclusive():
-        _job(scheduler, "retrain", console)
-
-    console.rule("[bold]serving: the champion over the OpenAI API → inference log → drift job")
-    _serve_and_check_drift(config, scheduler, console)
-
-
-def _job(scheduler: GenloopScheduler, job: str, console: Console) -> None:
-    outcome = scheduler.run(job, "demo", show_progress=True)
-    detail = next(run.detail for run in scheduler.history.recent(5) if run.job == job)  # not a retrain it started
-    console.print(f"{job} job: [bold]{outcome}[/] — {detail}", highlight=False)
-
-
-def _serve_and_check_drift(config: GenloopConfig, scheduler: GenloopScheduler, console: Console) -> None:
-    dataset = resolve_dataset(config.datasets_dir, DEMO_DATASET)
-    texts = pq.read_table(dataset.validation_path, columns=["text"]).column("text").to_pylist()
-    prompts = [" ".join(text.split()[:12]) for text in texts[:TRAFFIC]]
     url = f"http://{config.serving.host}:{config.serving.port}/v1/completions"
     watcher = start_serving(config)
     try:
-        for prompt in DEMO_PROMPTS:
-            answer, version = _complete(url, config.serving.model_name, prompt, max_tokens=30)
-            console.print(f"served by v{version}: [bold]{prompt}[/]{answer}")
-        for prompt in prompts:
-            _complete(url, config.serving.model_name, prompt, max_tokens=8)
-        sent = len(DEMO_PROMPTS) + len(prompts)
-        deadline = time.time() + 60  # replicas append to the inference log in batches, every 2 s
-        while len(read_inference_log(config.inference_log_dir)) < sent and time.time() < deadline:
+        console.rule("[bold]2 · same-domain traffic → drift job")
+        phase = time.time()
+        same = Traffic(url, config.serving.model_name, old_prompts)
+        for prompt in old_prompts[:TRAFFIC]:
+            same.send(prompt)
+        same_drift = _drift(config, scheduler, since=phase, rows=same.total, console=console)
+
+        console.rule(f"[bold]3 · traffic turns to {new_domain}; its documents land in {incoming}")
+        phase = time.time()
+        live = Traffic(url, config.serving.model_name, new_prompts).start(limit=2000, seconds=900)
+        _land(new_docs, incoming)
+        while live.total < TRAFFIC and not live.failed and time.time() - phase < 300:
             time.sleep(0.5)
-        console.print(f"{sent} requests answered; {len(read_inference_log(config.inference_log_dir))} rows in "
-                      f"{config.inference_log_dir}")
-        with scheduler.exclusive():
-            _job(scheduler, "drift", console)
+        config.scheduler.retrain_on_drift = False  # the retrain below is the one this drift starts
+        new_drift = _drift(config, scheduler, since=phase, rows=same.total + live.total, console=console)
+        if new_drift.outcome != "drift":
+            console.print("[yellow]no drift found after the shift: nothing to retrain[/]")
+            live.stop()
+            return
+        config.scheduler.retrain_on_drift = True
+        console.rule("[bold]4 · drift → retrain: landed files → replay mix → budgeted warm start → gate")
+        second = retrain(config, "drift", show_progress=True, actor="genloop demo")
+        _show_round(config, second, console)
+        if second.outcome == "promoted":
+            deadline = time.time() + 300
+            while live.served.get(second.version, 0) < 10 and time.time() < deadline and live.running:
+                time.sleep(0.5)
+        live.stop()
+        _wait_for_log(config, same.total + live.total)
+        _summary(config, console, first, second, same_drift, new_drift, same, live)
     finally:
         watcher.stop()
         stop_serving(own_cluster=True)
 
 
-def _complete(url: str, model: str, prompt: str, max_tokens: int) -> tuple[str, str]:
-    """One greedy completion through the OpenAI API; its text and the version that served it."""
-    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
-    request = urllib.request.Request(url, data=body.encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=120) as response:
-        return json.load(response)["choices"][0]["text"], response.headers[VERSION_HEADER]
+def _validation_texts(config: GenloopConfig, spec: str) -> list[str]:
+    dataset = resolve_dataset(config.datasets_dir, spec)
+    return pq.read_table(dataset.validation_path, columns=["text"]).column("text").to_pylist()
 
 
-def _ingest(config: GenloopConfig, console: Console) -> None:
-    result = ingest(DEMO_SOURCES, DEMO_DATASET, config.data, config.datasets_dir)
-    counts = result.version.manifest["counts"]
-    console.print(f"dataset {result.version.spec} ({'new' if result.created else 'unchanged'}): "
-                  f"{counts['kept']} documents kept of {counts['read']}, dropped {counts['dropped']}")
+def _prompts(texts: list[str], config: GenloopConfig) -> list[str]:
+    """Prompts shaped like the ones drift compares against: prefixes of monitoring.drift_prefix_words."""
+    low = config.monitoring.drift_prefix_words[0]
+    return prompt_prefixes([text for text in texts if len(text.split()) >= low],
+                           config.monitoring.drift_prefix_words, seed=1)
+
+
+def _documents(source, config: GenloopConfig) -> list[str]:
+    """The new domain's documents, cleaned as ingestion cleans them (so their held-out split is known)."""
+    texts = [row["text"] for row in source.read(config.data).take_all() if row["text"]]
+    return [text for text, reason in (clean(raw, config.data) for raw in texts) if not reason]
+
+
+def _land(texts: list[str], incoming: Path) -> None:
+    """Write the documents into ``incoming`` as JSON lines, each file under a hidden name first and
+    renamed when complete, as a producer should."""
+    size = -(-len(texts) // INCOMING_PARTS)
+    for part in range(INCOMING_PARTS):
+        chunk = texts[part * size:(part + 1) * size]
+        hidden, final = incoming / f".part-{part + 1}.jsonl", incoming / f"part-{part + 1}.jsonl"
+        hidden.write_text("".join(json.dumps({"text": text}) + "\n" for text in chunk), encoding="utf-8")
+        hidden.rename(final)
+    time.sleep(1.5)  # past incoming_settle_s
+
+
+def _drift(config: GenloopConfig, scheduler: GenloopScheduler, since: float, rows: int, console: Console) -> JobRun:
+    """The scheduler's drift job over the traffic since ``since`` (the demo compresses a day into
+    minutes), once the inference log holds the ``rows`` requests sent so far."""
+    _wait_for_log(config, rows)
+    saved = config.monitoring.drift_window
+    config.monitoring.drift_window = timedelta(seconds=time.time() - since + 1)
+    try:
+        with scheduler.exclusive():
+            scheduler.run("drift", "demo")
+    finally:
+        config.monitoring.drift_window = saved
+    run = next(run for run in scheduler.history.recent(5) if run.job == "drift")
+    console.print(f"drift job: [bold]{run.outcome}[/] — {run.detail}", highlight=False)
+    return run
+
+
+def _wait_for_log(config: GenloopConfig, rows: int) -> None:
+    """Replicas append to the inference log in batches, every 2 s: wait until it holds ``rows``."""
+    deadline = time.time() + 60
+    while len(read_inference_log(config.inference_log_dir)) < rows and time.time() < deadline:
+        time.sleep(0.5)
 
 
 def _show_round(config: GenloopConfig, result: RetrainResult, console: Console) -> None:
-    """The training run's metrics and cost, the gate's verdict rule by rule, and the outcome."""
+    """The training run's data, metrics and cost, the gate's verdict rule by rule, and the outcome."""
     if result.run is not None:
         run = result.run
-        table = Table("metric", "value", title=f"training run {run.run_id[:8]} → v{run.version}")
+        table = Table("metric", "value", title=f"training run {run.run_id[:8]} on {result.dataset} → v{run.version}")
         for key, value in {**run.metrics, "tokens/s": run.cost.tokens_per_second, "cost $": run.cost.cost_usd,
-                           "energy kWh": run.cost.energy_kwh, "MFU": run.cost.mfu}.items():
+                           "energy kWh": run.cost.energy_kwh, "compute / v1's": run.cost.compute_ratio}.items():
             table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
         console.print(table)
-    for rule in result.report.rules if result.report is not None else []:
-        console.print(f"  {'[green]pass' if rule.passed else '[red]fail'}[/] {rule.rule}: {rule.reason}")
+    if result.report is not None:
+        console.print(f"  gate weights: {result.report.traffic}", highlight=False)
+        for rule in result.report.rules:
+            console.print(f"  {'[green]pass' if rule.passed else '[red]fail'}[/] {rule.rule}: {rule.reason}")
     colour = {"promoted": "green", "rejected": "yellow"}.get(result.outcome, "default")
     report = f" (report {config.reports_dir / 'evaluations' / result.report.id}.html)" if result.report else ""
     console.print(f"[{colour}]{result.outcome}[/]: {result.detail}{report}", highlight=False)
 
 
-def _samples(config: GenloopConfig, console: Console) -> None:
-    registry = Registry(config)
-    champion = registry.resolve("champion")
-    path = registry.local_path(champion)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
-    for prompt in DEMO_PROMPTS:
-        inputs = tokenizer(prompt, return_tensors="pt")
-        with torch.no_grad():
-            output = model.generate(**inputs, max_new_tokens=30, do_sample=False,
-                                    pad_token_id=tokenizer.pad_token_id)
-        console.print(f"champion v{champion.version}: [bold]{prompt}[/]"
-                      f"{tokenizer.decode(output[0, inputs['input_ids'].shape[1]:])}")
+def _summary(config: GenloopConfig, console: Console, first: RetrainResult, second: RetrainResult,
+             same_drift: JobRun, new_drift: JobRun, same: Traffic, live: Traffic) -> None:
+    """One table: the story in numbers, and where to read more."""
+    table = Table("", "value", title="genloop demo: what happened")
+    report = second.report
+    if report is not None and "reference" in report.metrics:
+        for label, set_name in (("old domain (docs)", "reference"), ("new domain", "current")):
+            before = report.metrics[set_name]["champion"].bits_per_byte
+            after = report.metrics[set_name]["candidate"].bits_per_byte
+            table.add_row(f"bits/byte, {label}: v{report.champion.version} → v{report.candidate.version}",
+                          f"{before:.3f} → {after:.3f} ({(after - before) / before:+.1%})")
+        table.add_row("gate weights", ", ".join(f"{k} {w:.0%}" for k, w in report.weights.items()))
+    for label, run in (("drift, same-domain traffic", same_drift), ("drift, after the shift", new_drift)):
+        table.add_row(label, f"{run.outcome} ({run.detail.split('drifted: ')[-1].split(';')[0]})")
+    table.add_row("retrain", f"{second.outcome}: {second.detail}")
+    served = {**same.served}
+    for version, count in live.served.items():
+        served[version] = served.get(version, 0) + count
+    table.add_row("requests served", ", ".join(f"v{v}: {n}" for v, n in sorted(served.items())))
+    table.add_row("requests failed", str(len(same.failed) + len(live.failed)))
+    table.add_row("inference log rows", str(len(read_inference_log(config.inference_log_dir))))
+    for result in (first, second):
+        if result.run is not None:
+            cost = result.run.cost
+            table.add_row(f"v{result.run.version} training", f"${cost.cost_usd:.5f}, {cost.energy_kwh:.5f} kWh, "
+                          f"{cost.compute_ratio:.0%} of v1's compute, {result.run.metrics['steps']} steps")
+    table.add_row("reports", f"{config.reports_dir}/evaluations, {config.reports_dir}/drift")
+    console.print(table)
+    if live.failed or same.failed:
+        console.print(f"[red]failed requests:[/] {(same.failed + live.failed)[:3]}")

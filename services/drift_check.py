@@ -15,13 +15,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from mlflow.entities import Metric
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from monitoring.traffic import prompt_prefixes
 from monitoring.drift import DriftResult, DriftSettings, detect_drift, read_latest
 from services.config import GenloopConfig, UserInputError
 from services.registry import Registry
-from serving.inference_log import read_inference_log
+from serving.inference_log import caller_prompts
 from training.datasets import resolve_dataset
 from training.evaluation import load_for_evaluation
 
@@ -31,21 +31,12 @@ def drift_dir(config: GenloopConfig) -> Path:
     return config.reports_dir / "drift"
 
 
-def live_prompts(config: GenloopConfig, since: datetime, until: datetime | None = None) -> list[str]:
-    """Prompts callers sent (status 200, not shadow copies) in [since, until)."""
-    table = read_inference_log(config.inference_log_dir, since=since, until=until)
-    table = table.filter(pc.and_(pc.equal(table["status"], 200), pc.invert(table["shadow"])))
-    return [p for p in table.column("prompt").to_pylist() if p]
-
-
 def training_prefixes(config: GenloopConfig, dataset_spec: str, limit: int, seed: int) -> list[str]:
     """Up to ``limit`` texts of the dataset's train split, each cut to a prompt-like number of words."""
     dataset = resolve_dataset(config.datasets_dir, dataset_spec)
     texts = pq.read_table(dataset.train_path, columns=["text"]).column("text").to_pylist()
-    rng = random.Random(seed)
-    texts = rng.sample(texts, min(limit, len(texts)))
-    low, high = config.monitoring.drift_prefix_words
-    return [" ".join(text.split()[: rng.randint(low, high)]) for text in texts if text.split()]
+    texts = random.Random(seed).sample(texts, min(limit, len(texts)))
+    return prompt_prefixes(texts, config.monitoring.drift_prefix_words, seed)
 
 
 def run_drift_check(config: GenloopConfig, window: timedelta | None = None) -> DriftResult:
@@ -57,11 +48,11 @@ def run_drift_check(config: GenloopConfig, window: timedelta | None = None) -> D
     if champion is None:
         raise UserInputError("no champion: drift is measured against the model in service; promote one first")
     now = datetime.now(UTC)
-    current = live_prompts(config, since=now - window)
+    current = caller_prompts(config.inference_log_dir, since=now - window)
     current_label = f"inference log, last {window} (since {(now - window).isoformat(timespec='seconds')})"
     if settings.drift_reference_window is not None:
         start, end = settings.drift_reference_window
-        reference = live_prompts(config, since=start, until=end)
+        reference = caller_prompts(config.inference_log_dir, since=start, until=end)
         reference_label = f"inference log, pinned window {start.isoformat()} – {end.isoformat()}"
     else:
         dataset = champion.tags.get("dataset")

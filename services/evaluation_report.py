@@ -29,6 +29,8 @@ pre{white-space:pre-wrap;margin:0;font:12px/1.3 ui-monospace,monospace;max-width
 {% if r.champion %}champion <b id="champion">v{{ r.champion.version }}</b> ({{ r.champion.dataset }}){% else %}
 no champion (first model: judged by the absolute bounds alone){% endif %} · {{ r.created_at }}</p>
 <p>Verdict: <span id="verdict" class="{{ r.verdict }}">{{ r.verdict | upper }}</span></p>
+<p id="traffic">Weights: {% for name, w in r.weights.items() %}{{ name }} {{ '%.0f%%' % (100 * w) }}{{ ', ' if not loop.last }}{% endfor %}
+· {{ r.traffic }}</p>
 <h2>Rules</h2>
 <table id="rules"><tr><th>rule</th><th>result</th><th>reason</th></tr>
 {% for rule in r.rules %}<tr><td>{{ rule.rule }}</td>

@@ -2,9 +2,18 @@
 
 Sets: "current" is the validation split of the candidate's dataset (the newest data); "reference"
 is the validation splits of every dataset the champion and its ancestors were trained on (what
-the service already does well). The policy (``gate`` config) turns the metrics into one verdict
-with one reason per rule; the report is kept (JSON + HTML under reports/evaluations/, and in the
-candidate's MLflow run) and the verdict is tagged on the candidate version.
+the service already does well); "live" is a sample of the prompts callers sent in the last
+``monitoring.drift_window``, when there are at least ``gate.min_live_prompts``.
+
+The policy (``gate`` config) turns the metrics into one verdict with one reason per rule:
+better on what is served now (the gain on current and reference, weighted by the share of live
+prompts that look like each, ``monitoring.traffic``; on current alone without enough traffic),
+no worse than ``max_regression`` on what was served before (reference) nor on the live prompts
+themselves, and the absolute bounds. Weighting matters once traffic has moved: a candidate that
+gains on the new domain and holds the old one passes, one that trades the old domain away does
+not, and the weights say how much each side counts. The report (JSON + HTML under
+reports/evaluations/, and in the candidate's MLflow run) shows the sets, weights and rules used,
+and the verdict is tagged on the candidate version.
 """
 
 from __future__ import annotations
@@ -25,6 +34,8 @@ from pydantic import BaseModel, Field
 from services.config import GateConfig, GenloopConfig, UserInputError
 from services.evaluation_report import render_html
 from services.registry import Registry
+from serving.inference_log import caller_prompts
+from monitoring.traffic import traffic_shares
 from training.datasets import resolve_dataset
 from training.evaluation import (
     LOWER_IS_BETTER,
@@ -65,6 +76,9 @@ class EvaluationReport(BaseModel):
     candidate: ModelSummary
     champion: ModelSummary | None
     sets: dict[str, list[str]] = Field(description="Held-out set name → dataset versions it is drawn from.")
+    weights: dict[str, float] = Field(
+        default_factory=dict, description="Set → weight of its gain in 'better on what we serve now'.")
+    traffic: str = Field("", description="How the weights were chosen, in a sentence.")
     metrics: dict[str, dict[str, SetMetrics]] = Field(description="set → 'candidate'/'champion' → metrics.")
     rules: list[RuleResult]
     passed: bool
@@ -83,27 +97,38 @@ def _relative_change(candidate: float, champion: float, metric: str) -> float:
     return change if metric in LOWER_IS_BETTER else -change
 
 
-def apply_policy(policy: GateConfig, metrics: dict[str, dict[str, SetMetrics]]) -> list[RuleResult]:
-    """One result per rule: improvement on current, no regression on reference, bounds on current."""
+def apply_policy(policy: GateConfig, metrics: dict[str, dict[str, SetMetrics]],
+                 weights: dict[str, float] | None = None) -> list[RuleResult]:
+    """One result per rule: better on what is served now (the weighted gain over the sets in
+    ``weights``, else on current), no regression on reference nor on live, bounds on current."""
     results: list[RuleResult] = []
     primary = policy.primary_metric
     current = metrics["current"]
+
+    def gain(set_name: str) -> tuple[float, float, float]:
+        cand, champ = (getattr(metrics[set_name][who], primary) for who in ("candidate", "champion"))
+        return cand, champ, _relative_change(cand, champ, primary)
+
     if "champion" in current:
-        cand, champ = getattr(current["candidate"], primary), getattr(current["champion"], primary)
-        gain = _relative_change(cand, champ, primary)
-        results.append(RuleResult(
-            rule=f"current.{primary} improves by ≥ {policy.min_improvement:.1%}",
-            passed=gain >= policy.min_improvement,
-            reason=f"candidate {cand:.4g} vs champion {champ:.4g}: {gain:+.2%}",
-        ))
-    if "reference" in metrics:
-        cand, champ = (getattr(metrics["reference"][who], primary) for who in ("candidate", "champion"))
-        gain = _relative_change(cand, champ, primary)
-        results.append(RuleResult(
-            rule=f"reference.{primary} regresses by ≤ {policy.max_regression:.1%}",
-            passed=gain >= -policy.max_regression,
-            reason=f"candidate {cand:.4g} vs champion {champ:.4g}: {gain:+.2%}",
-        ))
+        weights = {name: w for name, w in (weights or {"current": 1.0}).items() if name in metrics}
+        if set(weights) == {"current"}:
+            cand, champ, change = gain("current")
+            rule, reason = (f"current.{primary} improves by ≥ {policy.min_improvement:.1%}",
+                            f"candidate {cand:.4g} vs champion {champ:.4g}: {change:+.2%}")
+        else:
+            change = sum(w * gain(name)[2] for name, w in weights.items())
+            shares = ", ".join(f"{name} {w:.0%}" for name, w in weights.items())
+            rule = f"traffic-weighted {primary} ({shares}) improves by ≥ {policy.min_improvement:.1%}"
+            reason = "; ".join(f"{name} {gain(name)[2]:+.2%}" for name in weights) + f" → {change:+.2%}"
+        results.append(RuleResult(rule=rule, passed=change >= policy.min_improvement, reason=reason))
+    for set_name in ("reference", "live"):
+        if set_name in metrics and "champion" in metrics[set_name]:
+            cand, champ, change = gain(set_name)
+            results.append(RuleResult(
+                rule=f"{set_name}.{primary} regresses by ≤ {policy.max_regression:.1%}",
+                passed=change >= -policy.max_regression,
+                reason=f"candidate {cand:.4g} vs champion {champ:.4g}: {change:+.2%}",
+            ))
     for metric, ceiling in policy.ceilings.items():
         value = getattr(current["candidate"], metric)
         results.append(RuleResult(rule=f"current.{metric} ≤ {ceiling:g}", passed=value <= ceiling,
@@ -115,21 +140,6 @@ def apply_policy(policy: GateConfig, metrics: dict[str, dict[str, SetMetrics]]) 
     return results
 
 
-def _lineage_datasets(registry: Registry, version: ModelVersion) -> list[str]:
-    """Datasets of ``version`` and its ancestors (warm starts carry what their parents learned)."""
-    datasets: list[str] = []
-    seen: set[str] = set()
-    current: ModelVersion | None = version
-    while current is not None and current.version not in seen:
-        seen.add(current.version)
-        dataset = current.tags.get("dataset")
-        if dataset and dataset not in datasets:
-            datasets.append(dataset)
-        parent = current.tags.get("parent_version")
-        current = registry.resolve(parent) if parent else None
-    return datasets
-
-
 def _held_out_texts(config: GenloopConfig, datasets: list[str], seed: int) -> list[str]:
     texts: list[str] = []
     for spec in datasets:
@@ -139,6 +149,29 @@ def _held_out_texts(config: GenloopConfig, datasets: list[str], seed: int) -> li
         raise UserInputError(f"held-out sets of {', '.join(datasets)} are empty")
     random.Random(seed).shuffle(texts)
     return texts[: config.evaluation.max_texts]
+
+
+def _live_set(config: GenloopConfig, set_sources: dict[str, list[str]],
+              texts_by_set: dict[str, list[str]]) -> tuple[dict[str, float], str]:
+    """Add the 'live' set (recent caller prompts) when there are enough, and weigh 'current' and
+    'reference' by the share of those prompts that look like each; the weights and why."""
+    policy, window = config.gate, config.monitoring.drift_window
+    prompts = caller_prompts(config.inference_log_dir, since=datetime.now(UTC) - window) \
+        if policy.live_prompts else []
+    if len(prompts) < policy.min_live_prompts:
+        return {"current": 1.0}, (f"{len(prompts)} live prompts in the last {window}, fewer than "
+                                  f"{policy.min_live_prompts}: no live set, current alone must improve")
+    random.Random(config.evaluation.seed).shuffle(prompts)
+    prompts = prompts[: policy.live_prompts]
+    set_sources["live"] = [f"inference log, last {window} ({len(prompts)} prompts)"]
+    texts_by_set["live"] = prompts
+    if not policy.traffic_weighting or "reference" not in texts_by_set:
+        return {"current": 1.0}, f"{len(prompts)} live prompts scored as the live set; traffic weighting is off"
+    weights = traffic_shares({"current": texts_by_set["current"], "reference": texts_by_set["reference"]},
+                             prompts, config.monitoring.drift_prefix_words, config.evaluation.seed)
+    return weights, (f"{len(prompts)} live prompts of the last {window} look like "
+                     + " and ".join(f"{name} ({w:.0%})" for name, w in weights.items())
+                     + " (domain classifier on character n-grams)")
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -167,14 +200,21 @@ def evaluate(config: GenloopConfig, candidate_ref: str, against: str = "champion
     if not set_sources["current"][0]:
         raise UserInputError(f"v{candidate.version} has no dataset tag: it was not trained by genloop")
     if baseline is not None:
-        set_sources["reference"] = _lineage_datasets(registry, baseline)
+        set_sources["reference"] = registry.lineage_datasets(baseline)
+
+    texts_by_set = {name: _held_out_texts(config, datasets, settings.seed) for name, datasets in set_sources.items()}
+    weights, traffic = {"current": 1.0}, "no champion: the candidate is judged by the absolute bounds"
+    if baseline is not None:
+        weights, traffic = _live_set(config, set_sources, texts_by_set)
 
     metrics: dict[str, dict[str, SetMetrics]] = {}
     samples: list[Sample] = []
-    for set_name, datasets in set_sources.items():
-        texts = _held_out_texts(config, datasets, settings.seed)
-        prompts = make_prompts(texts, settings.prompts, settings.prompt_words, settings.reference_words,
-                               settings.seed)
+    for set_name, texts in texts_by_set.items():
+        # Live prompts are short and have no reference continuation: the live set scores bits per byte.
+        prompts = [] if set_name == "live" else make_prompts(
+            texts, settings.prompts, settings.prompt_words, settings.reference_words, settings.seed)
+        if not prompts and set_name != "live":
+            logger.warning("no %s text is long enough for a prompt: continuation scores are 0", set_name)
         kwargs = dict(stride=settings.stride, max_new_tokens=settings.max_new_tokens,
                       reference_words=settings.reference_words)
         metrics[set_name] = {}
@@ -191,13 +231,15 @@ def evaluate(config: GenloopConfig, candidate_ref: str, against: str = "champion
             samples.append(Sample(set=set_name, prompt=prompt.prompt, reference=prompt.reference,
                                   champion=champ_out, candidate=cand_out))
 
-    rules = apply_policy(config.gate, metrics)
+    rules = apply_policy(config.gate, metrics, weights)
     report = EvaluationReport(
         id=f"eval-{datetime.now(UTC):%Y%m%dT%H%M%S}-v{candidate.version}-{uuid.uuid4().hex[:6]}",
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         candidate=_summary(candidate, candidate_model, registry),
         champion=_summary(baseline, champion_model, registry) if baseline is not None else None,
         sets=set_sources,
+        weights=weights,
+        traffic=traffic,
         metrics=metrics,
         rules=rules,
         passed=all(rule.passed for rule in rules),

@@ -112,3 +112,22 @@ class Registry:
             )
             Path(downloaded).rename(target)
         return target
+
+    def lineage(self, version: ModelVersion) -> list[ModelVersion]:
+        """``version``, its parent, and so on back to the model trained from scratch."""
+        chain: list[ModelVersion] = []
+        current: ModelVersion | None = version
+        while current is not None and current.version not in {v.version for v in chain}:
+            chain.append(current)
+            parent = current.tags.get("parent_version")
+            current = self.resolve(parent) if parent else None
+        return chain
+
+    def lineage_datasets(self, version: ModelVersion) -> list[str]:
+        """Datasets of ``version`` and its ancestors (warm starts carry what their parents learned)."""
+        datasets: list[str] = []
+        for member in self.lineage(version):
+            dataset = member.tags.get("dataset")
+            if dataset and dataset not in datasets:
+                datasets.append(dataset)
+        return datasets

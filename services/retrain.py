@@ -1,12 +1,16 @@
-"""One retraining round, as the scheduler runs it: new data → warm start from the champion → gate.
+"""One retraining round, as the scheduler runs it: new data → replay mix → budgeted warm start → gate.
 
-The round is the loop of DESIGN.md in one call: ingest the configured sources (a new dataset
-version only when their content changed), train from the champion (from scratch when there is
-none) on the newest version, and promote through the evaluation gate. It does nothing when the
-champion was already trained on that very dataset version, or a candidate trained on it from this
-champion was refused, so a cron schedule (or persistent drift) costs nothing without new data. A
-refused or failed round leaves the champion as it was: training only registers a version, and only
-the gate moves the alias.
+The round is the loop of DESIGN.md in one call. It ingests the configured sources (a new dataset
+version only when their content changed) and the files landed in ``scheduler.incoming``, then
+counts the documents of the newest version that the champion's lineage never saw. Fewer than
+``scheduler.min_new_documents`` and the round is skipped, so a cron schedule (or persistent
+drift) costs nothing without new data. Otherwise it builds a training mix (``training.replay``):
+the new documents plus ``replay_fraction`` of earlier ones, because a warm start on new data alone
+forgets the old domain and the gate refuses it. The warm start runs on a budget, a share of the
+lineage's from-scratch compute (``retrain_budget``), in small steps (``retrain_micro_batch_size``),
+and early stopping may end it sooner. A mix already trained from this champion and refused is not trained
+again. A refused or failed round leaves the champion as it was: training only registers a
+version, and only the gate moves the alias.
 """
 
 from __future__ import annotations
@@ -17,12 +21,14 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from services.cluster import connect
-from services.config import GenloopConfig, UserInputError
+from services.config import GenloopConfig, TrainConfig, UserInputError
 from services.gate import EvaluationReport
 from services.lifecycle import PromotionRefused, promote
 from services.registry import Registry
-from services.training_run import TrainingRun, train
-from training.datasets import ingest, list_versions
+from services.training_run import TrainingRun, initial_compute, train
+from training.datasets import DatasetVersion, ingest, list_versions, resolve_dataset
+from training.incoming import ingest_incoming
+from training.replay import build_mix, new_documents
 
 logger = logging.getLogger(__name__)
 
@@ -38,23 +44,74 @@ class RetrainResult(BaseModel):
     report: EvaluationReport | None = Field(None, description="The gate's report, when it judged the candidate.")
 
 
-def retrain(config: GenloopConfig, reason: str, show_progress: bool = False, actor: str = "scheduler") -> RetrainResult:
-    """Run one round; ``actor`` and ``reason`` (cron, drift, manual) go into the promotion's audit trail."""
+def ingest_new_data(config: GenloopConfig, sources: bool = True) -> None:
+    """Ingest ``scheduler.sources`` (unless ``sources`` is False) and the settled files of
+    ``scheduler.incoming`` into ``scheduler.dataset``."""
     settings = config.scheduler
-    if not settings.sources and not list_versions(config.datasets_dir, settings.dataset):
-        raise UserInputError(f"dataset {settings.dataset!r} has no version and scheduler.sources is empty: "
-                             "nothing to train on")
-    if settings.sources:
-        connect(config.ray)  # before ingest: Ray Data would otherwise start a Ray of its own choosing
+    sources = sources and bool(settings.sources)
+    if not sources and settings.incoming is None:
+        return
+    connect(config.ray)  # before ingest: Ray Data would otherwise start a Ray of its own choosing
+    if sources:
         result = ingest(settings.sources, settings.dataset, config.data, config.datasets_dir)
-        logger.info("retrain (%s): %s %s", reason, result.version.spec, "ingested" if result.created else "unchanged")
-    dataset = list_versions(config.datasets_dir, settings.dataset)[-1].spec
+        logger.info("%s %s", result.version.spec, "ingested" if result.created else "unchanged")
+    if settings.incoming is not None:
+        landed = ingest_incoming(settings.incoming, settings.dataset, config.data, config.datasets_dir,
+                                 settings.incoming_settle_s)
+        if landed is not None:
+            logger.info("%s ingested from %s", landed.version.spec, settings.incoming)
 
+
+def unseen(config: GenloopConfig) -> tuple[DatasetVersion, list[DatasetVersion], int]:
+    """The newest version of ``scheduler.dataset``, the datasets the champion's lineage trained on,
+    and how many train documents of the first none of the second holds."""
+    settings = config.scheduler
+    versions = list_versions(config.datasets_dir, settings.dataset)
+    if not versions:
+        raise UserInputError(f"dataset {settings.dataset!r} has no version and scheduler.sources and "
+                             "scheduler.incoming bring none: nothing to train on")
     registry = Registry(config)
     champion = registry.alias_version("champion")
-    if champion is not None and champion.tags.get("dataset") == dataset:
-        return RetrainResult(outcome="skipped", dataset=dataset,
-                             detail=f"no new data: champion v{champion.version} was trained on {dataset}")
+    seen = [resolve_dataset(config.datasets_dir, spec) for spec in registry.lineage_datasets(champion)] \
+        if champion is not None else []
+    return versions[-1], seen, new_documents(versions[-1], seen)
+
+
+def retrain_settings(config: GenloopConfig, registry: Registry) -> TrainConfig:
+    """The warm start's schedule: at most ``retrain_budget`` of the lineage's from-scratch compute, in
+    steps of ``retrain_micro_batch_size``, with a short warm-up, validated often enough to stop early."""
+    train_settings, settings = config.train, config.scheduler
+    tokens_per_step = (train_settings.block_size * settings.retrain_micro_batch_size
+                       * train_settings.grad_accum_steps * train_settings.num_workers)
+    initial = initial_compute(registry, registry.resolve("champion"))
+    if initial is None and settings.retrain_budget <= 1:
+        raise UserInputError("the champion's lineage logged no training compute: give scheduler.retrain_budget "
+                             "as a number of steps (> 1)")
+    steps = min(train_settings.max_steps, settings.budget_steps(initial[0] if initial else 0, tokens_per_step))
+    return train_settings.model_copy(update={
+        "micro_batch_size": settings.retrain_micro_batch_size,
+        "max_steps": steps,
+        "warmup_steps": min(train_settings.warmup_steps, steps // 10),
+        "eval_every": min(train_settings.eval_every, max(1, steps // 4)),
+    })
+
+
+def retrain(config: GenloopConfig, reason: str, show_progress: bool = False, actor: str = "scheduler") -> RetrainResult:
+    """Run one round; ``actor`` and ``reason`` (cron, drift, new data, manual) go into the promotion's audit trail."""
+    settings = config.scheduler
+    ingest_new_data(config)
+    fresh, seen, count = unseen(config)
+    registry = Registry(config)
+    champion = registry.alias_version("champion")
+    if champion is None:  # the first model: from scratch on everything there is
+        dataset, base, train_settings = fresh.spec, None, None
+    elif count < settings.min_new_documents:
+        return RetrainResult(outcome="skipped", dataset=fresh.spec,
+                             detail=f"{count} new documents in {fresh.spec} since champion "
+                                    f"v{champion.version}'s data, fewer than {settings.min_new_documents}")
+    else:
+        mix = build_mix(config.datasets_dir, fresh, seen, settings.replay_fraction, seed=config.train.seed)
+        dataset, base = mix.spec, "champion"
     parent = str(champion.version) if champion is not None else ""
     tried = [v for v in registry.versions() if v.tags.get("dataset") == dataset
              and v.tags.get("parent_version", "") == parent]
@@ -62,7 +119,12 @@ def retrain(config: GenloopConfig, reason: str, show_progress: bool = False, act
         return RetrainResult(outcome="skipped", dataset=dataset, version=str(tried[-1].version),
                              detail=f"v{tried[-1].version} was already trained on {dataset} from "
                                     f"{'v' + parent if parent else 'scratch'} and is not the champion")
-    run = train(config, dataset, base="champion" if champion is not None else None, show_progress=show_progress)
+    if champion is not None:
+        train_settings = retrain_settings(config, registry)
+        counts = mix.manifest["counts"]
+        logger.info("retrain (%s) on %s: %d new + %d replayed documents, at most %d steps", reason, dataset,
+                    counts["new"], counts["replay"], train_settings.max_steps)
+    run = train(config, dataset, base=base, show_progress=show_progress, settings=train_settings)
     try:
         report = promote(config, run.version, actor=actor, reason=f"retrain ({reason}) on {dataset}")
     except PromotionRefused as refused:

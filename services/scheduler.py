@@ -1,20 +1,32 @@
 """The retraining scheduler: APScheduler jobs in a persistent job store, one run at a time.
 
-Two jobs, from ``config.scheduler``: ``retrain`` on a cron schedule (``services.retrain``) and
-``drift`` every ``drift_interval`` (``services.drift_check``), which starts a retrain right away
-when it finds drift. The jobs live in APScheduler's SQLAlchemy job store, so a restart keeps their
-schedule: a run missed while the scheduler was down still happens (once, ``coalesce``) if it is
-less than ``misfire_grace_s`` late. A job is rewritten only when its trigger changed in the config.
+Three jobs, from ``config.scheduler``: ``retrain`` on a cron schedule (``services.retrain``),
+``drift`` every ``drift_interval`` (``services.drift_check``), which starts a retrain when it finds
+drift, and ``ingest`` every ``incoming_interval``, the data watch: files landed in ``incoming``
+become a new dataset version, and once ``min_new_documents`` new documents have arrived since the
+champion's data it starts a retrain. The jobs live in APScheduler's SQLAlchemy job store, so a
+restart keeps their schedule: a run missed while the scheduler was down still happens (once,
+``coalesce``) if it is less than ``misfire_grace_s`` late. A job is rewritten only when its
+trigger changed in the config.
 
-One run at a time: a single executor thread runs every job, and the drift job runs a retrain in
-that same thread, so a retrain never overlaps another one or a drift check. A second scheduler on
-the same job store would run every job twice; an exclusive lock file next to the store refuses it.
+Retrains are the costly job, so they run in the off-peak ``window``: a scheduled, drift or
+new-data retrain due outside it is recorded as deferred and queued (in the job store) for the
+window's start, unless the drift that asked for it is urgent (``urgent_drift_score``); a manual
+run never waits. A run that fails is tried again after ``retry_backoff_s`` (doubling), up to
+``max_attempts``; bad state or config (a ``UserInputError``) is not retried, since it would fail
+the same way.
 
-Every run lands in the ``job_runs`` table next to the job store (job, start, end, outcome, detail),
-which ``services.exporter`` turns into ``genloop_scheduler_*`` series and ``genloop scheduler status``
-prints. Outcomes are few and fixed: a retrain is promoted, rejected or skipped (no new data); a
-drift check is drift, no drift or insufficient data; anything that raises, or was cut off by the
-process dying, is failed; a due run that could not start is skipped (still busy) or missed (too late).
+One run at a time: a single executor thread runs every job, and follow-up retrains run in that
+same thread, so a retrain never overlaps another one or a drift check. A second scheduler on the
+same job store would run every job twice; an exclusive lock file next to the store refuses it.
+
+Every attempt lands in the ``job_runs`` table next to the job store (job, reason with the attempt,
+start, end, outcome, detail), which ``services.exporter`` turns into ``genloop_scheduler_*`` series
+and ``genloop scheduler status`` prints. Outcomes are few and fixed: a retrain is promoted,
+rejected, skipped (too little new data) or deferred (outside the window); a drift check is drift,
+no drift or insufficient data; an ingest is ingested or no new data; anything that raises, or was
+cut off by the process dying, is failed; a due run that could not start is skipped (still busy)
+or missed (too late).
 """
 
 from __future__ import annotations
@@ -25,7 +37,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED, JobEvent
@@ -38,12 +50,15 @@ from pydantic import BaseModel
 from sqlalchemy import Column, Float, Integer, MetaData, String, Table, create_engine, func, insert, select, update
 
 from monitoring.metrics import JobState
-from services.config import GenloopConfig, UserInputError
+from services.config import GenloopConfig, UserInputError, parse_window
+from training.datasets import list_versions
 
 logger = logging.getLogger(__name__)
 
 JOBS_TABLE = "apscheduler_jobs"
 _ONE_OFF = "-now-"  # id infix of run_now's one-off jobs: "<job>-now-<ns>"
+DEFERRED = f"retrain{_ONE_OFF}deferred"  # the retrain waiting for the window (at most one)
+_WAITS_FOR_WINDOW = ("schedule", "drift", "new data")  # reasons whose retrain keeps to the window
 metadata = MetaData()
 job_runs = Table(
     "job_runs",
@@ -135,10 +150,23 @@ def run_job(job: str, reason: str = "schedule") -> None:
     _running.run(job, reason)
 
 
+def window_wait(window: str | None, now: datetime) -> datetime | None:
+    """When the off-peak ``window`` next opens, or None when ``now`` is inside it (or there is none)."""
+    if window is None:
+        return None
+    start, end = parse_window(window)
+    moment = now.timetz().replace(tzinfo=None)
+    inside = start <= moment < end if start < end else (moment >= start or moment < end)
+    if inside:
+        return None
+    opens = now.replace(hour=start.hour, minute=start.minute, second=0, microsecond=0)
+    return opens if opens > now else opens + timedelta(days=1)
+
+
 class GenloopScheduler:
     """The configured jobs on a background APScheduler; ``start``/``stop``, or ``run`` one job now."""
 
-    JOBS = ("retrain", "drift")
+    JOBS = ("retrain", "drift", "ingest")
 
     def __init__(self, config: GenloopConfig):
         self.config = config
@@ -152,6 +180,8 @@ class GenloopScheduler:
         )
         self.scheduler.add_listener(self._not_run, EVENT_JOB_MAX_INSTANCES | EVENT_JOB_MISSED)
         self._run_lock = threading.Lock()
+        self._stopping = threading.Event()  # cuts a retry's backoff short
+        self._drifted_share = 0.0  # of the latest drift check, for urgency
 
     def triggers(self) -> dict[str, BaseTrigger]:
         settings = self.config.scheduler
@@ -160,6 +190,8 @@ class GenloopScheduler:
             wanted["retrain"] = settings.cron_trigger(settings.retrain_cron)
         if settings.drift_interval:
             wanted["drift"] = IntervalTrigger(seconds=settings.drift_interval.total_seconds(), timezone=UTC)
+        if settings.incoming is not None and settings.incoming_interval:
+            wanted["ingest"] = IntervalTrigger(seconds=settings.incoming_interval.total_seconds(), timezone=UTC)
         return wanted
 
     def start(self) -> None:
@@ -182,7 +214,7 @@ class GenloopScheduler:
         wanted = self.triggers()
         grace = self.config.scheduler.misfire_grace_s
         for job in self.scheduler.get_jobs():
-            if job.id not in wanted:  # unconfigured, or a run_now that never ran
+            if job.id not in wanted and job.id != DEFERRED:  # unconfigured, or a run_now that never ran
                 logger.info("job %s is no longer configured: removed", job.id)
                 job.remove()
         for job_id, trigger in wanted.items():
@@ -197,6 +229,7 @@ class GenloopScheduler:
     def stop(self) -> None:
         """Stop firing jobs and wait for a running one to finish (a retrain is not cut off halfway)."""
         global _running
+        self._stopping.set()
         if self.scheduler.running:
             self.scheduler.pause()  # no new submissions while the executor shuts down
             self.scheduler.shutdown(wait=True)
@@ -212,25 +245,64 @@ class GenloopScheduler:
             raise UserInputError(f"unknown job {job!r}: {' or '.join(self.JOBS)}")
         self.scheduler.add_job(run_job, args=[job, "manual"], id=f"{job}{_ONE_OFF}{time.time_ns()}", name=job)
 
-    def run(self, job: str, reason: str, show_progress: bool = False) -> str:
-        """Run ``job`` in this thread and record it; returns the outcome. Never raises for a failed run.
+    def run(self, job: str, reason: str, show_progress: bool = False, urgent: bool = False) -> str:
+        """Run ``job`` in this thread, retried on failure, and record every attempt; returns the last
+        outcome. Never raises for a failed run.
 
-        ``show_progress`` draws training's progress bar (for a person at a terminal, not the scheduler)."""
+        ``show_progress`` draws training's progress bar (for a person at a terminal, not the scheduler);
+        ``urgent`` lets a retrain run outside the window."""
+        if job == "retrain" and not urgent and reason in _WAITS_FOR_WINDOW:
+            opens = window_wait(self.config.scheduler.window, datetime.now(UTC))
+            if opens is not None:
+                return self._defer(reason, opens)
+        attempts = self.config.scheduler.max_attempts
+        for attempt in range(1, attempts + 1):
+            label = reason if attempt == 1 else f"{reason} (attempt {attempt}/{attempts})"
+            outcome, retry = self._attempt(job, label, show_progress)
+            if not retry or attempt == attempts:
+                break
+            backoff = self.config.scheduler.retry_backoff_s * 2 ** (attempt - 1)
+            logger.warning("job %s: attempt %d of %d failed; next in %g s", job, attempt, attempts, backoff)
+            if self._stopping.wait(backoff):
+                break
+        if outcome == "drift" and self.config.scheduler.retrain_on_drift:
+            limit = self.config.scheduler.urgent_drift_score
+            self.run("retrain", "drift", show_progress,
+                     urgent=limit is not None and self._drifted_share >= limit)
+        if outcome == "ingested" and self._enough_new_data():
+            self.run("retrain", "new data", show_progress)
+        return outcome
+
+    def _attempt(self, job: str, reason: str, show_progress: bool) -> tuple[str, bool]:
+        """One recorded attempt: its outcome, and whether a failure is worth another attempt."""
+        retry = False
         with self._run_lock:
             run_id = self.history.started(job, reason)
             try:
-                outcome, detail = self._drift() if job == "drift" else self._retrain(reason, show_progress)
+                outcome, detail = {"drift": self._drift, "ingest": self._ingest}.get(
+                    job, lambda: self._retrain(reason, show_progress))()
             except UserInputError as exc:  # the state or config is not ready (no champion, no data): no bug
                 logger.warning("job %s failed: %s", job, exc)
                 outcome, detail = "failed", str(exc)
             except Exception as exc:  # noqa: BLE001 - a failed run is recorded; the scheduler keeps going
                 logger.exception("job %s failed", job)
-                outcome, detail = "failed", f"{type(exc).__name__}: {exc}"
+                outcome, detail, retry = "failed", f"{type(exc).__name__}: {exc}", True
             self.history.finished(run_id, outcome, detail)
             logger.info("job %s (%s): %s — %s", job, reason, outcome, detail)
-        if job == "drift" and outcome == "drift" and self.config.scheduler.retrain_on_drift:
-            self.run("retrain", "drift", show_progress)
-        return outcome
+        return outcome, retry
+
+    def _defer(self, reason: str, opens: datetime) -> str:
+        """Record a retrain that waits for the window and queue it for the window's start."""
+        detail = f"outside the window {self.config.scheduler.window} (UTC): waits until {opens.isoformat()}"
+        if self.scheduler.running:
+            self.scheduler.add_job(run_job, "date", run_date=opens, args=["retrain", reason], id=DEFERRED,
+                                   name="retrain", replace_existing=True)
+        else:
+            detail += " (no scheduler runs here to start it then)"
+        run_id = self.history.started("retrain", reason)
+        self.history.finished(run_id, "deferred", detail)
+        logger.info("job retrain (%s): deferred — %s", reason, detail)
+        return "deferred"
 
     def _retrain(self, reason: str, show_progress: bool) -> tuple[str, str]:
         from services.retrain import retrain  # heavy (torch, Ray): only where a job really runs
@@ -242,9 +314,27 @@ class GenloopScheduler:
         from services.drift_check import run_drift_check
 
         result = run_drift_check(self.config)
+        self._drifted_share = result.drifted_share
         drifted = ", ".join(result.drifted_features) or "none"
         return result.verdict, (f"{result.current_samples} prompts vs {result.reference_samples} reference; "
-                                f"drifted: {drifted}; report {result.id}")
+                                f"drifted: {drifted} ({result.drifted_share:.0%}); report {result.id}")
+
+    def _ingest(self) -> tuple[str, str]:
+        from services.retrain import ingest_new_data, unseen
+
+        settings = self.config.scheduler
+        before = len(list_versions(self.config.datasets_dir, settings.dataset))
+        ingest_new_data(self.config, sources=False)
+        if len(list_versions(self.config.datasets_dir, settings.dataset)) == before:
+            return "no new data", f"no new settled file in {settings.incoming}"
+        fresh, _, count = unseen(self.config)
+        return "ingested", (f"{fresh.spec} from {settings.incoming}: {count} documents the champion has not seen "
+                            f"(a retrain needs {self.config.scheduler.min_new_documents})")
+
+    def _enough_new_data(self) -> bool:
+        from services.retrain import unseen
+
+        return unseen(self.config)[2] >= self.config.scheduler.min_new_documents
 
     def _not_run(self, event: JobEvent) -> None:
         """A due run that did not happen is recorded too: still busy (skipped) or too late (missed)."""

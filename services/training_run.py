@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import ray.data
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.entities import Metric, Param
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -93,16 +94,31 @@ def _check_size(tokenizer: PreTrainedTokenizerBase, dataset: DatasetVersion, set
     return train_tokens
 
 
+def initial_compute(registry: Registry, version: ModelVersion) -> tuple[int, float] | None:
+    """Tokens and FLOPs of the from-scratch run that ``version``'s lineage started with; None when
+    that run logged no cost (a model registered from outside genloop)."""
+    root = registry.lineage(version)[-1]
+    metrics = registry.client.get_run(root.run_id).data.metrics if root.run_id else {}
+    if "cost_tokens_seen" not in metrics or "cost_parameters" not in metrics:
+        return None
+    tokens = int(metrics["cost_tokens_seen"])
+    return tokens, 6.0 * metrics["cost_parameters"] * tokens
+
+
 def train(
-    config: GenloopConfig, dataset_spec: str, base: str | None = None, show_progress: bool = True
+    config: GenloopConfig, dataset_spec: str, base: str | None = None, show_progress: bool = True,
+    settings: TrainConfig | None = None,
 ) -> TrainingRun:
-    """Train a model on ``dataset_spec`` (from scratch, or from ``base``) and register it."""
-    settings = config.train
+    """Train a model on ``dataset_spec`` (from scratch, or from ``base``) and register it.
+
+    ``settings`` replaces ``config.train`` (a retrain's budgeted, gentler schedule)."""
+    settings = settings or config.train
     if settings.lora.enabled and base is None:
         raise UserInputError("--lora fine-tunes an existing model: give --base PATH|VERSION")
     dataset = resolve_dataset(config.datasets_dir, dataset_spec)
     registry = Registry(config)
     parent_version = ""
+    initial: tuple[int, float] | None = None
     work = Path(tempfile.mkdtemp(prefix="train-", dir=config.home))
     init_dir = work / "init"
     try:
@@ -116,6 +132,7 @@ def train(
             else:
                 base_version = registry.resolve(base)
                 parent_version = base_version.version
+                initial = initial_compute(registry, base_version)
                 base_dir = registry.local_path(base_version)
             model = load_model(base_dir)
             tokenizer = AutoTokenizer.from_pretrained(base_dir)
@@ -173,6 +190,7 @@ def train(
             tokens_seen=int(outcome.metrics["tokens_seen"]),
             timed_tokens=int(outcome.metrics["timed_tokens"]),
             prices=config.cost,
+            initial_compute_flops=initial[1] if initial else None,
         )
         summary = {
             "best_val_loss": outcome.metrics["best_val_loss"],

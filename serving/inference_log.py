@@ -150,3 +150,12 @@ def read_inference_log(root: Path, since: datetime | None = None, until: datetim
         upper = pads.field("time") < pa.scalar(until.astimezone(UTC), type=SCHEMA.field("time").type)
         condition = upper if condition is None else condition & upper
     return dataset.to_table(filter=condition).sort_by("time")
+
+
+def caller_prompts(root: Path, since: datetime, until: datetime | None = None) -> list[str]:
+    """Prompts callers sent (status 200, not shadow copies) in [since, until)."""
+    import pyarrow.compute as pc
+
+    table = read_inference_log(root, since=since, until=until)
+    table = table.filter(pc.and_(pc.equal(table["status"], 200), pc.invert(table["shadow"])))
+    return [p for p in table.column("prompt").to_pylist() if p]

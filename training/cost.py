@@ -29,6 +29,11 @@ class CostReport(BaseModel):
     tokens_per_second: float = Field(description="Tokens of the timed steps / train_seconds, over all workers.")
     peak_flops_per_device: float = Field(description="Peak FLOP/s per device assumed for MFU.")
     mfu: float = Field(description="6·parameters·tokens_per_second / (peak · device_count).")
+    compute_flops: float = Field(description="Training compute, 6·parameters·tokens_seen.")
+    initial_compute_flops: float = Field(
+        description="Compute of the from-scratch run this model's lineage started with (its own, from scratch)."
+    )
+    compute_ratio: float = Field(description="compute_flops / initial_compute_flops: what a retrain cost.")
 
 
 def cost_report(
@@ -41,12 +46,16 @@ def cost_report(
     tokens_seen: int,
     timed_tokens: int,
     prices: CostConfig,
+    initial_compute_flops: float | None = None,
 ) -> CostReport:
+    """``initial_compute_flops`` is the lineage's from-scratch compute; None means this run is it."""
     device_hours = wall_seconds * device_count / 3600
     price = prices.price_per_device_hour.get(device_type, 0.0)
     watts = prices.watts_per_device.get(device_type, 0.0)
     peak = prices.peak_flops_per_device.get(device_type, 0.0)
     tokens_per_second = timed_tokens / max(train_seconds, 1e-9)
+    flops = 6.0 * parameters * tokens_seen
+    initial = initial_compute_flops or flops
     return CostReport(
         wall_seconds=wall_seconds,
         train_seconds=train_seconds,
@@ -62,4 +71,7 @@ def cost_report(
         tokens_per_second=tokens_per_second,
         peak_flops_per_device=peak,
         mfu=6 * parameters * tokens_per_second / (peak * device_count) if peak else 0.0,
+        compute_flops=flops,
+        initial_compute_flops=initial,
+        compute_ratio=flops / initial if initial else 0.0,
     )

@@ -146,11 +146,14 @@ def resolve_dataset(datasets_dir: Path, spec: str) -> DatasetVersion:
 # --- ingest -----------------------------------------------------------------------------------
 
 
-def ingest(sources: list[str], name: str, data: DataConfig, datasets_dir: Path) -> IngestResult:
+def ingest(sources: list[str | Source], name: str, data: DataConfig, datasets_dir: Path,
+           extend: DatasetVersion | None = None, manifest_extra: dict[str, Any] | None = None) -> IngestResult:
     """Read, clean, deduplicate and split ``sources`` into a new version of dataset ``name``.
 
     All sources are checked before any work starts, and nothing is written until everything
     succeeded; the version folder appears with one rename, so a failure leaves no trace.
+    ``extend`` keeps that version's documents as they are, first, and adds the sources' to them
+    (deduplicated against them). ``manifest_extra`` goes into the manifest and its content hash.
     """
     if not _NAME.fullmatch(name):
         raise UserInputError(
@@ -158,8 +161,8 @@ def ingest(sources: list[str], name: str, data: DataConfig, datasets_dir: Path) 
         )
     if not sources:
         raise UserInputError("no sources given: pass files, folders, globs or builtin sources")
-    resolved = [resolve_source(spec, data) for spec in sources]
-    table, source_stats, dropped = _read_and_clean(resolved, data)
+    resolved = [spec if isinstance(spec, Source) else resolve_source(spec, data) for spec in sources]
+    table, source_stats, dropped = _read_and_clean(resolved, data, extend)
     read = sum(s["documents_read"] for s in source_stats)
     if table.num_rows == 0:
         reasons = ", ".join(f"{reason}: {n}" for reason, n in dropped.items() if n)
@@ -171,7 +174,9 @@ def ingest(sources: list[str], name: str, data: DataConfig, datasets_dir: Path) 
     table = table.sort_by("content_hash")
     hashes = table.column("content_hash").to_pylist()
     splits = [split_of(h, data.validation_fraction) for h in hashes]
-    digest = hashlib.sha256("".join(f"{h} {s}\n" for h, s in zip(hashes, splits)).encode()).hexdigest()
+    digest = hashlib.sha256("".join(f"{h} {s}\n" for h, s in zip(hashes, splits)).encode()
+                            + (json.dumps(manifest_extra, sort_keys=True).encode() if manifest_extra else b"")
+                            ).hexdigest()
 
     datasets_dir = Path(datasets_dir)
     versions = list_versions(datasets_dir, name)
@@ -200,8 +205,10 @@ def ingest(sources: list[str], name: str, data: DataConfig, datasets_dir: Path) 
         },
         "content_hash": digest,
         "config": data.model_dump(mode="json"),
+        **({"extends": extend.spec} if extend is not None else {}),
+        **(manifest_extra or {}),
     }
-    path = _write_version(datasets_dir / name, version, train, validation, manifest)
+    path = write_version(datasets_dir / name, version, train, validation, manifest)
     logger.info("wrote %s: %d documents kept of %d read", path, table.num_rows, read)
     return IngestResult(version=DatasetVersion(name=name, version=version, path=path, manifest=manifest), created=True)
 
@@ -251,12 +258,22 @@ def _clean_batch(batch: pa.Table, data: DataConfig) -> pa.Table:
 
 
 def _read_and_clean(
-    resolved: list[Source], data: DataConfig
+    resolved: list[Source], data: DataConfig, extend: DatasetVersion | None = None
 ) -> tuple[pa.Table, list[dict[str, Any]], dict[str, int]]:
-    """Run each source through Ray Data and deduplicate on the driver, source by source, in order."""
+    """Run each source through Ray Data and deduplicate on the driver, source by source, in order,
+    after the documents of ``extend`` (kept as they are; their signatures are recomputed here)."""
     index = DuplicateIndex(data.near_dup_threshold, data.minhash_num_perm)
     dropped = dict.fromkeys(DROP_REASONS, 0)
     kept: dict[str, list[str]] = {column: [] for column in OUTPUT_SCHEMA.names}
+    if extend is not None:
+        earlier = pa.concat_tables([pq.read_table(path, columns=OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)
+                                    for path in (extend.train_path, extend.validation_path)])
+        texts = earlier.column("text").to_pylist()
+        signatures = minhash_signatures(texts, data.minhash_num_perm, data.shingle_words) if texts else []
+        for doc_hash, signature in zip(earlier.column("content_hash").to_pylist(), signatures):
+            index.add(doc_hash, signature)
+        for column in OUTPUT_SCHEMA.names:
+            kept[column].extend(earlier.column(column).to_pylist())
     source_stats = []
     columns = (
         SpinnerColumn(),
@@ -301,7 +318,7 @@ def _read_and_clean(
     return pa.table(kept, schema=OUTPUT_SCHEMA), source_stats, dropped
 
 
-def _write_version(folder: Path, version: int, train: pa.Table, validation: pa.Table, manifest: dict) -> Path:
+def write_version(folder: Path, version: int, train: pa.Table, validation: pa.Table, manifest: dict) -> Path:
     """Write into a hidden temporary folder, then rename it to ``vN``: readers never see half a version."""
     made_folder = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)

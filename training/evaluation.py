@@ -255,8 +255,6 @@ def evaluate_model(
         _cut_words(tokenizer.decode(ids, skip_special_tokens=True), reference_words).strip() for ids in generated
     ]
     generated_tokens = sum(len(ids) for ids in generated)
-    if not prompts:
-        logger.warning("no held-out text is long enough for a prompt: continuation scores are 0")
     metrics = SetMetrics(
         perplexity=math.exp(nll / tokens),
         bits_per_byte=nll / math.log(2) / scored_bytes,

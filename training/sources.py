@@ -23,7 +23,7 @@ import os
 import re
 import sysconfig
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -57,6 +57,8 @@ class Source:
     licence: str
     files: tuple[str, ...] = ()
     builtin: str | None = None
+    payload: tuple[bytes, ...] = field(default=(), repr=False)  # the files' bytes, when the driver read them
+
 
     def read(self, data: DataConfig) -> ray.data.Dataset:
         """Rows of ``DOCUMENT_SCHEMA`` in a fixed order, capped at ``data.max_documents_per_source``.
@@ -70,7 +72,9 @@ class Source:
                 _builtin_documents, fn_kwargs={"builtin": self.builtin}, batch_format="pyarrow", batch_size=16
             )
         else:
-            ds = ray.data.read_binary_files(list(self.files), include_paths=True).map_batches(
+            files = (ray.data.from_arrow(pa.table({"bytes": list(self.payload), "path": list(self.files)}))
+                     if self.payload else ray.data.read_binary_files(list(self.files), include_paths=True))
+            ds = files.map_batches(
                 _file_documents,
                 fn_kwargs={"txt_mode": data.txt_mode, "text_field": data.text_field},
                 batch_format="pyarrow",

@@ -22,6 +22,7 @@ from services.gate import evaluate
 from services.lifecycle import PromotionRefused, promote, roles, rollback
 from services.registry import Registry
 from training.datasets import ingest, resolve_dataset
+from training.replay import build_mix
 
 
 def reset_aliases(config: GenloopConfig, champion: str | None, previous: str | None = None) -> None:
@@ -61,6 +62,18 @@ def world(tmp_path_factory, ray_cluster, register_model, train_tiny) -> tuple[Ge
     versions["better"] = trained("docs", 40, base=versions["champion"], lr=5e-4)
     versions["rival"] = trained("docs", 40, base=versions["champion"], seed=1, lr=5e-4)
     versions["code_only"] = trained("code", 60)
+
+    def warm_start(fraction: float) -> str:  # a retrain's mix of code:v1 with a replay of docs:v1
+        dataset = resolve_dataset(config.datasets_dir, "docs:v1")
+        mix = build_mix(config.datasets_dir, resolve_dataset(config.datasets_dir, "code:v1"), [dataset], fraction)
+        texts = pq.read_table(mix.train_path).column("text").to_pylist()
+        folder = train_tiny(texts, 40, root / f"model-{len(folders)}", base=folders[versions["champion"]],
+                            lr=5e-4)
+        version = register_model(config, folder, tags={"dataset": mix.spec, "parent_version": versions["champion"]})
+        folders[version] = folder
+        return version
+
+    versions["no_replay"], versions["replay"] = warm_start(0.0), warm_start(0.5)
     return config, versions
 
 
@@ -110,6 +123,25 @@ def test_new_domain_that_forgets_the_old_one_is_rejected(world):
     assert not rules["reference.bits_per_byte"].passed, rules["reference.bits_per_byte"].reason
     assert not report.passed
     assert report.sets == {"current": ["code:v1"], "reference": ["docs:v1"]}
+
+
+def test_a_warm_start_on_a_new_domain_needs_replay_to_pass(world):
+    """The failure the loop had: a warm start on the new domain alone forgets the old one and is
+    refused; the same warm start with half its documents replayed from the old domain is promoted."""
+    config, v = world
+    reset_aliases(config, v["champion"])
+    forgetful = evaluate(config, v["no_replay"])
+    rules = {rule.rule.split(" ")[0]: rule for rule in forgetful.rules}
+    assert rules["current.bits_per_byte"].passed, rules["current.bits_per_byte"].reason
+    assert not rules["reference.bits_per_byte"].passed, rules["reference.bits_per_byte"].reason
+    assert forgetful.sets == {"current": ["code-mix:v1"], "reference": ["docs:v1"]}
+
+    report = promote(config, v["replay"], actor="test")
+    assert report.passed, [rule.reason for rule in report.rules]
+    assert report.sets == {"current": ["code-mix:v2"], "reference": ["docs:v1"]}
+    assert roles(config).champion == v["replay"]
+    replay = resolve_dataset(config.datasets_dir, "code-mix:v2").manifest["replay"]
+    assert replay["versions"] == ["docs:v1"] and replay["fraction"] == 0.5 and replay["documents"] > 0
 
 
 class _Collector(HTMLParser):
