@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import threading
+from concurrent.futures import ThreadPoolExecutor
 import time
 import urllib.error
 import urllib.request
@@ -46,7 +47,11 @@ DEMO_DATASET = "python-docs"
 DEMO_SOURCES = ["builtin:python-docs"]
 NEW_DOMAIN = "builtin:python-code"
 LIVE_DATASET = "live"  # the scheduler's dataset: what lands in incoming
-TRAFFIC = 60  # prompts per phase: above monitoring.drift_min_samples
+TRAFFIC = 60  # new-domain prompts before the drift check: above monitoring.drift_min_samples
+# Same-domain prompts: a drift score is a distance between two samples, and on 60 prompts the
+# sampling noise alone reaches the threshold; 200 keep it well below.
+SAME_DOMAIN_TRAFFIC = 200
+CLIENTS = 4
 INCOMING_PARTS = 3  # the new domain's documents land as this many files
 
 
@@ -60,6 +65,7 @@ class Traffic:
     served: dict[str, int] = field(default_factory=dict)  # version → answers
     failed: list[str] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)  # several clients may share the counts
     _thread: threading.Thread | None = None
 
     def send(self, prompt: str, max_tokens: int = 8) -> tuple[str, str] | None:
@@ -69,9 +75,11 @@ class Traffic:
             with urllib.request.urlopen(request, timeout=120) as response:
                 text, version = json.load(response)["choices"][0]["text"], response.headers[VERSION_HEADER]
         except (urllib.error.URLError, OSError, ValueError) as exc:
-            self.failed.append(f"{type(exc).__name__}: {exc}")
+            with self._lock:
+                self.failed.append(f"{type(exc).__name__}: {exc}")
             return None
-        self.served[version] = self.served.get(version, 0) + 1
+        with self._lock:
+            self.served[version] = self.served.get(version, 0) + 1
         return text, version
 
     def start(self, limit: int, seconds: float) -> Traffic:
@@ -142,8 +150,8 @@ def run_demo(config: GenloopConfig, max_steps: int, console: Console, new_domain
         console.rule("[bold]2 · same-domain traffic → drift job")
         phase = time.time()
         same = Traffic(url, config.serving.model_name, old_prompts)
-        for prompt in old_prompts[:TRAFFIC]:
-            same.send(prompt)
+        with ThreadPoolExecutor(CLIENTS) as clients:  # the engine batches concurrent requests
+            list(clients.map(same.send, old_prompts[:SAME_DOMAIN_TRAFFIC]))
         same_drift = _drift(config, scheduler, since=phase, rows=same.total, console=console)
 
         console.rule(f"[bold]3 · traffic turns to {new_domain}; its documents land in {incoming}")

@@ -1,7 +1,12 @@
 """`genloop drift`: gather the reference and the live window, run the drift check, record it.
 
-Reference: the champion's training texts (its dataset's train split) cut to prompt-like prefixes,
-or, when ``monitoring.drift_reference_window`` pins one, that window of the inference log.
+Reference: text of the champion's domain cut to prompt-like prefixes, or, when
+``monitoring.drift_reference_window`` pins one, that window of the inference log. The text is the
+held-out (validation) split of every dataset in the champion's lineage when it holds at least
+``drift_min_samples`` texts: the champion never trained on it, so its surprise and its tokenizer's
+byte fallback on it are what they are on unseen text of the same domain, where on its own training
+text they are lower and same-domain traffic looked like drift. With less held-out text, the
+champion's training texts stand in.
 Current: the inference log's last ``window`` of answered, non-shadow requests. The check itself
 (Evidently) is ``monitoring.drift``; this module knows where things live: registry, datasets,
 inference log, reports, MLflow.
@@ -31,12 +36,22 @@ def drift_dir(config: GenloopConfig) -> Path:
     return config.reports_dir / "drift"
 
 
-def training_prefixes(config: GenloopConfig, dataset_spec: str, limit: int, seed: int) -> list[str]:
-    """Up to ``limit`` texts of the dataset's train split, each cut to a prompt-like number of words."""
-    dataset = resolve_dataset(config.datasets_dir, dataset_spec)
-    texts = pq.read_table(dataset.train_path, columns=["text"]).column("text").to_pylist()
+def reference_prefixes(config: GenloopConfig, registry: Registry, champion, limit: int,
+                       seed: int) -> tuple[list[str], str]:
+    """Up to ``limit`` texts of the champion's domain (see the module docstring), cut to prompt-like
+    numbers of words, and where they came from."""
+    specs = registry.lineage_datasets(champion)
+    if not specs:
+        raise UserInputError(f"champion v{champion.version} has no dataset tag; pin "
+                             "monitoring.drift_reference_window instead")
+    datasets = [resolve_dataset(config.datasets_dir, spec) for spec in specs]
+    texts = [t for d in datasets for t in pq.read_table(d.validation_path, columns=["text"]).column("text").to_pylist()]
+    label = f"held-out texts of v{champion.version}'s lineage ({', '.join(specs)})"
+    if len(texts) < config.monitoring.drift_min_samples:
+        texts = pq.read_table(datasets[0].train_path, columns=["text"]).column("text").to_pylist()
+        label = f"training texts of v{champion.version} ({specs[0]}; too little held-out text)"
     texts = random.Random(seed).sample(texts, min(limit, len(texts)))
-    return prompt_prefixes(texts, config.monitoring.drift_prefix_words, seed)
+    return prompt_prefixes(texts, config.monitoring.drift_prefix_words, seed), label + ", cut to prompt-like prefixes"
 
 
 def run_drift_check(config: GenloopConfig, window: timedelta | None = None) -> DriftResult:
@@ -55,12 +70,8 @@ def run_drift_check(config: GenloopConfig, window: timedelta | None = None) -> D
         reference = caller_prompts(config.inference_log_dir, since=start, until=end)
         reference_label = f"inference log, pinned window {start.isoformat()} – {end.isoformat()}"
     else:
-        dataset = champion.tags.get("dataset")
-        if not dataset:
-            raise UserInputError(f"champion v{champion.version} has no dataset tag; pin "
-                                 "monitoring.drift_reference_window instead")
-        reference = training_prefixes(config, dataset, settings.drift_max_samples, seed=0)
-        reference_label = f"training texts of v{champion.version} ({dataset}), cut to prompt-like prefixes"
+        reference, reference_label = reference_prefixes(config, registry, champion, settings.drift_max_samples,
+                                                        seed=0)
 
     model, tokenizer = load_for_evaluation(registry.local_path(champion))
     result = detect_drift(

@@ -1,11 +1,16 @@
 """The README's main job, `genloop demo`, end to end in a subprocess with a relative GENLOOP_HOME.
 
-This is the command a new user runs first; it once failed only because Ray workers resolved the
-relative default home against their own working directory, which no in-process test saw.
+This is the command a new user runs first, at the size ``make demo`` runs it, and the loop's core
+promise on a real domain shift: v1 learns Python's docs; same-domain traffic is no drift; traffic
+and new documents from Python's source code are; the retrain (replay, budget) passes the gate and
+is rolled out under that traffic. The issue's four goals are asserted here as behaviour.
+It once failed only because Ray workers resolved the relative default home against their own
+working directory, which no in-process test saw.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -17,28 +22,41 @@ from services.lifecycle import roles
 from services.registry import Registry
 from services.scheduler import JobHistory
 from serving.inference_log import read_inference_log
+from training.datasets import resolve_dataset
 
 
-def test_demo_runs_the_whole_loop(tmp_path: Path):
+def test_demo_adapts_to_a_domain_shift(tmp_path: Path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = {**os.environ, "GENLOOP_HOME": "state", "GENLOOP_DATA__MAX_DOCUMENTS_PER_SOURCE": "1500",
-           "GENLOOP_TOKENIZER__VOCAB_SIZE": "1024", "GENLOOP_RAY__NUM_CPUS": "2", "COLUMNS": "160",
+    env = {**os.environ, "GENLOOP_HOME": "state", "GENLOOP_RAY__NUM_CPUS": "2", "COLUMNS": "160",
            "GENLOOP_SERVING__PORT": str(port)}
-    result = subprocess.run([sys.executable, "-m", "services.cli", "demo", "--max-steps", "30"], cwd=tmp_path,
-                            env=env, capture_output=True, text=True, timeout=900)
+    result = subprocess.run([sys.executable, "-m", "services.cli", "demo"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "round 2" in result.stdout and "is the champion" in result.stdout
-    assert "retrain job:" in result.stdout and "served by v" in result.stdout and "drift job:" in result.stdout
+    assert "genloop demo: what happened" in result.stdout, result.stdout[-3000:]
 
     config = GenloopConfig(home=tmp_path / "state")
-    versions = Registry(config).versions()
-    assert len(versions) == 2 and versions[1].tags["parent_version"] == str(versions[0].version)
-    assert roles(config).champion in {str(v.version) for v in versions}
-    assert list((tmp_path / "state" / "reports" / "evaluations").glob("*.html"))
+    registry = Registry(config)
+    v1, v2 = registry.versions()
+    assert v2.tags["parent_version"] == str(v1.version) and v2.tags["dataset"] == "live-mix:v1"
+    assert roles(config).champion == str(v2.version)  # promoted by the gate, no --force
+    replay = resolve_dataset(config.datasets_dir, "live-mix:v1").manifest["replay"]
+    assert replay["versions"] == ["python-docs:v1"] and replay["documents"] > 0
+
+    report = json.loads((config.reports_dir / "evaluations" / f"{v2.tags['evaluation_report']}.json").read_text())
+    bits = {name: {who: m["bits_per_byte"] for who, m in by.items()} for name, by in report["metrics"].items()}
+    assert bits["current"]["candidate"] <= 0.85 * bits["current"]["champion"], bits  # new domain ≥ 15 % better
+    assert bits["reference"]["candidate"] <= 1.02 * bits["reference"]["champion"], bits  # old ≤ 2 % worse
+    assert report["passed"] and set(report["weights"]) == {"current", "reference"} and "live" in report["sets"]
+
+    compute = registry.client.get_run(v2.run_id).data.metrics["cost_compute_ratio"]
+    assert compute <= 0.2 + 1e-9
+
+    drift = [run for run in reversed(JobHistory(config.scheduler_db).recent()) if run.job == "drift"]
+    assert [run.outcome for run in drift] == ["no drift", "drift"], [run.detail for run in drift]
+
     served = read_inference_log(config.inference_log_dir)
-    assert len(served) == 62 and set(served.column("status").to_pylist()) == {200}
-    runs = {run.job: run for run in JobHistory(config.scheduler_db).recent()}
-    assert runs["retrain"].outcome in ("promoted", "rejected") and runs["retrain"].reason == "demo"
-    assert runs["drift"].outcome in ("no drift", "drift"), runs["drift"].detail  # 60 prompts: enough to judge
+    assert set(served.column("status").to_pylist()) == {200}  # nothing failed, the swap included
+    assert str(v2.version) in set(served.column("model_version").to_pylist())
+    assert "requests failed" in result.stdout and "│ 0 " in result.stdout.split("requests failed")[1][:40]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import time
 from datetime import UTC, datetime, timedelta
 
+import pyarrow as pa
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
@@ -16,8 +18,9 @@ from monitoring.metrics import ControlPlaneCollector
 from services.config import GenloopConfig, UserInputError
 from services.exporter import read_state
 from services.registry import Registry
-from services.scheduler import GenloopScheduler, JobHistory
+from services.scheduler import DEFERRED, GenloopScheduler, JobHistory, window_wait
 from serving.inference_log import InferenceLog, InferenceRecord
+from training.datasets import list_versions, resolve_dataset, write_version
 
 
 def next_runs(config) -> dict[str, float | None]:
@@ -143,7 +146,8 @@ def test_retrain_promotes_new_data_skips_old_data_and_drift_starts_it(genloop_co
     first, second, drift, after_drift = sorted(runs, key=lambda run: run.id)
     assert (first.job, first.outcome) == ("retrain", "promoted"), first.detail
     assert champion is not None and champion.tags["dataset"] == "live:v1"
-    assert (second.outcome, second.detail) == ("skipped", "no new data: champion v1 was trained on live:v1")
+    assert (second.outcome, second.detail) == (
+        "skipped", "0 new documents in live:v1 since champion v1's data, fewer than 100")
     assert second.started_at >= first.finished_at  # one run at a time
     assert (drift.job, drift.outcome) == ("drift", "drift"), drift.detail
     assert (after_drift.job, after_drift.reason, after_drift.outcome) == ("retrain", "drift", "skipped")
@@ -201,3 +205,101 @@ def test_scheduler_start_stops_cleanly_on_sigterm(tmp_path):
     assert "retrain" in output and "stopping" in output and "Traceback" not in output
     with GenloopScheduler(GenloopConfig(home=tmp_path / "home")).exclusive():  # its lock was released
         pass
+
+
+def champion_on_docs(config, make_docs_dataset, make_tiny_model, register_model, tmp_path) -> tuple[str, list[str]]:
+    """A champion (the tiny 64-token model) tagged as trained on docs:v1; and docs it never saw."""
+    unseen_docs = make_docs_dataset(config)
+    version = register_model(config, make_tiny_model(tmp_path / "champion"),
+                             tags={"dataset": "docs:v1", "parent_version": ""})
+    registry = Registry(config)
+    registry.client.set_registered_model_alias(registry.name, "champion", version)
+    return version, [doc for doc in unseen_docs if len(doc) >= 100]
+
+
+def land(path, docs: list[str], settled: bool = True):
+    path.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in docs), encoding="utf-8")
+    if settled:
+        os.utime(path, (time.time() - 120, time.time() - 120))
+    return path
+
+
+def test_files_landing_in_incoming_become_versions_and_enough_of_them_a_retrain(
+        genloop_config, ray_cluster, make_docs_dataset, make_tiny_model, register_model, tmp_path):
+    config = genloop_config
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    config.scheduler.incoming, config.scheduler.incoming_settle_s = incoming, 30
+    config.scheduler.min_new_documents = 25
+    config.scheduler.retrain_budget = 10
+    config.train.block_size = 128  # beyond the champion's 64-token context: the warm start stops there
+    champion, docs = champion_on_docs(config, make_docs_dataset, make_tiny_model, register_model, tmp_path)
+    first = land(incoming / "a.jsonl", docs[:20])
+    land(incoming / "copy-of-a.jsonl", docs[:20])  # the same bytes under another name
+    second = land(incoming / "b.jsonl", docs[20:45], settled=False)  # still being written
+
+    scheduler = GenloopScheduler(config)
+    with scheduler.exclusive():
+        assert scheduler.run("ingest", "schedule") == "ingested"  # fewer than 25 new documents: no retrain
+        assert scheduler.run("ingest", "schedule") == "no new data"
+        os.utime(second, (time.time() - 120, time.time() - 120))
+        assert scheduler.run("ingest", "schedule") == "ingested"
+
+    live = {v.version: v for v in list_versions(config.datasets_dir, "live")}
+    assert [f["path"] for f in live[1].manifest["files"]] == [first.name]
+    assert [f["path"] for f in live[2].manifest["files"]] == [first.name, second.name]
+    assert live[2].manifest["extends"] == "live:v1" and live[2].manifest["counts"]["kept"] > live[1].manifest[
+        "counts"]["kept"]
+    runs = [(run.job, run.reason, run.outcome) for run in reversed(scheduler.history.recent(10))]
+    assert runs == [("ingest", "schedule", "ingested"), ("ingest", "schedule", "no new data"),
+                    ("ingest", "schedule", "ingested"), ("retrain", "new data", "failed")]
+    assert "exceeds the base model's context" in scheduler.history.recent(1)[0].detail
+    mix = resolve_dataset(config.datasets_dir, "live-mix:v1").manifest
+    assert mix["base"] == "live:v2" and mix["replay"]["versions"] == ["docs:v1"] and mix["counts"]["new"] >= 25
+    assert str(Registry(config).alias_version("champion").version) == champion
+
+
+def test_a_retrain_outside_the_window_waits_for_it_unless_urgent(genloop_config):
+    config = genloop_config
+    config.scheduler.retrain_cron, config.scheduler.drift_interval = None, None
+    now = datetime.now(UTC)
+    config.scheduler.window = f"{now + timedelta(hours=2):%H:%M}-{now + timedelta(hours=3):%H:%M}"
+    opens = window_wait(config.scheduler.window, now)
+    scheduler = GenloopScheduler(config)
+    scheduler.start()
+    try:
+        assert scheduler.run("retrain", "drift") == "deferred"
+        assert scheduler.scheduler.get_job(DEFERRED).next_run_time == opens
+        assert scheduler.run("retrain", "drift", urgent=True) == "failed"  # it ran: there is no data yet
+        assert scheduler.run("retrain", "manual") == "failed"  # a person asking never waits
+    finally:
+        scheduler.stop()
+    restarted = GenloopScheduler(config)
+    restarted.start()
+    try:
+        assert restarted.scheduler.get_job(DEFERRED).next_run_time == opens  # the wait survives a restart
+    finally:
+        restarted.stop()
+    deferred, urgent, manual = reversed(JobHistory(config.scheduler_db).recent(3))
+    assert (deferred.outcome, deferred.reason) == ("deferred", "drift") and opens.isoformat() in deferred.detail
+    assert (urgent.outcome, manual.outcome) == ("failed", "failed") and "nothing to train on" in urgent.detail
+
+
+def test_a_failing_stage_is_retried_then_the_champion_keeps_serving(
+        genloop_config, make_docs_dataset, make_tiny_model, register_model, tmp_path):
+    config = genloop_config
+    config.scheduler.max_attempts, config.scheduler.retry_backoff_s = 3, 0.05
+    champion, docs = champion_on_docs(config, make_docs_dataset, make_tiny_model, register_model, tmp_path)
+    table = pa.table({"text": docs[:40]})
+    folder = write_version(config.datasets_dir / "live", 1, table, table, {"content_hash": "live1"})
+    (folder / "train.parquet").write_bytes(b"PAR1 a disk that lost most of this file")  # the data stage fails
+
+    scheduler = GenloopScheduler(config)
+    with scheduler.exclusive():
+        assert scheduler.run("retrain", "schedule") == "failed"
+    attempts = list(reversed(scheduler.history.recent(3)))
+    assert [(run.reason, run.outcome) for run in attempts] == [
+        ("schedule", "failed"), ("schedule (attempt 2/3)", "failed"), ("schedule (attempt 3/3)", "failed")]
+    assert all("ArrowInvalid" in run.detail for run in attempts), attempts[0].detail
+    assert attempts[1].started_at - attempts[0].finished_at >= 0.05  # with backoff
+    assert str(Registry(config).alias_version("champion").version) == champion
