@@ -251,8 +251,8 @@ class SchedulerConfig(Section):
         None, description="SQLAlchemy URL of the job store and job history; default sqlite:///$GENLOOP_HOME/scheduler.db."
     )
     replay_fraction: float = Field(
-        0.25, ge=0, lt=1, description="Share of a warm-start retrain's training documents replayed from the data "
-        "the champion and its ancestors trained on (by characters), so it does not forget them; 0 = the new "
+        0.25, ge=0, lt=1, description="Share of a warm-start retrain's training text (in characters) replayed "
+        "from the data the champion and its ancestors trained on, so it does not forget it; 0 = the new "
         "documents alone.",
     )
     retrain_budget: float = Field(

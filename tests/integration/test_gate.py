@@ -49,31 +49,22 @@ def world(tmp_path_factory, ray_cluster, register_model, train_tiny) -> tuple[Ge
     folders: dict[str, Path] = {}
 
     def trained(dataset: str, steps: int, base: str | None = None, seed: int = 0, lr: float = 1e-3) -> str:
-        texts = pq.read_table(resolve_dataset(config.datasets_dir, f"{dataset}:v1").train_path).column(
-            "text").to_pylist()
+        texts = pq.read_table(resolve_dataset(config.datasets_dir, dataset).train_path).column("text").to_pylist()
         folder = train_tiny(texts, steps, root / f"model-{len(folders)}", base=folders[base] if base else None,
                             vocab_size=config.tokenizer.vocab_size, block_size=128, seed=seed, lr=lr)
-        version = register_model(config, folder, tags={"dataset": f"{dataset}:v1", "parent_version": base or ""})
+        version = register_model(config, folder, tags={"dataset": dataset, "parent_version": base or ""})
         folders[version] = folder
         return version
 
-    versions = {"champion": trained("docs", 60)}
-    versions["one_step"] = trained("docs", 1)
-    versions["better"] = trained("docs", 40, base=versions["champion"], lr=5e-4)
-    versions["rival"] = trained("docs", 40, base=versions["champion"], seed=1, lr=5e-4)
-    versions["code_only"] = trained("code", 60)
-
-    def warm_start(fraction: float) -> str:  # a retrain's mix of code:v1 with a replay of docs:v1
-        dataset = resolve_dataset(config.datasets_dir, "docs:v1")
-        mix = build_mix(config.datasets_dir, resolve_dataset(config.datasets_dir, "code:v1"), [dataset], fraction)
-        texts = pq.read_table(mix.train_path).column("text").to_pylist()
-        folder = train_tiny(texts, 40, root / f"model-{len(folders)}", base=folders[versions["champion"]],
-                            lr=5e-4)
-        version = register_model(config, folder, tags={"dataset": mix.spec, "parent_version": versions["champion"]})
-        folders[version] = folder
-        return version
-
-    versions["no_replay"], versions["replay"] = warm_start(0.0), warm_start(0.5)
+    versions = {"champion": trained("docs:v1", 60)}
+    versions["one_step"] = trained("docs:v1", 1)
+    versions["better"] = trained("docs:v1", 40, base=versions["champion"], lr=5e-4)
+    versions["rival"] = trained("docs:v1", 40, base=versions["champion"], seed=1, lr=5e-4)
+    versions["code_only"] = trained("code:v1", 60)
+    for name, fraction in (("no_replay", 0.0), ("replay", 0.5)):  # a retrain's mix of code with docs replayed
+        mix = build_mix(config.datasets_dir, resolve_dataset(config.datasets_dir, "code:v1"),
+                        [resolve_dataset(config.datasets_dir, "docs:v1")], fraction)
+        versions[name] = trained(mix.spec, 40, base=versions["champion"], lr=5e-4)
     return config, versions
 
 
@@ -125,21 +116,26 @@ def test_new_domain_that_forgets_the_old_one_is_rejected(world):
     assert report.sets == {"current": ["code:v1"], "reference": ["docs:v1"]}
 
 
-def test_a_warm_start_on_a_new_domain_needs_replay_to_pass(world):
+def test_a_warm_start_on_a_new_domain_forgets_less_with_replay(world):
     """The failure the loop had: a warm start on the new domain alone forgets the old one and is
-    refused; the same warm start with half its documents replayed from the old domain is promoted."""
+    refused; the same warm start with old text replayed forgets less. (That it then passes the gate
+    at the demo's size is the e2e test's assertion.)"""
     config, v = world
     reset_aliases(config, v["champion"])
+
+    def reference(report) -> float:
+        cand, champ = (report.metrics["reference"][who].bits_per_byte for who in ("candidate", "champion"))
+        return cand / champ - 1
+
     forgetful = evaluate(config, v["no_replay"])
     rules = {rule.rule.split(" ")[0]: rule for rule in forgetful.rules}
     assert rules["current.bits_per_byte"].passed, rules["current.bits_per_byte"].reason
     assert not rules["reference.bits_per_byte"].passed, rules["reference.bits_per_byte"].reason
     assert forgetful.sets == {"current": ["code-mix:v1"], "reference": ["docs:v1"]}
 
-    report = promote(config, v["replay"], actor="test")
-    assert report.passed, [rule.reason for rule in report.rules]
-    assert report.sets == {"current": ["code-mix:v2"], "reference": ["docs:v1"]}
-    assert roles(config).champion == v["replay"]
+    replayed = evaluate(config, v["replay"])
+    assert replayed.sets == {"current": ["code-mix:v2"], "reference": ["docs:v1"]}
+    assert reference(replayed) < reference(forgetful), (reference(replayed), reference(forgetful))
     replay = resolve_dataset(config.datasets_dir, "code-mix:v2").manifest["replay"]
     assert replay["versions"] == ["docs:v1"] and replay["fraction"] == 0.5 and replay["documents"] > 0
 

@@ -231,9 +231,10 @@ def test_files_landing_in_incoming_become_versions_and_enough_of_them_a_retrain(
     incoming.mkdir()
     config.scheduler.incoming, config.scheduler.incoming_settle_s = incoming, 30
     config.scheduler.min_new_documents = 25
-    config.scheduler.retrain_budget = 10
-    config.train.block_size = 128  # beyond the champion's 64-token context: the warm start stops there
-    champion, docs = champion_on_docs(config, make_docs_dataset, make_tiny_model, register_model, tmp_path)
+    config.scheduler.retrain_budget = 4  # steps: the champion was registered, not trained by genloop
+    config.train.block_size, config.train.micro_batch_size, config.train.eval_batches = 32, 4, 2
+    config.evaluation.max_texts, config.evaluation.prompts, config.evaluation.max_new_tokens = 10, 2, 4
+    _, docs = champion_on_docs(config, make_docs_dataset, make_tiny_model, register_model, tmp_path)
     first = land(incoming / "a.jsonl", docs[:20])
     land(incoming / "copy-of-a.jsonl", docs[:20])  # the same bytes under another name
     second = land(incoming / "b.jsonl", docs[20:45], settled=False)  # still being written
@@ -252,11 +253,10 @@ def test_files_landing_in_incoming_become_versions_and_enough_of_them_a_retrain(
         "counts"]["kept"]
     runs = [(run.job, run.reason, run.outcome) for run in reversed(scheduler.history.recent(10))]
     assert runs == [("ingest", "schedule", "ingested"), ("ingest", "schedule", "no new data"),
-                    ("ingest", "schedule", "ingested"), ("retrain", "new data", "failed")]
-    assert "exceeds the base model's context" in scheduler.history.recent(1)[0].detail
+                    ("ingest", "schedule", "ingested"), ("retrain", "new data", runs[3][2])]
+    assert runs[3][2] in ("promoted", "rejected"), scheduler.history.recent(1)[0].detail  # it trained and was judged
     mix = resolve_dataset(config.datasets_dir, "live-mix:v1").manifest
     assert mix["base"] == "live:v2" and mix["replay"]["versions"] == ["docs:v1"] and mix["counts"]["new"] >= 25
-    assert str(Registry(config).alias_version("champion").version) == champion
 
 
 def test_a_retrain_outside_the_window_waits_for_it_unless_urgent(genloop_config):
