@@ -23,9 +23,10 @@ def prompt_prefixes(texts: list[str], words: tuple[int, int], seed: int) -> list
     return [" ".join(text.split()[: rng.randint(*words)]) for text in texts if text.split()]
 
 
-def traffic_shares(sets: dict[str, list[str]], live: list[str], words: tuple[int, int] = (8, 48),
-                   seed: int = 0) -> dict[str, float]:
-    """Share of ``live`` prompts that look most like each set's texts (shares sum to 1)."""
+def traffic_shares(sets: dict[str, list[str]], live: list[str], words: tuple[int, int],
+                   seed: int) -> dict[str, float]:
+    """Share of ``live`` prompts that look most like each set's texts (shares sum to 1); the sets'
+    texts are cut to ``words`` (monitoring.drift_prefix_words) to look like prompts."""
     names = [name for name, texts in sets.items() if texts]
     if not live or len(names) < 2:
         return {name: 1.0 / len(names) for name in names} if names else {}

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-import pyarrow.parquet as pq
 from rich.console import Console
 from rich.table import Table
 
@@ -40,7 +39,7 @@ from services.serving_control import start_serving, stop_serving
 from serving.app import VERSION_HEADER
 from serving.inference_log import read_inference_log
 from training.cleaning import VALIDATION, clean, content_hash, split_of
-from training.datasets import ingest, resolve_dataset
+from training.datasets import ingest
 from training.sources import resolve_source
 
 DEMO_DATASET = "python-docs"
@@ -135,7 +134,7 @@ def run_demo(config: GenloopConfig, max_steps: int, console: Console, new_domain
     _show_round(config, first, console)
     config.scheduler.dataset = LIVE_DATASET
 
-    old_prompts = _prompts(_validation_texts(config, result.version.spec), config)
+    old_prompts = _prompts(result.version.texts(), config)
     new_docs = _documents(new_source, config)
     new_prompts = _prompts([text for text in new_docs if split_of(content_hash(text),
                                                                    config.data.validation_fraction) == VALIDATION],
@@ -157,7 +156,7 @@ def run_demo(config: GenloopConfig, max_steps: int, console: Console, new_domain
         console.rule(f"[bold]3 · traffic turns to {new_domain}; its documents land in {incoming}")
         phase = time.time()
         live = Traffic(url, config.serving.model_name, new_prompts).start(limit=2000, seconds=900)
-        _land(new_docs, incoming)
+        _land(new_docs, incoming, config.scheduler.incoming_settle_s)
         while live.total < TRAFFIC and not live.failed and time.time() - phase < 300:
             time.sleep(0.5)
         config.scheduler.retrain_on_drift = False  # the retrain below is the one this drift starts
@@ -182,11 +181,6 @@ def run_demo(config: GenloopConfig, max_steps: int, console: Console, new_domain
         stop_serving(own_cluster=True)
 
 
-def _validation_texts(config: GenloopConfig, spec: str) -> list[str]:
-    dataset = resolve_dataset(config.datasets_dir, spec)
-    return pq.read_table(dataset.validation_path, columns=["text"]).column("text").to_pylist()
-
-
 def _prompts(texts: list[str], config: GenloopConfig) -> list[str]:
     """Prompts shaped like the ones drift compares against: prefixes of monitoring.drift_prefix_words."""
     low = config.monitoring.drift_prefix_words[0]
@@ -200,7 +194,7 @@ def _documents(source, config: GenloopConfig) -> list[str]:
     return [text for text, reason in (clean(raw, config.data) for raw in texts) if not reason]
 
 
-def _land(texts: list[str], incoming: Path) -> None:
+def _land(texts: list[str], incoming: Path, settle_s: float) -> None:
     """Write the documents into ``incoming`` as JSON lines, each file under a hidden name first and
     renamed when complete, as a producer should."""
     size = -(-len(texts) // INCOMING_PARTS)
@@ -209,7 +203,7 @@ def _land(texts: list[str], incoming: Path) -> None:
         hidden, final = incoming / f".part-{part + 1}.jsonl", incoming / f"part-{part + 1}.jsonl"
         hidden.write_text("".join(json.dumps({"text": text}) + "\n" for text in chunk), encoding="utf-8")
         hidden.rename(final)
-    time.sleep(1.5)  # past incoming_settle_s
+    time.sleep(settle_s + 0.5)  # settled: the data watch reads them now
 
 
 def _drift(config: GenloopConfig, scheduler: GenloopScheduler, since: float, rows: int, console: Console) -> JobRun:

@@ -20,13 +20,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from mlflow.entities import Metric
-import pyarrow.parquet as pq
 
 from monitoring.traffic import prompt_prefixes
 from monitoring.drift import DriftResult, DriftSettings, detect_drift, read_latest
 from services.config import GenloopConfig, UserInputError
 from services.registry import Registry
 from serving.inference_log import caller_prompts
+from training.cleaning import TRAIN
 from training.datasets import resolve_dataset
 from training.evaluation import load_for_evaluation
 
@@ -45,10 +45,10 @@ def reference_prefixes(config: GenloopConfig, registry: Registry, champion, limi
         raise UserInputError(f"champion v{champion.version} has no dataset tag; pin "
                              "monitoring.drift_reference_window instead")
     datasets = [resolve_dataset(config.datasets_dir, spec) for spec in specs]
-    texts = [t for d in datasets for t in pq.read_table(d.validation_path, columns=["text"]).column("text").to_pylist()]
+    texts = [text for dataset in datasets for text in dataset.texts()]
     label = f"held-out texts of v{champion.version}'s lineage ({', '.join(specs)})"
     if len(texts) < config.monitoring.drift_min_samples:
-        texts = pq.read_table(datasets[0].train_path, columns=["text"]).column("text").to_pylist()
+        texts = datasets[0].texts(TRAIN)
         label = f"training texts of v{champion.version} ({specs[0]}; too little held-out text)"
     texts = random.Random(seed).sample(texts, min(limit, len(texts)))
     return prompt_prefixes(texts, config.monitoring.drift_prefix_words, seed), label + ", cut to prompt-like prefixes"

@@ -27,7 +27,6 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
-import pyarrow.parquet as pq
 from mlflow.entities.model_registry import ModelVersion
 from pydantic import BaseModel, Field
 
@@ -144,7 +143,7 @@ def _held_out_texts(config: GenloopConfig, datasets: list[str], seed: int) -> li
     texts: list[str] = []
     for spec in datasets:
         dataset = resolve_dataset(config.datasets_dir, spec)  # UserInputError when it no longer exists
-        texts.extend(pq.read_table(dataset.validation_path, columns=["text"]).column("text").to_pylist())
+        texts.extend(dataset.texts())
     if not texts:
         raise UserInputError(f"held-out sets of {', '.join(datasets)} are empty")
     random.Random(seed).shuffle(texts)

@@ -182,6 +182,7 @@ class GenloopScheduler:
         self._run_lock = threading.Lock()
         self._stopping = threading.Event()  # cuts a retry's backoff short
         self._drifted_share = 0.0  # of the latest drift check, for urgency
+        self._new_documents = 0  # unseen by the champion, as of the latest ingest, for its retrain
 
     def triggers(self) -> dict[str, BaseTrigger]:
         settings = self.config.scheduler
@@ -269,7 +270,7 @@ class GenloopScheduler:
             limit = self.config.scheduler.urgent_drift_score
             self.run("retrain", "drift", show_progress,
                      urgent=limit is not None and self._drifted_share >= limit)
-        if outcome == "ingested" and self._enough_new_data():
+        if outcome == "ingested" and self._new_documents >= self.config.scheduler.min_new_documents:
             self.run("retrain", "new data", show_progress)
         return outcome
 
@@ -328,13 +329,9 @@ class GenloopScheduler:
         if len(list_versions(self.config.datasets_dir, settings.dataset)) == before:
             return "no new data", f"no new settled file in {settings.incoming}"
         fresh, _, count = unseen(self.config)
+        self._new_documents = count
         return "ingested", (f"{fresh.spec} from {settings.incoming}: {count} documents the champion has not seen "
                             f"(a retrain needs {self.config.scheduler.min_new_documents})")
-
-    def _enough_new_data(self) -> bool:
-        from services.retrain import unseen
-
-        return unseen(self.config)[2] >= self.config.scheduler.min_new_documents
 
     def _not_run(self, event: JobEvent) -> None:
         """A due run that did not happen is recorded too: still busy (skipped) or too late (missed)."""

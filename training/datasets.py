@@ -80,6 +80,11 @@ class DatasetVersion:
     def content_hash(self) -> str:
         return self.manifest["content_hash"]
 
+    def texts(self, split: str = VALIDATION) -> list[str]:
+        """The texts of one split ("train" or "validation")."""
+        path = self.validation_path if split == VALIDATION else self.train_path
+        return pq.read_table(path, columns=["text"]).column("text").to_pylist()
+
     @property
     def spec(self) -> str:
         """``NAME:vN``, the form ``resolve_dataset`` accepts and model versions are tagged with."""
@@ -141,6 +146,21 @@ def resolve_dataset(datasets_dir: Path, spec: str) -> DatasetVersion:
                 return version
     existing = ", ".join(f"v{v.version}" for v in versions)
     raise UserInputError(f"dataset {name!r} has no version {wanted!r} (versions: {existing})")
+
+
+def read_split(path: Path) -> pa.Table:
+    """A split's rows as OUTPUT_SCHEMA; texts of a table written without content hashes are hashed
+    here, so versions made by hand (or by older code) read like ingested ones."""
+    table = pq.read_table(path)
+    columns = {}
+    for column in OUTPUT_SCHEMA:
+        if column.name in table.column_names:
+            columns[column.name] = table.column(column.name).cast(column.type)
+        elif column.name == "content_hash":
+            columns[column.name] = pa.array([content_hash(t) for t in table.column("text").to_pylist()], pa.string())
+        else:
+            columns[column.name] = pa.nulls(table.num_rows, column.type)
+    return pa.table(columns, schema=OUTPUT_SCHEMA)
 
 
 # --- ingest -----------------------------------------------------------------------------------
@@ -266,8 +286,7 @@ def _read_and_clean(
     dropped = dict.fromkeys(DROP_REASONS, 0)
     kept: dict[str, list[str]] = {column: [] for column in OUTPUT_SCHEMA.names}
     if extend is not None:
-        earlier = pa.concat_tables([pq.read_table(path, columns=OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)
-                                    for path in (extend.train_path, extend.validation_path)])
+        earlier = pa.concat_tables([read_split(path) for path in (extend.train_path, extend.validation_path)])
         texts = earlier.column("text").to_pylist()
         signatures = minhash_signatures(texts, data.minhash_num_perm, data.shingle_words) if texts else []
         for doc_hash, signature in zip(earlier.column("content_hash").to_pylist(), signatures):
