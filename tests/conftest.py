@@ -45,16 +45,22 @@ def train_tiny():
     """Train in-process: AdamW on random ``block_size``-token blocks of ``texts``, then save to ``folder``.
 
     From scratch (the ``tiny`` preset, with ``tokenizer`` or one trained on ``texts``) or from the
-    model folder ``base``. Seeded, so the same call gives the same weights.
+    model folder ``base``. Seeded, so the same call gives the same weights. ``schedule`` gives the
+    learning rate the trainer's shape (warm-up over a tenth of the steps, cosine decay): a fixture
+    that must forget and remember like a real champion and its warm start needs it; the learning
+    rate is constant otherwise.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from services.config import TrainConfig
+    from training.loop import make_schedule
     from training.models import build_model
     from training.tokenizer import train_tokenizer
 
     def train(texts: list[str], steps: int, folder: Path, *, base: Path | None = None, tokenizer=None,
-              vocab_size: int = 512, block_size: int = 64, seed: int = 0, lr: float = 3e-3) -> Path:
+              vocab_size: int = 512, block_size: int = 64, seed: int = 0, lr: float = 3e-3,
+              schedule: bool = False) -> Path:
         if base is not None:
             tokenizer, model = AutoTokenizer.from_pretrained(base), AutoModelForCausalLM.from_pretrained(base)
         else:
@@ -64,11 +70,14 @@ def train_tiny():
         blocks = ids[: len(ids) // block_size * block_size].view(-1, block_size)
         generator = torch.Generator().manual_seed(seed)
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+        shape = make_schedule(optimizer, TrainConfig(max_steps=steps, warmup_steps=steps // 10)) if schedule else None
         model.train()
         for _ in range(steps):
             batch = blocks[torch.randint(len(blocks), (8,), generator=generator)]
             model(input_ids=batch, labels=batch).loss.backward()
             optimizer.step()
+            if shape is not None:
+                shape.step()
             optimizer.zero_grad()
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
