@@ -186,7 +186,14 @@ class ServingConfig(Section):
     max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica takes at once (Serve).")
     max_queued_requests: int = Field(256, ge=1, description="Requests waiting for a replica; beyond this 429.")
     int8: bool = Field(False, description="int8 dynamic quantisation of the hf engine on CPU.")
-    max_body_bytes: int = Field(1_000_000, ge=1024, description="Larger request bodies get 413.")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Request bodies past this many bytes get 413, "
+                                "counted as they arrive whatever the transfer encoding.")
+    body_timeout_s: float = Field(10.0, gt=0, description="A request body not received whole within this gets "
+                                  "408: a slow upload does not hold a request slot for longer.")
+    public_paths: list[str] = Field(
+        default_factory=lambda: ["/health"],
+        description="Paths answered without an API key once GENLOOP_API_KEYS is set; every other path, "
+        "/metrics and /openapi.json included, needs the key (Prometheus sends it as a bearer token).")
     watch_interval_s: float = Field(
         10, gt=0, description="How often the champion and challenger aliases are checked for a new version."
     )

@@ -73,6 +73,8 @@ def settings_for(config: GenloopConfig, version: str) -> ServerSettings:
         engine_options=options,
         api_keys=keys,
         max_body_bytes=serving.max_body_bytes,
+        body_timeout_s=serving.body_timeout_s,
+        public_paths=serving.public_paths,
         inference_log_dir=str(config.inference_log_dir) if serving.inference_log else None,
         redact_prompts=serving.redact_prompts,
         shadow_percent=serving.shadow_percent,

@@ -11,6 +11,7 @@ again with another model version (new replicas become healthy before old ones dr
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -32,9 +33,11 @@ from serving.engine import (
     GenerationRequest,
     GenerationResult,
     InvalidRequestError,
+    wrap_seed,
 )
 from monitoring import metrics
 from monitoring.scrape_targets import ScrapeTarget
+from serving.guard import GuardSettings, RequestGuard
 from serving.inference_log import InferenceLog, InferenceRecord, hash_client
 from serving.protocol import (
     MAX_PROMPTS,
@@ -49,6 +52,7 @@ from serving.protocol import (
     CompletionRequest,
     CompletionResponse,
     Usage,
+    echo,
     error_body,
     new_id,
     now,
@@ -68,7 +72,10 @@ class ServerSettings(BaseModel):
     engine_class: Any = Field(description="Engine subclass to instantiate.")
     engine_options: dict[str, Any] = Field(default_factory=dict, description="Engine constructor options.")
     api_keys: list[str] = Field(default_factory=list, description="Bearer keys accepted; empty = no auth.")
-    max_body_bytes: int = Field(1_000_000, description="Larger request bodies get 413.")
+    public_paths: list[str] = Field(default_factory=lambda: ["/health"],
+                                    description="Paths answered without a key when keys are set.")
+    max_body_bytes: int = Field(1_000_000, description="Request bodies past this many bytes get 413.")
+    body_timeout_s: float = Field(10.0, description="A request body not received whole within this gets 408.")
     inference_log_dir: str | None = Field(None, description="Where the inference log goes; None = off.")
     redact_prompts: bool = Field(False, description="Log prompt hashes instead of prompt text.")
     client_salt: str = Field("genloop", description="Salt of the hashed client id in the log.")
@@ -87,43 +94,35 @@ class APIError(Exception):
 api = FastAPI(title="genloop", docs_url=None, redoc_url=None)
 
 
-@api.middleware("http")
-async def _guard(request: Request, call_next):
-    """Authentication and body size come before parsing, as a client would expect (401/413 first)."""
-    settings: ServerSettings | None = getattr(request.app.state, "settings", None)
-    if settings is not None and request.url.path.startswith("/v1/"):
-        if settings.api_keys:
-            header = request.headers.get("authorization", "")
-            if not header.startswith("Bearer ") or header[7:] not in settings.api_keys:
-                _count_error(request, 401)
-                return JSONResponse(error_body(401, "missing or invalid API key (Authorization: Bearer …)"),
-                                    status_code=401)
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > settings.max_body_bytes:
-            _count_error(request, 413)
-            return JSONResponse(error_body(413, f"request body of {size} bytes exceeds {settings.max_body_bytes}"),
-                                status_code=413)
-    return await call_next(request)
+api.add_middleware(RequestGuard)
+
+# Route label of the request metrics and the inference log: the API's own routes by name, anything
+# else as "other", so that requests to made-up paths cannot grow the metric's label set without end.
+ROUTES = {"/v1/completions": "completions", "/v1/chat/completions": "chat.completions", "/v1/models": "models",
+          "/health": "health", "/metrics": "metrics"}
 
 
-def _count_error(request: Request, status: int) -> None:
-    settings: ServerSettings | None = getattr(request.app.state, "settings", None)
-    route = request.url.path.removeprefix("/v1/").replace("/", ".")
-    metrics.REQUESTS.labels(route, str(status), settings.model_version if settings else "").inc()
+def route_of(path: str) -> str:
+    return ROUTES.get(path, "other")
 
 
 @api.exception_handler(APIError)
-async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-    _count_error(request, exc.status)
+async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
     return JSONResponse(error_body(exc.status, exc.message, exc.param), status_code=exc.status, headers=exc.headers)
 
 
+# Pydantic names the union member that failed in an error's location ("prompt.list[str]"): not a
+# parameter the caller wrote, so left out of the one the 400 names.
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool|dict|list)(\[.*\])?$|^function-")
+
+
 @api.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    _count_error(request, 400)
-    first = exc.errors()[0]
-    location = [str(part) for part in first["loc"] if part != "body"]
-    param = ".".join(location) or None
+async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    # A value error (ours, e.g. a lone surrogate) says more than the union's "should be a list".
+    first = next((e for e in errors if e["type"] == "value_error"), errors[0])
+    location = [str(part) for part in first["loc"][1:] if not _UNION_MEMBER.match(str(part))]
+    param = echo(".".join(location)) or None
     message = "invalid JSON body" if first["type"] == "json_invalid" else (
         f"unknown parameter {param}" if first["type"] == "extra_forbidden" else f"{param}: {first['msg']}")
     return JSONResponse(error_body(400, message, param), status_code=400)
@@ -140,6 +139,12 @@ def _engine_error(exc: EngineError) -> APIError:
     if isinstance(exc, EngineOverloaded):
         return APIError(429, str(exc), headers={"Retry-After": "1"})
     return APIError(503, str(exc), headers={"Retry-After": "5"})
+
+
+def _stream_error(exc: Exception) -> Exception:
+    """What a failed choice raises in a stream: an engine's error as its API error, anything else as is
+    (the guard answers it with a 500 before the stream begins; the stream's own handler after)."""
+    return _engine_error(exc) if isinstance(exc, EngineError) else exc
 
 
 # Module-level helpers sit above the deployment: Serve ships the class by value, and a helper
@@ -207,6 +212,9 @@ class OpenAIServer(_EngineReplica):
     async def __init__(self, settings: ServerSettings, shadow: DeploymentHandle | None = None):
         await super().__init__(settings)
         api.state.settings = settings
+        api.state.guard = GuardSettings(api_keys=settings.api_keys, public_paths=set(settings.public_paths),
+                                        max_body_bytes=settings.max_body_bytes,
+                                        body_timeout_s=settings.body_timeout_s, on_refused=self._refused)
         metrics.MODEL_INFO.labels(settings.model_version).set(1)
         # Engine gauges are read when scraped, whichever endpoint the scrape comes through.
         metrics.REQUESTS_RUNNING.labels(settings.model_version).set_function(
@@ -221,7 +229,7 @@ class OpenAIServer(_EngineReplica):
     # --- plumbing -------------------------------------------------------------------------
     def _check_model(self, model: str) -> None:
         if model != self.settings.served_model_name:
-            raise APIError(404, f"model {model!r} does not exist; this server serves "
+            raise APIError(404, f"model {echo(model)!r} does not exist; this server serves "
                                 f"{self.settings.served_model_name!r}", "model")
 
     def _headers(self) -> dict[str, str]:
@@ -244,6 +252,14 @@ class OpenAIServer(_EngineReplica):
         client = user or request.headers.get("authorization", "") or (request.client.host if request.client else "")
         self._log(route=route, response_id=response_id, prompt=prompt, result=result, status=status,
                   latency=latency, client_hash=hash_client(client, self.settings.client_salt))
+
+    def _refused(self, path: str, request_id: str, status: int, seconds: float, client: str) -> None:
+        """An answer that was not a success (the guard reports each): counted and logged like the rest."""
+        route = route_of(path)
+        metrics.REQUESTS.labels(route, str(status), self.settings.model_version).inc()
+        if route in ("completions", "chat.completions"):
+            self._log(route=route, response_id=request_id, prompt="", result=None, status=status, latency=seconds,
+                      client_hash=hash_client(client, self.settings.client_salt))
 
     def _validate(self, body: CompletionRequest | ChatCompletionRequest) -> None:
         unsupported = body.unsupported()
@@ -269,7 +285,8 @@ class OpenAIServer(_EngineReplica):
         requests = []
         for prompt in prompts:
             for i in range(body.n):
-                choice_params = params if params.seed is None else params.model_copy(update={"seed": params.seed + i})
+                choice_params = params if params.seed is None else params.model_copy(
+                    update={"seed": wrap_seed(params.seed + i)})
                 requests.append(GenerationRequest(prompt=prompt, params=choice_params))
         return requests
 
@@ -308,27 +325,36 @@ class OpenAIServer(_EngineReplica):
     async def _stream(self, requests: list[GenerationRequest], log: Any) -> AsyncIterator[tuple[int, Any]]:
         """(choice index, chunk) from all choices as they come; closing it aborts them all.
 
-        ``log(prompt, result)`` is called as each choice finishes, so streamed requests reach the
-        inference log like the others.
+        ``log(prompt, result, status)`` is called for each choice once the stream has begun: as it
+        finishes (200), fails (the error's status) or is cut off by the caller leaving (499). Before
+        the first chunk nothing is logged here: the request is then answered with an error status
+        (or not at all), and the guard logs that answer once.
         """
         queue: asyncio.Queue = asyncio.Queue()
         done = object()
+        begun = False
 
         async def pump(index: int, request: GenerationRequest) -> None:
-            started, ttft, parts = time.perf_counter(), None, []
+            started, ttft, parts, ended = time.perf_counter(), None, [], False
             try:
                 async for chunk in self.engine.stream(request):
                     ttft = ttft if ttft is not None else time.perf_counter() - started
                     parts.append(chunk.text)
                     if chunk.finish_reason is not None:
+                        ended = True
                         log(request.prompt, GenerationResult(
                             text="".join(parts), finish_reason=chunk.finish_reason,
                             prompt_tokens=chunk.prompt_tokens or 0, completion_tokens=chunk.completion_tokens or 0,
-                            ttft_seconds=ttft, total_seconds=time.perf_counter() - started))
+                            ttft_seconds=ttft, total_seconds=time.perf_counter() - started), 200)
                     await queue.put((index, chunk))
-            except EngineError as exc:
+            except Exception as exc:  # noqa: BLE001 — any failure is the caller's to see, in the stream
+                ended = True
+                if begun:
+                    log(request.prompt, None, _engine_error(exc).status if isinstance(exc, EngineError) else 500)
                 await queue.put((index, exc))
             finally:
+                if not ended and begun:
+                    log(request.prompt, None, 499)
                 await queue.put((index, done))
 
         tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
@@ -339,6 +365,8 @@ class OpenAIServer(_EngineReplica):
                 if item is done:
                     remaining -= 1
                     continue
+                if not isinstance(item, Exception):
+                    begun = True
                 yield index, item
         finally:
             for task in tasks:
@@ -368,11 +396,11 @@ class OpenAIServer(_EngineReplica):
         requests = self._requests(prompts, body, body.max_tokens)
         self._mirror("completions", response_id, requests)
 
-        def log(prompt: str, result: GenerationResult) -> None:
-            self._record(request, "completions", response_id, prompt, result, 200, started, body.user)
+        def log(prompt: str, result: GenerationResult | None, status: int = 200) -> None:
+            self._record(request, "completions", response_id, prompt, result, status, started, body.user)
 
         if body.stream:
-            return await self._sse(self._completion_events(requests, body, response_id, created, log))
+            return await self._sse(request, self._completion_events(requests, body, response_id, created, log))
         results = await self._run(requests)
         for generation, result in zip(requests, results):
             log(generation.prompt, result)
@@ -392,11 +420,11 @@ class OpenAIServer(_EngineReplica):
         requests = self._requests([prompt], body, body.token_budget(default=256))
         self._mirror("chat.completions", response_id, requests)
 
-        def log(prompt: str, result: GenerationResult) -> None:
-            self._record(request, "chat.completions", response_id, prompt, result, 200, started, body.user)
+        def log(prompt: str, result: GenerationResult | None, status: int = 200) -> None:
+            self._record(request, "chat.completions", response_id, prompt, result, status, started, body.user)
 
         if body.stream:
-            return await self._sse(self._chat_events(requests, body, response_id, created, log))
+            return await self._sse(request, self._chat_events(requests, body, response_id, created, log))
         results = await self._run(requests)
         for result in results:
             log(prompt, result)
@@ -414,9 +442,10 @@ class OpenAIServer(_EngineReplica):
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     # --- server-sent events ---------------------------------------------------------------
-    async def _sse(self, events: AsyncIterator[dict]) -> StreamingResponse:
+    async def _sse(self, request: Request, events: AsyncIterator[dict]) -> StreamingResponse:
         """Stream ``events``; the first is awaited here, so a request the engine refuses is a 4xx, not a
         200 whose body carries an error. Later failures can only be reported inside the stream."""
+        request_id = request.state.request_id
         try:
             first = await anext(events)
         except StopAsyncIteration:
@@ -430,6 +459,9 @@ class OpenAIServer(_EngineReplica):
                     yield f"data: {json.dumps(event)}\n\n"
             except APIError as exc:
                 yield f"data: {json.dumps(error_body(exc.status, exc.message, exc.param))}\n\n"
+            except Exception:  # noqa: BLE001 — the 200 is sent: the error can only be told in the stream
+                logger.exception("stream of request %s failed", request_id)
+                yield f"data: {json.dumps(error_body(500, f'internal error; request id {request_id}'))}\n\n"
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(body(), media_type="text/event-stream", headers=self._headers())
@@ -445,8 +477,8 @@ class OpenAIServer(_EngineReplica):
     async def _completion_events(self, requests, body, response_id, created, log) -> AsyncIterator[dict]:
         usage = [0, 0]
         async for index, chunk in self._stream(requests, log):
-            if isinstance(chunk, EngineError):
-                raise _engine_error(chunk)
+            if isinstance(chunk, Exception):
+                raise _stream_error(chunk)
             if chunk.finish_reason is not None:
                 usage[0] += chunk.prompt_tokens or 0
                 usage[1] += chunk.completion_tokens or 0
@@ -466,8 +498,8 @@ class OpenAIServer(_EngineReplica):
         usage = [0, 0]
         opened: set[int] = set()
         async for index, chunk in self._stream(requests, log):
-            if isinstance(chunk, EngineError):
-                raise _engine_error(chunk)
+            if isinstance(chunk, Exception):
+                raise _stream_error(chunk)
             if index not in opened:  # OpenAI opens each choice with the role alone
                 opened.add(index)
                 yield chunk_of(ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content="")))

@@ -19,6 +19,18 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 FinishReason = Literal["stop", "length"]
 
+# Integers reach torch and vLLM as 64- and 32-bit values: larger ones must be refused here with a
+# 400, not overflow in a tensor constructor (a 500, or a dead worker thread). The seed range is
+# vLLM's (torch.long); counts are int32, which every context length fits in many times.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+MAX_COUNT = 2**31 - 1
+
+
+def wrap_seed(seed: int) -> int:
+    """``seed`` folded into [SEED_MIN, SEED_MAX], as int64 arithmetic would: seed + i for the i-th
+    choice must stay a valid seed at the ends of the range."""
+    return (seed - SEED_MIN) % 2**64 + SEED_MIN
+
 
 class EngineError(RuntimeError):
     """The engine cannot serve a request (not loaded, closed, failed); the API answers 503 / 500."""
@@ -47,7 +59,8 @@ class SamplingParams(BaseModel):
     frequency_penalty: float = Field(
         0.0, ge=-2.0, le=2.0, description="Subtracted from a token's logit once per time it was already generated."
     )
-    max_tokens: int = Field(16, ge=1, description="Most tokens to generate; reaching it finishes with 'length'.")
+    max_tokens: int = Field(16, ge=1, le=MAX_COUNT,
+                            description="Most tokens to generate; reaching it finishes with 'length'.")
     n: int = Field(
         1, ge=1, le=16, description="Completions per prompt; engines serve n=1 and the API fans n>1 out as n requests."
     )
@@ -55,7 +68,8 @@ class SamplingParams(BaseModel):
         0.0, ge=-2.0, le=2.0, description="Subtracted once from the logit of every token already generated."
     )
     seed: int | None = Field(
-        None, description="Seed of this request's own random generator, so sampled output is reproducible."
+        None, ge=SEED_MIN, le=SEED_MAX,
+        description="Seed of this request's own random generator, so sampled output is reproducible.",
     )
     stop: list[str] = Field(
         default_factory=list,
@@ -70,7 +84,8 @@ class SamplingParams(BaseModel):
     )
     # Extras after OpenAI's fields.
     top_k: int | None = Field(
-        None, ge=1, description="Sample only among the k most likely tokens; None keeps all. Not in OpenAI's API."
+        None, ge=1, le=MAX_COUNT,
+        description="Sample only among the k most likely tokens; None keeps all. Not in OpenAI's API.",
     )
 
     @field_validator("stop", mode="before")

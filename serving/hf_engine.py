@@ -79,6 +79,11 @@ from training.models import context_length, load_model
 
 logger = logging.getLogger(__name__)
 
+# Prompts up to this many characters are tokenized on the event loop, longer ones in a thread. A chat
+# turn tokenizes in less time than the hop to a thread and back; at this length the loop would stall
+# about a millisecond for everyone, and the hop is a small share of the work (measured with the
+# tiny preset's tokenizer).
+_TOKENIZE_INLINE_CHARS = 4096
 
 
 class _Sequence:
@@ -237,6 +242,10 @@ class HFEngine(Engine):
             model = _quantize_int8(model)
         self.model = model
         self._context_length = context_length(model.config)
+        # No token is longer than the vocabulary's longest entry (for byte-level BPE, its bytes), so a
+        # prompt with more characters than context × that length cannot fit: refused before the
+        # tokenizer spends CPU on it.
+        self._max_prompt_chars = self._context_length * max(map(len, self.tokenizer.get_vocab()))
         eos = model.generation_config.eos_token_id if model.generation_config else None
         eos = eos if eos is not None else model.config.eos_token_id
         eos = eos if eos is not None else self.tokenizer.eos_token_id
@@ -264,7 +273,16 @@ class HFEngine(Engine):
 
     # -- requests -----------------------------------------------------------------------------
 
-    def _submit(self, request: GenerationRequest, streaming: bool) -> _Sequence:
+    async def _tokenize(self, prompt: str) -> list[int]:
+        """The prompt's ids; refused by length before any tokenizing, and off the event loop when long."""
+        if len(prompt) > self._max_prompt_chars:
+            raise InvalidRequestError(f"prompt of {len(prompt)} characters cannot fit the context of "
+                                      f"{self._context_length} tokens", param="prompt")
+        if len(prompt) <= _TOKENIZE_INLINE_CHARS:
+            return self.tokenizer(prompt)["input_ids"]
+        return (await asyncio.to_thread(self.tokenizer, prompt))["input_ids"]
+
+    async def _submit(self, request: GenerationRequest, streaming: bool) -> _Sequence:
         if self._thread is None:
             raise EngineError("engine is not loaded")
         self.check_params(request.params)
@@ -276,7 +294,7 @@ class HFEngine(Engine):
             if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
                 raise InvalidRequestError(f"prompt_token_ids must lie in [0, {vocab})", param="prompt_token_ids")
         else:
-            prompt_ids = self.tokenizer(request.prompt)["input_ids"]
+            prompt_ids = await self._tokenize(request.prompt)
             if not prompt_ids:
                 raise InvalidRequestError("prompt is empty after tokenization", param="prompt")
         room = self._context_length - len(prompt_ids)
@@ -300,7 +318,7 @@ class HFEngine(Engine):
         return seq
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
-        seq = self._submit(request, streaming=False)
+        seq = await self._submit(request, streaming=False)
         try:
             return await seq.future
         finally:
@@ -308,7 +326,7 @@ class HFEngine(Engine):
                 seq.cancelled = True
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        seq = self._submit(request, streaming=True)
+        seq = await self._submit(request, streaming=True)
         try:
             while True:
                 item = await seq.queue.get()

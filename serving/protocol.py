@@ -10,14 +10,28 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from serving.engine import SamplingParams
+from serving.engine import MAX_COUNT, SEED_MAX, SEED_MIN, SamplingParams
 
 MAX_N = 8
 MAX_PROMPTS = 32
+
+
+def _unicode(value: str) -> str:
+    """JSON may carry a lone surrogate (``"\\ud800"``), which Python decodes into a str that no
+    tokenizer and no UTF-8 writer accepts: refused here, where the 400 can name the field."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (a lone surrogate is not)") from None
+    return value
+
+
+# Every string a request carries: prompts, messages, stop strings, names.
+Text = Annotated[str, AfterValidator(_unicode)]
 
 
 class StreamOptions(BaseModel):
@@ -35,14 +49,15 @@ class _SamplingFields(BaseModel):
     n: int = Field(1, ge=1, le=MAX_N, description=f"Choices per prompt (at most {MAX_N}).")
     stream: bool = Field(False, description="Answer as server-sent events.")
     stream_options: StreamOptions | None = Field(None, description="Streaming options.")
-    stop: str | list[str] | None = Field(None, description="Up to 4 stop strings.")
+    stop: Text | list[Text] | None = Field(None, description="Up to 4 stop strings.")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Penalty on tokens already present.")
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Penalty per earlier occurrence.")
     logit_bias: dict[str, float] | None = Field(None, description="Not supported: refused with 400.")
     logprobs: Any = Field(None, description="Not supported: refused with 400.")
-    seed: int | None = Field(None, description="Makes sampling reproducible.")
-    user: str | None = Field(None, description="End-user id; only its salted hash is logged.")
-    top_k: int | None = Field(None, ge=1, description="genloop extra: sample from the k most likely tokens.")
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX, description="Makes sampling reproducible.")
+    user: Text | None = Field(None, description="End-user id; only its salted hash is logged.")
+    top_k: int | None = Field(None, ge=1, le=MAX_COUNT,
+                              description="genloop extra: sample from the k most likely tokens.")
 
     def sampling(self, max_tokens: int) -> SamplingParams:
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
@@ -59,10 +74,10 @@ class _SamplingFields(BaseModel):
 
 
 class CompletionRequest(_SamplingFields):
-    model: str = Field(description="Served model name (see GET /v1/models).")
-    prompt: str | list[str] = Field(description=f"A prompt or a list of up to {MAX_PROMPTS} prompts.")
-    suffix: str | None = Field(None, description="Not supported: refused with 400.")
-    max_tokens: int = Field(16, ge=1, description="Most tokens to generate per choice.")
+    model: Text = Field(description="Served model name (see GET /v1/models).")
+    prompt: Text | list[Text] = Field(description=f"A prompt or a list of up to {MAX_PROMPTS} prompts.")
+    suffix: Text | None = Field(None, description="Not supported: refused with 400.")
+    max_tokens: int = Field(16, ge=1, le=MAX_COUNT, description="Most tokens to generate per choice.")
     echo: bool = Field(False, description="Not supported: refused with 400.")
     best_of: int | None = Field(None, description="Not supported: refused with 400.")
 
@@ -76,15 +91,15 @@ class CompletionRequest(_SamplingFields):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant"] = Field(description="Who wrote the message.")
-    content: str = Field(description="The message text.")
-    name: str | None = Field(None, description="Optional author name (ignored by the template).")
+    content: Text = Field(description="The message text.")
+    name: Text | None = Field(None, description="Optional author name (ignored by the template).")
 
 
 class ChatCompletionRequest(_SamplingFields):
-    model: str = Field(description="Served model name (see GET /v1/models).")
+    model: Text = Field(description="Served model name (see GET /v1/models).")
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
-    max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate (legacy name).")
-    max_completion_tokens: int | None = Field(None, ge=1, description="Most tokens to generate.")
+    max_tokens: int | None = Field(None, ge=1, le=MAX_COUNT, description="Most tokens to generate (legacy name).")
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_COUNT, description="Most tokens to generate.")
     tools: Any = Field(None, description="Not supported: refused with 400.")
     tool_choice: Any = Field(None, description="Not supported: refused with 400.")
     response_format: Any = Field(None, description="Not supported: refused with 400.")
@@ -100,6 +115,14 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+
+
+ECHO_CHARS = 64
+
+
+def echo(value: str) -> str:
+    """What an error message repeats of the caller's input: its start, never a 100 KB name whole."""
+    return value if len(value) <= ECHO_CHARS else f"{value[:ECHO_CHARS]}… ({len(value)} chars)"
 
 
 def new_id(prefix: str) -> str:
