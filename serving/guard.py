@@ -5,8 +5,9 @@ bytes actually received (a chunked upload has no Content-Length to trust), which
 ``receive`` can do, and an error must become OpenAI's JSON shape even when it escapes every
 handler. In order:
 
-- a request id (the caller's ``x-request-id`` when it is a sane token, else a new one), returned
-  in the ``x-request-id`` header of every answer and written into every 500's message and log line;
+- a request id: the caller's ``x-request-id`` when it is a sane token (Ray Serve's proxy sets one
+  on every request and returns it), else a new one, returned in that header; it is written into
+  every 500's message and log line, and it is the inference-log row of every refused request;
 - the API key, compared in constant time, on every path but ``public_paths`` once keys are set;
 - the body, read whole before the app runs: at most ``max_body_bytes`` (413 past it, whatever the
   transfer encoding) within ``body_timeout_s`` (408 after it), so a slow or endless upload costs
@@ -83,8 +84,9 @@ class RequestGuard:
         async def send_with_id(message: dict) -> None:
             if message["type"] == "http.response.start":
                 status.append(message["status"])
-                message = {**message, "headers": [*message.get("headers", []),
-                                                  (REQUEST_ID_HEADER.encode(), request_id.encode())]}
+                if request_id != given:  # one the caller (or Serve's proxy, which echoes it) did not send
+                    message = {**message, "headers": [*message.get("headers", []),
+                                                      (REQUEST_ID_HEADER.encode(), request_id.encode())]}
             await send(message)
 
         async def answer(code: int, message: str) -> None:

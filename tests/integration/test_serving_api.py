@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import socket
+import time
+from typing import Any
 
 import httpx
 import openai
@@ -165,8 +168,6 @@ def test_metrics_count_requests_by_route_status_and_version(client, server):
 
 
 def test_client_disconnect_cancels_its_generation(client, server):
-    import time
-
     headers = {"Authorization": f"Bearer {API_KEY}"}
     with httpx.stream("POST", f"{server['url']}/v1/completions", headers=headers,
                       json={"model": "genloop", "prompt": "cancel me", "max_tokens": 200, "stream": True,
@@ -211,3 +212,51 @@ def test_backpressure_refuses_instead_of_queueing_forever(server, make_tiny_mode
         assert refused.headers["retry-after"] == "1"  # the openai client waits that long, then retries
     finally:
         serve.delete("tight")
+
+
+def test_hostile_inputs_get_a_clear_4xx_and_are_logged(server):
+    """Each input once gave a 500 or a silent empty success; now a 4xx naming the problem, and a row."""
+    url, headers = server["url"], {"Authorization": f"Bearer {API_KEY}", "content-type": "application/json"}
+    completion = {"model": "genloop", "prompt": "x", "max_tokens": 2}
+    chat = {"model": "genloop", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+    def post(path: str, payload: dict | None = None, raw: Any = None) -> httpx.Response:
+        return httpx.post(f"{url}/v1/{path}", headers=headers, timeout=30,
+                          content=raw if raw is not None else json.dumps(payload).encode())
+
+    probes = {
+        "seed past 64 bits": post("completions", {**completion, "seed": 2**64}),
+        "top_k past 32 bits": post("completions", {**completion, "top_k": 2**40}),
+        "max_tokens past 32 bits": post("chat/completions", {**chat, "max_tokens": 2**40}),
+        "lone surrogate": post("completions", raw=b'{"model": "genloop", "prompt": "\\ud800"}'),
+        "lone surrogate, streamed": post("completions", raw=b'{"model": "genloop", "prompt": "a\\ud800", '
+                                                            b'"stream": true}'),
+        "lone surrogate in chat": post("chat/completions", raw=b'{"model": "genloop", "messages": [{"role": '
+                                                               b'"user", "content": "\\udfff"}]}'),
+        "prompt that cannot fit": post("completions", {**completion, "prompt": "word " * 180_000}),
+        "model name of 100 KB": post("completions", {**completion, "model": "m" * 100_000}),
+        "parameter name of 100 KB": post("completions", {**completion, "p" * 100_000: 1}),
+        "chunked body of 10 MB": post("completions", raw=(b" " * 65536 for _ in range(160))),
+    }
+    statuses = {name: answer.status_code for name, answer in probes.items()}
+    assert statuses == {**{name: 400 for name in probes}, "model name of 100 KB": 404,
+                        "chunked body of 10 MB": 413}, statuses
+    for name, answer in probes.items():
+        error = answer.json()["error"]
+        assert len(error["message"]) < 300 and error["type"] in ("invalid_request_error", "not_found_error"), name
+    assert probes["seed past 64 bits"].json()["error"]["param"] == "seed"
+    assert probes["lone surrogate"].json()["error"]["param"] == "prompt"
+    assert probes["lone surrogate in chat"].json()["error"]["param"] == "messages.0.content"
+    assert "cannot fit" in probes["prompt that cannot fit"].json()["error"]["message"]
+    assert httpx.get(f"{url}/health").status_code == 200
+
+    seeded = post("completions", {**completion, "seed": 2**63 - 1, "n": 2, "temperature": 1})
+    assert seeded.status_code == 200 and len(seeded.json()["choices"]) == 2  # seed + 1 wraps, as int64 would
+
+    ids = {answer.headers["x-request-id"] for answer in probes.values()}
+    deadline = time.time() + 15
+    while time.time() < deadline and not ids <= set(read_inference_log(server["log"]).column("request_id").to_pylist()):
+        time.sleep(0.5)
+    logged = {row["request_id"]: row["status"] for row in read_inference_log(server["log"]).to_pylist()}
+    assert {i: logged.get(i) for i in ids} == {answer.headers["x-request-id"]: answer.status_code
+                                               for answer in probes.values()}
