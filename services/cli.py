@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import signal
 import sys
@@ -39,7 +40,9 @@ ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML 
 
 
 def _load(config_file: Path | None) -> GenloopConfig:
-    return load_config(config_file)
+    config = load_config(config_file)
+    config.check_databases()
+    return config
 
 
 def _stop_on_signals() -> None:
@@ -70,9 +73,10 @@ def data_ingest(
 ) -> None:
     """Clean, deduplicate and split SOURCES into a new version of dataset NAME."""
     from services.cluster import connect
-    from training.datasets import ingest
+    from training.datasets import check_name, ingest
 
     config = _load(config_file)
+    check_name(name)  # before Ray starts and the sources are read
     connect(config.ray)  # the configured Ray, not whatever Ray Data's auto-init would join
     result = ingest(sources, name, config.data, config.datasets_dir)
     version = result.version
@@ -85,9 +89,10 @@ def data_ingest(
 @data_app.command("list")
 def data_list(name: Annotated[str, typer.Argument(help="Dataset name.")], config_file: ConfigOption = None) -> None:
     """List the versions of dataset NAME."""
-    from training.datasets import list_versions
+    from training.datasets import list_versions, resolve_dataset
 
     config = _load(config_file)
+    resolve_dataset(config.datasets_dir, name)  # an invalid or unknown name is an error, not an empty list
     for version in list_versions(config.datasets_dir, name):
         counts = version.manifest["counts"]
         console.print(f"v{version.version}  {version.manifest['created_at']}  kept={counts['kept']} "
@@ -409,6 +414,9 @@ def demo(
 
 
 def main() -> None:
+    # Datasets, models, logs and databases hold what users sent: readable by this user alone. Ray
+    # processes genloop starts inherit it.
+    os.umask(0o077)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # Our own rich progress bars say what is happening; per-file tqdm bars only add noise.
     from transformers.utils import logging as transformers_logging
@@ -417,7 +425,7 @@ def main() -> None:
     try:
         app()
     except UserInputError as exc:
-        errors.print(f"[bold red]error:[/] {exc}", highlight=False)
+        errors.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

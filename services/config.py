@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sqlite3
+from contextlib import closing
 from datetime import datetime, time, timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -29,6 +31,14 @@ class UserInputError(ValueError):
     It lives here, beside the config models, because every package raises it and this is the one
     module of services/ that training/, serving/ and monitoring/ may import.
     """
+
+
+ECHO_CHARS = 64
+
+
+def echo(value: str) -> str:
+    """What an error message repeats of its input: the start, never a 100 KB name whole."""
+    return value if len(value) <= ECHO_CHARS else f"{value[:ECHO_CHARS]}… ({len(value)} chars)"
 
 
 class ConfigError(UserInputError):
@@ -489,6 +499,20 @@ class GenloopConfig(BaseSettings):
     def scheduler_db(self) -> str:
         return self.scheduler.job_store_url or f"sqlite:///{(self.home / 'scheduler.db').resolve()}"
 
+    def check_databases(self) -> None:
+        """Every SQLite state file that exists opens as a database: a damaged or foreign file is one
+        error naming it before a command starts work, not SQLAlchemy's traceback half-way through."""
+        for url in (self.mlflow_tracking_uri, self.state_db, self.scheduler_db):
+            path = Path(url.removeprefix("sqlite:///"))
+            if not url.startswith("sqlite:///") or not path.is_file():
+                continue
+            try:
+                with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+                    db.execute("PRAGMA schema_version").fetchone()
+            except sqlite3.DatabaseError as exc:
+                raise UserInputError(f"{path}: not a SQLite database genloop can use ({exc}); "
+                                     "move it aside to start afresh") from None
+
     @property
     def ray_storage_path(self) -> str:
         return self.ray.storage_path or str((self.home / "ray").resolve())
@@ -504,6 +528,10 @@ def load_config(path: str | Path | None = None) -> GenloopConfig:
             values = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{file}: not valid YAML: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{file}: not UTF-8 text (byte {exc.start}: {exc.reason})") from exc
+        except OSError as exc:
+            raise ConfigError(f"{file}: cannot read it: {exc.strerror}") from exc
         if not isinstance(values, dict):
             raise ConfigError(f"{file}: the top level must be a mapping of sections")
     elif explicit:

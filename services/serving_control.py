@@ -22,6 +22,7 @@ from services.cluster import connect
 from services.config import GenloopConfig, UserInputError
 from services.registry import Registry
 from serving.app import ServerSettings, build_app
+from training.models import check_weights
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ def current_target(config: GenloopConfig) -> Target | None:
 def settings_for(config: GenloopConfig, version: str) -> ServerSettings:
     registry = Registry(config)
     model_version = registry.resolve(version)
+    check_weights(registry.local_path(model_version))
     serving = config.serving
     if serving.engine == "vllm":
         from serving.vllm_engine import VLLMEngine as engine_class

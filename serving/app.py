@@ -37,6 +37,7 @@ from serving.engine import (
 )
 from monitoring import metrics
 from monitoring.scrape_targets import ScrapeTarget
+from services.config import echo
 from serving.guard import GuardSettings, RequestGuard
 from serving.inference_log import InferenceLog, InferenceRecord, hash_client
 from serving.protocol import (
@@ -52,7 +53,6 @@ from serving.protocol import (
     CompletionRequest,
     CompletionResponse,
     Usage,
-    echo,
     error_body,
     new_id,
     now,

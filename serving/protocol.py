@@ -117,14 +117,6 @@ class Usage(BaseModel):
     total_tokens: int
 
 
-ECHO_CHARS = 64
-
-
-def echo(value: str) -> str:
-    """What an error message repeats of the caller's input: its start, never a 100 KB name whole."""
-    return value if len(value) <= ECHO_CHARS else f"{value[:ECHO_CHARS]}… ({len(value)} chars)"
-
-
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 

@@ -34,7 +34,7 @@ import ray
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from services.config import DataConfig, UserInputError
+from services.config import DataConfig, UserInputError, echo
 from training.cleaning import (
     DROP_REASONS,
     VALIDATION,
@@ -54,7 +54,7 @@ VALIDATION_FILE = "validation.parquet"
 OUTPUT_SCHEMA = pa.schema(
     [("text", pa.string()), ("source", pa.string()), ("licence", pa.string()), ("content_hash", pa.string())]
 )
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # a folder name on every filesystem
 _VERSION_DIR = re.compile(r"v([0-9]+)")
 _VERSION_SPEC = re.compile(r"v?([0-9]+)")
 
@@ -109,6 +109,14 @@ def list_datasets(datasets_dir: Path) -> list[str]:
     return sorted(d.name for d in Path(datasets_dir).iterdir() if list_versions(datasets_dir, d.name))
 
 
+def check_name(name: str) -> str:
+    """``name`` when it can name a dataset (its folder), else the UserInputError that says why."""
+    if not _NAME.fullmatch(name):
+        raise UserInputError(f"invalid dataset name {echo(name)!r}: 1 to 100 letters, digits, '.', '_' and '-', "
+                             "starting with a letter or digit")
+    return name
+
+
 def list_versions(datasets_dir: Path, name: str) -> list[DatasetVersion]:
     """Versions of ``name``, oldest first; empty when the dataset does not exist.
 
@@ -133,7 +141,7 @@ def list_versions(datasets_dir: Path, name: str) -> list[DatasetVersion]:
 def resolve_dataset(datasets_dir: Path, spec: str) -> DatasetVersion:
     """``NAME`` (latest version), ``NAME:vN`` or ``NAME:N`` → that version; UserInputError otherwise."""
     name, has_version, wanted = spec.partition(":")
-    versions = list_versions(datasets_dir, name)
+    versions = list_versions(datasets_dir, check_name(name))
     if not versions:
         existing = ", ".join(list_datasets(datasets_dir)) or "none"
         raise UserInputError(f"no dataset named {name!r} in {datasets_dir} (existing datasets: {existing})")
@@ -145,7 +153,7 @@ def resolve_dataset(datasets_dir: Path, spec: str) -> DatasetVersion:
             if version.version == int(match.group(1)):
                 return version
     existing = ", ".join(f"v{v.version}" for v in versions)
-    raise UserInputError(f"dataset {name!r} has no version {wanted!r} (versions: {existing})")
+    raise UserInputError(f"dataset {name!r} has no version {echo(wanted)!r} (versions: {existing})")
 
 
 def read_split(path: Path) -> pa.Table:
@@ -175,10 +183,7 @@ def ingest(sources: list[str | Source], name: str, data: DataConfig, datasets_di
     ``extend`` keeps that version's documents as they are, first, and adds the sources' to them
     (deduplicated against them). ``manifest_extra`` goes into the manifest and its content hash.
     """
-    if not _NAME.fullmatch(name):
-        raise UserInputError(
-            f"invalid dataset name {name!r}: use letters, digits, '.', '_' and '-', starting with a letter or digit"
-        )
+    check_name(name)
     if not sources:
         raise UserInputError("no sources given: pass files, folders, globs or builtin sources")
     resolved = [spec if isinstance(spec, Source) else resolve_source(spec, data) for spec in sources]

@@ -91,6 +91,23 @@ _LOAD_ERRORS = (SafetensorError, OSError, ValueError, KeyError, RuntimeError)
 _LOAD_LOCK = threading.Lock()
 
 
+def check_weights(path: str | Path) -> None:
+    """Every weights file of the model folder ``path`` is whole: read from the headers only, so a
+    process that hands the folder to others (Serve replicas, Ray Data actors) can refuse a truncated
+    or foreign file with one line naming it, instead of each of them failing deep in a traceback."""
+    from safetensors import safe_open
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise UserInputError(f"cannot load model from {path}: no *.safetensors weights")
+    for file in files:
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise UserInputError(f"{file}: damaged weights file ({exc})") from None
+
+
 def load_model(path: str | Path) -> torch.nn.Module:
     """Load a Hugging Face model folder; any defect becomes a UserInputError naming the path.
 

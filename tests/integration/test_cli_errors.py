@@ -1,0 +1,68 @@
+"""Damage a user can do to genloop's input and state, through the real CLI: one line naming the file
+and the problem, exit code 2, before any work starts; and state that only its owner can read."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+from services.config import GenloopConfig
+from services.registry import Registry
+
+
+def genloop(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "GENLOOP_HOME": str(cwd / "home"), "COLUMNS": "80"}
+    return subprocess.run([sys.executable, "-m", "services.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def one_error_line(result: subprocess.CompletedProcess, *needles: str) -> None:
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert len(lines[0]) < 400
+
+
+def test_bad_names_and_damaged_files_are_one_line_and_exit_2(tmp_path: Path):
+    home = tmp_path / "home"
+    home.mkdir()
+    one_error_line(genloop(tmp_path, "data", "list", "../../etc"), "invalid dataset name")
+    one_error_line(genloop(tmp_path, "data", "list", "absent"), "no dataset named 'absent'")
+    one_error_line(genloop(tmp_path, "data", "ingest", "builtin:python-docs", "--name", "n" * 5000),
+                   "invalid dataset name", "(5000 chars)")
+    (tmp_path / "genloop.yaml").write_bytes(b"data:\n  max_documents_per_source: \xff\xfe\n")
+    one_error_line(genloop(tmp_path, "config", "show"), "genloop.yaml: not UTF-8")
+    (tmp_path / "genloop.yaml").unlink()
+    for name in ("scheduler.db", "genloop.db", "mlflow.db"):
+        (home / name).write_bytes(b"this is not a database, but it is long enough to be read as one" * 20)
+        one_error_line(genloop(tmp_path, "models"), f"{home / name}: not a SQLite database")
+        (home / name).unlink()
+
+
+def test_a_truncated_weights_file_is_named_before_serving_or_generating(tmp_path: Path, make_tiny_model,
+                                                                          register_model):
+    config = GenloopConfig(home=tmp_path / "home")
+    version = register_model(config, make_tiny_model(tmp_path / "model"))
+    registry = Registry(config)
+    registry.client.set_registered_model_alias(registry.name, "champion", version)
+    weights = registry.local_path(registry.resolve(version)) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "a"}\n')
+    one_error_line(genloop(tmp_path, "generate", "-i", str(prompts), "-o", str(tmp_path / "out.jsonl")),
+                   "model.safetensors: damaged weights file")
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_state_created_by_the_cli_is_private(tmp_path: Path):
+    assert genloop(tmp_path, "models").returncode == 0
+    home = tmp_path / "home"
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
+    created = [path for path in home.rglob("*") if path.is_file()]
+    assert created and all(stat.S_IMODE(path.stat().st_mode) == 0o600 for path in created), \
+        {str(p): oct(stat.S_IMODE(p.stat().st_mode)) for p in created}
