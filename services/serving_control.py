@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import threading
 from dataclasses import dataclass
 
@@ -50,6 +51,28 @@ def current_target(config: GenloopConfig) -> Target | None:
     return Target(str(champion.version), str(challenger.version) if challenger is not None else None)
 
 
+SALT_FILE = "client-salt"
+
+
+def client_salt(config: GenloopConfig) -> str:
+    """This installation's secret for hashing client ids in the inference log: made on first use,
+    kept in the state folder readable by its owner alone, the same for every replica and restart
+    (so one client keeps one pseudonym)."""
+    path = config.home / SALT_FILE
+    if not path.exists():
+        config.home.mkdir(parents=True, exist_ok=True)
+        draft = path.with_name(f".{SALT_FILE}.{os.getpid()}")
+        with os.fdopen(os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as file:
+            file.write(secrets.token_hex(32))
+        try:
+            os.link(draft, path)  # appears whole or not at all; the first of two racing processes wins
+        except FileExistsError:
+            pass
+        finally:
+            draft.unlink()
+    return path.read_text(encoding="ascii").strip()
+
+
 def settings_for(config: GenloopConfig, version: str) -> ServerSettings:
     registry = Registry(config)
     model_version = registry.resolve(version)
@@ -79,6 +102,7 @@ def settings_for(config: GenloopConfig, version: str) -> ServerSettings:
         public_paths=serving.public_paths,
         inference_log_dir=str(config.inference_log_dir) if serving.inference_log else None,
         redact_prompts=serving.redact_prompts,
+        client_salt=client_salt(config),
         shadow_percent=serving.shadow_percent,
         scrape_targets_dir=str(config.scrape_targets_dir),
     )

@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import re
+import secrets
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -78,7 +79,9 @@ class ServerSettings(BaseModel):
     body_timeout_s: float = Field(10.0, description="A request body not received whole within this gets 408.")
     inference_log_dir: str | None = Field(None, description="Where the inference log goes; None = off.")
     redact_prompts: bool = Field(False, description="Log prompt hashes instead of prompt text.")
-    client_salt: str = Field("genloop", description="Salt of the hashed client id in the log.")
+    client_salt: str = Field(default_factory=lambda: secrets.token_hex(32),
+                             description="Secret key of the hashed client ids in the log; genloop serve passes "
+                             "the installation's, a bare replica makes its own.")
     shadow_percent: float = Field(0.0, ge=0, le=100, description="Share of requests mirrored to the shadow model.")
     scrape_targets_dir: str | None = Field(
         None, description="Where each replica announces its own /metrics port to Prometheus; None = not announced."

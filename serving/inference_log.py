@@ -12,6 +12,7 @@ Drift detection and retraining read this log.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
 import os
 import threading
@@ -61,8 +62,9 @@ class InferenceRecord(BaseModel):
 
 
 def hash_client(client: str, salt: str) -> str:
-    """A stable pseudonym for a client, so traffic can be grouped without storing who it was."""
-    return hashlib.sha256(f"{salt}:{client}".encode()).hexdigest()[:16] if client else ""
+    """A stable pseudonym for a client, so traffic can be grouped without storing who it was: an HMAC
+    keyed with the installation's secret salt, so whoever reads the log cannot test guessed keys."""
+    return hmac.new(salt.encode(), client.encode(), hashlib.sha256).hexdigest()[:16] if client else ""
 
 
 def redact(text: str) -> str:

@@ -65,3 +65,14 @@ def test_empty_log_reads_as_empty_table(tmp_path: Path):
     assert read_inference_log(tmp_path / "missing").num_rows == 0
     assert hash_client("key-1", "salt") == hash_client("key-1", "salt") != hash_client("key-2", "salt")
     assert hash_client("", "salt") == ""
+
+
+def test_the_client_salt_is_a_private_secret_of_the_installation(genloop_config):
+    import stat
+
+    from services.serving_control import SALT_FILE, client_salt
+
+    salt = client_salt(genloop_config)
+    assert len(salt) == 64 and client_salt(genloop_config) == salt
+    assert stat.S_IMODE((genloop_config.home / SALT_FILE).stat().st_mode) == 0o600
+    assert hash_client("sk-key", salt) != hash_client("sk-key", "genloop")  # not the old public salt
