@@ -408,9 +408,13 @@ def demo(
 ) -> None:
     """The loop on a domain shift: v1 on Python's docs, same-domain traffic (no drift), then traffic and
     new documents from NEW_DOMAIN → drift → retrain with replay → gate → v2 rolled out under traffic."""
-    from services.demo import run_demo
+    from services.demo import DemoFailed, run_demo
 
-    run_demo(_load(config_file), max_steps=max_steps, console=console, new_domain=new_domain)
+    try:
+        run_demo(_load(config_file), max_steps=max_steps, console=console, new_domain=new_domain)
+    except DemoFailed as exc:
+        errors.print(f"[bold red]demo failed:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
 
 
 def main() -> None:

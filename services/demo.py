@@ -17,6 +17,7 @@ the drift scores, requests served and failed, and what each training run cost.
 
 from __future__ import annotations
 
+import http.client
 import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -54,6 +55,11 @@ CLIENTS = 4
 INCOMING_PARTS = 3  # the new domain's documents land as this many files
 
 
+class DemoFailed(RuntimeError):
+    """The demo ran, but its story did not happen (no drift after the shift, a failed request):
+    the CLI says so in one line and exits 1."""
+
+
 @dataclass
 class Traffic:
     """Greedy completions sent one after another from a thread until stopped; what came back."""
@@ -73,13 +79,19 @@ class Traffic:
         try:
             with urllib.request.urlopen(request, timeout=120) as response:
                 text, version = json.load(response)["choices"][0]["text"], response.headers[VERSION_HEADER]
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            with self._lock:
-                self.failed.append(f"{type(exc).__name__}: {exc}")
+        except urllib.error.HTTPError as exc:  # the server's answer says why
+            self._fail(f"HTTP {exc.code}: {exc.read()[:200].decode(errors='replace')}")
+            return None
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError, KeyError) as exc:
+            self._fail(f"{type(exc).__name__}: {exc}")
             return None
         with self._lock:
             self.served[version] = self.served.get(version, 0) + 1
         return text, version
+
+    def _fail(self, error: str) -> None:
+        with self._lock:
+            self.failed.append(error)
 
     def start(self, limit: int, seconds: float) -> Traffic:
         """Cycle through the prompts in the background, at most ``limit`` requests or ``seconds``."""
@@ -157,14 +169,16 @@ def run_demo(config: GenloopConfig, max_steps: int, console: Console, new_domain
         phase = time.time()
         live = Traffic(url, config.serving.model_name, new_prompts).start(limit=2000, seconds=900)
         _land(new_docs, incoming, config.scheduler.incoming_settle_s)
-        while live.total < TRAFFIC and not live.failed and time.time() - phase < 300:
+        # A failed request does not end the wait: the drift check needs TRAFFIC answered prompts,
+        # and the failures are reported below, whatever the check finds.
+        while sum(live.served.values()) < TRAFFIC and time.time() - phase < 300:
             time.sleep(0.5)
         config.scheduler.retrain_on_drift = False  # the retrain below is the one this drift starts
         new_drift = _drift(config, scheduler, since=phase, rows=same.total + live.total, console=console)
         if new_drift.outcome != "drift":
-            console.print("[yellow]no drift found after the shift: nothing to retrain[/]")
             live.stop()
-            return
+            raise DemoFailed(f"no drift found after the shift ({new_drift.detail}); "
+                             f"{_failures(same, live) or 'no request failed'}")
         config.scheduler.retrain_on_drift = True
         console.rule("[bold]4 · drift → retrain: landed files → replay mix → budgeted warm start → gate")
         second = retrain(config, "drift", show_progress=True, actor="genloop demo")
@@ -276,4 +290,10 @@ def _summary(config: GenloopConfig, console: Console, first: RetrainResult, seco
     table.add_row("reports", f"{config.reports_dir}/evaluations, {config.reports_dir}/drift")
     console.print(table)
     if live.failed or same.failed:
-        console.print(f"[red]failed requests:[/] {(same.failed + live.failed)[:3]}")
+        raise DemoFailed(_failures(same, live))
+
+
+def _failures(*traffic: Traffic) -> str:
+    """How many requests failed, and the first few errors: what a reader needs to look into it."""
+    failed = [error for sent in traffic for error in sent.failed]
+    return f"{len(failed)} requests failed, first: {'; '.join(failed[:3])}" if failed else ""
