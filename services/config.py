@@ -212,7 +212,9 @@ class ServingConfig(Section):
         description="Share of requests (%) mirrored to the `challenger` alias; its answers are logged, never returned.",
     )
     inference_log: bool = Field(True, description="Write every request to $GENLOOP_HOME/inference-log.")
-    redact_prompts: bool = Field(False, description="Log prompt hashes instead of prompt text.")
+    inference_log_flush_s: float = Field(
+        1.0, gt=0, description="Each replica writes its log rows at least this often: a replica killed outright "
+        "(SIGKILL, OOM) loses at most the rows of its last interval; a graceful stop loses none.")
 
     @property
     def gpus_per_replica(self) -> float:
@@ -221,7 +223,15 @@ class ServingConfig(Section):
         return 1.0 if self.engine == "vllm" or self.device.startswith("cuda") else 0.0
 
 
+# What the inference log keeps of prompts and outputs (monitoring.log_text).
+LogText = Literal["full", "redacted", "hashed"]
+
+
 class MonitoringConfig(Section):
+    log_text: LogText = Field(
+        "full", description="What the inference log keeps of prompts and outputs: full text (drift and the "
+        "gate's live set read it), redacted (e-mails, phones, IPs and keys scrubbed as in training data) or "
+        "hashed (length and hash only: no prompt drift, no live set).")
     scrape_targets_dir: Path | None = Field(
         None, description="Prometheus file_sd directory where every replica and the control plane announce their "
         "metrics port; None uses $GENLOOP_HOME/prometheus/targets (shared storage on multi-node)."

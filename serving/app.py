@@ -38,7 +38,7 @@ from serving.engine import (
 )
 from monitoring import metrics
 from monitoring.scrape_targets import ScrapeTarget
-from services.config import echo
+from services.config import LogText, echo
 from serving.guard import GuardSettings, RequestGuard
 from serving.inference_log import InferenceLog, InferenceRecord, hash_client
 from serving.protocol import (
@@ -78,7 +78,9 @@ class ServerSettings(BaseModel):
     max_body_bytes: int = Field(1_000_000, description="Request bodies past this many bytes get 413.")
     body_timeout_s: float = Field(10.0, description="A request body not received whole within this gets 408.")
     inference_log_dir: str | None = Field(None, description="Where the inference log goes; None = off.")
-    redact_prompts: bool = Field(False, description="Log prompt hashes instead of prompt text.")
+    log_text: LogText = Field("full", description="What the log keeps of prompts and outputs (see LogText).")
+    log_flush_s: float = Field(1.0, description="The log is written at least this often: what a killed replica "
+                               "can lose.")
     client_salt: str = Field(default_factory=lambda: secrets.token_hex(32),
                              description="Secret key of the hashed client ids in the log; genloop serve passes "
                              "the installation's, a bare replica makes its own.")
@@ -160,8 +162,8 @@ class _EngineReplica:
         self.engine: Engine = settings.engine_class(settings.model_path, settings.model_version,
                                                     **settings.engine_options)
         await self.engine.load()
-        self.log = (InferenceLog(settings.inference_log_dir, redact_prompts=settings.redact_prompts)
-                    if settings.inference_log_dir else None)
+        self.log = (InferenceLog(settings.inference_log_dir, text=settings.log_text,
+                                 flush_seconds=settings.log_flush_s) if settings.inference_log_dir else None)
         self.scrape_target = None
         if settings.scrape_targets_dir:
             replica = serve.get_replica_context().replica_id

@@ -26,6 +26,9 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
+from services.config import LogText
+from training.cleaning import scrub_pii
+
 logger = logging.getLogger(__name__)
 
 SCHEMA = pa.schema([
@@ -42,6 +45,7 @@ SCHEMA = pa.schema([
     ("latency_seconds", pa.float64()),
     ("ttft_seconds", pa.float64()),
     ("client_hash", pa.string()),
+    ("text_mode", pa.string()),  # how prompt and output are stored (LogText); null in older files = full
 ])
 
 
@@ -67,21 +71,30 @@ def hash_client(client: str, salt: str) -> str:
     return hmac.new(salt.encode(), client.encode(), hashlib.sha256).hexdigest()[:16] if client else ""
 
 
-def redact(text: str) -> str:
-    """What a redacted prompt is stored as: its length and hash, enough to count repeats."""
-    return f"[redacted {len(text)} chars sha256:{hashlib.sha256(text.encode()).hexdigest()[:16]}]"
+def hashed(text: str) -> str:
+    """What a hashed text is stored as: its length and hash, enough to count repeats."""
+    return f"[{len(text)} chars sha256:{hashlib.sha256(text.encode()).hexdigest()[:16]}]" if text else ""
+
+
+def _stored(record: InferenceRecord, mode: LogText) -> dict:
+    """The row as written: prompt and output kept, scrubbed or hashed as ``mode`` says."""
+    row = record.model_dump()
+    if mode != "full":
+        keep = scrub_pii if mode == "redacted" else hashed
+        row["prompt"], row["output"] = keep(row["prompt"]), keep(row["output"])
+    return {**row, "text_mode": mode}
 
 
 class InferenceLog:
     """Bounded, batched, asynchronous parquet writer; one per replica."""
 
     def __init__(self, root: Path, *, max_buffer: int = 10_000, batch_rows: int = 512,
-                 flush_seconds: float = 2.0, redact_prompts: bool = False):
+                 flush_seconds: float = 1.0, text: LogText = "full"):
         self.root = Path(root)
         self.max_buffer = max_buffer
         self.batch_rows = batch_rows
         self.flush_seconds = flush_seconds
-        self.redact_prompts = redact_prompts
+        self.text = text
         self.dropped = 0
         self.written = 0
         self._buffer: deque[InferenceRecord] = deque()
@@ -95,8 +108,6 @@ class InferenceLog:
         if len(self._buffer) >= self.max_buffer:
             self.dropped += 1
             return False
-        if self.redact_prompts:
-            record = record.model_copy(update={"prompt": redact(record.prompt)})
         self._buffer.append(record)
         if len(self._buffer) >= self.batch_rows:
             self._wake.set()
@@ -115,7 +126,8 @@ class InferenceLog:
     def _write(self, day: date, records: list[InferenceRecord]) -> None:
         folder = self.root / f"date={day.isoformat()}"
         folder.mkdir(parents=True, exist_ok=True)
-        table = pa.Table.from_pylist([r.model_dump() for r in records], schema=SCHEMA)
+        # Scrubbing and hashing happen here, in the writer thread, off the replica's event loop.
+        table = pa.Table.from_pylist([_stored(r, self.text) for r in records], schema=SCHEMA)
         name = f"part-{datetime.now(UTC):%H%M%S%f}-{uuid.uuid4().hex[:8]}.parquet"
         tmp = folder / f".{name}.tmp"
         pq.write_table(table, tmp)
@@ -155,9 +167,10 @@ def read_inference_log(root: Path, since: datetime | None = None, until: datetim
 
 
 def caller_prompts(root: Path, since: datetime, until: datetime | None = None) -> list[str]:
-    """Prompts callers sent (status 200, not shadow copies) in [since, until)."""
+    """Prompts callers sent (status 200, not shadow copies, not stored as hashes) in [since, until)."""
     import pyarrow.compute as pc
 
     table = read_inference_log(root, since=since, until=until)
-    table = table.filter(pc.and_(pc.equal(table["status"], 200), pc.invert(table["shadow"])))
+    text_kept = pc.fill_null(pc.not_equal(table["text_mode"], "hashed"), True)
+    table = table.filter(pc.and_(pc.and_(pc.equal(table["status"], 200), pc.invert(table["shadow"])), text_kept))
     return [p for p in table.column("prompt").to_pylist() if p]

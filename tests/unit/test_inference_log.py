@@ -9,9 +9,9 @@ from pathlib import Path
 from serving.inference_log import InferenceLog, InferenceRecord, hash_client, read_inference_log
 
 
-def record(i: int, when: datetime | None = None, prompt: str = "hello") -> InferenceRecord:
+def record(i: int, when: datetime | None = None, prompt: str = "hello", output: str = "world") -> InferenceRecord:
     return InferenceRecord(request_id=f"cmpl-{i}", route="completions", model_version="3", status=200,
-                           prompt=f"{prompt} {i}", output="world", prompt_tokens=2, completion_tokens=1,
+                           prompt=f"{prompt} {i}", output=output, prompt_tokens=2, completion_tokens=1,
                            latency_seconds=0.01, **({"time": when} if when else {}))
 
 
@@ -40,12 +40,22 @@ def test_full_buffer_drops_and_counts_instead_of_growing(tmp_path: Path):
     assert read_inference_log(tmp_path).num_rows == 5
 
 
-def test_redaction_keeps_no_prompt_text(tmp_path: Path):
-    log = InferenceLog(tmp_path, redact_prompts=True)
-    log.append(record(1, prompt="my password is hunter2"))
-    log.close()
-    prompt = read_inference_log(tmp_path).column("prompt")[0].as_py()
-    assert "hunter2" not in prompt and prompt.startswith("[redacted")
+def test_log_text_covers_prompts_and_outputs(tmp_path: Path):
+    from serving.inference_log import caller_prompts
+
+    texts = {}
+    for mode in ("full", "redacted", "hashed"):
+        log = InferenceLog(tmp_path / mode, text=mode)
+        log.append(record(1, prompt="mail me at ada@example.com,", output="or call +44 20 7946 0958 now"))
+        log.close()
+        row = read_inference_log(tmp_path / mode).to_pylist()[0]
+        texts[mode] = (row["prompt"], row["output"], row["text_mode"])
+        assert len(caller_prompts(tmp_path / mode, since=datetime(2000, 1, 1, tzinfo=UTC))) == (mode != "hashed")
+    assert texts["full"] == ("mail me at ada@example.com, 1", "or call +44 20 7946 0958 now", "full")
+    prompt, output, _ = texts["redacted"]
+    assert "ada@example.com" not in prompt and "mail me at" in prompt and "7946" not in output
+    prompt, output, _ = texts["hashed"]
+    assert "mail" not in prompt and "call" not in output and "sha256:" in prompt
 
 
 def test_append_is_safe_from_many_threads(tmp_path: Path):
