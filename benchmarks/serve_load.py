@@ -144,7 +144,7 @@ class Server:
         from ray import serve
 
         from services.cluster import use_fast_serve_data_plane
-        from serving.app import ServerSettings, build_app
+        from serving.app import ServerSettings, serve_app
         from serving.hf_engine import HFEngine
 
         use_fast_serve_data_plane()  # as `genloop serve` starts its Ray
@@ -153,8 +153,7 @@ class Server:
         serve.start(http_options={"host": "127.0.0.1", "port": self.port})
         settings = ServerSettings(served_model_name="genloop", model_path=str(self.model_dir), model_version="1",
                                   engine_class=HFEngine, engine_options={"max_batch_size": 32, "device": self.device})
-        app = build_app(settings, replica_gpus=0.0 if self.device == "cpu" else 1.0)  # Ray hides unreserved GPUs
-        serve.run(app, name="genloop", route_prefix="/")
+        serve_app(settings, replica_gpus=0.0 if self.device == "cpu" else 1.0)  # Ray hides unreserved GPUs
 
     def __exit__(self, *exc) -> None:
         if self.process is not None:

@@ -201,9 +201,14 @@ class ServingConfig(Section):
     body_timeout_s: float = Field(10.0, gt=0, description="A request body not received whole within this gets "
                                   "408: a slow upload does not hold a request slot for longer.")
     public_paths: list[str] = Field(
-        default_factory=lambda: ["/health"],
+        default_factory=list,
         description="Paths answered without an API key once GENLOOP_API_KEYS is set; every other path, "
-        "/metrics and /openapi.json included, needs the key (Prometheus sends it as a bearer token).")
+        "/metrics and /openapi.json included, needs the key (Prometheus sends it as a bearer token). "
+        "/health is always public: a deployment of its own answers it.")
+    max_requests_per_client: int | None = Field(
+        32, ge=1, description="Requests one client (its API key, else its address) may have in one replica at "
+        "once; past it an immediate 429, so one client cannot hold every slot. None = no limit (behind a "
+        "proxy without API keys every client has the proxy's address).")
     watch_interval_s: float = Field(
         10, gt=0, description="How often the champion and challenger aliases are checked for a new version."
     )

@@ -22,7 +22,7 @@ from monitoring import metrics
 from services.cluster import connect
 from services.config import GenloopConfig, UserInputError
 from services.registry import Registry
-from serving.app import ServerSettings, build_app
+from serving.app import ServerSettings, delete_app, serve_app
 from training.models import check_weights
 
 logger = logging.getLogger(__name__)
@@ -100,6 +100,7 @@ def settings_for(config: GenloopConfig, version: str) -> ServerSettings:
         max_body_bytes=serving.max_body_bytes,
         body_timeout_s=serving.body_timeout_s,
         public_paths=serving.public_paths,
+        max_requests_per_client=serving.max_requests_per_client,
         inference_log_dir=str(config.inference_log_dir) if serving.inference_log else None,
         log_text=config.monitoring.log_text,
         log_flush_s=serving.inference_log_flush_s,
@@ -113,12 +114,10 @@ def deploy(config: GenloopConfig, target: Target) -> Target:
     """Deploy (or roll to) ``target``; returns once its replicas are serving."""
     settings = settings_for(config, target.champion)
     shadow = settings_for(config, target.challenger) if target.challenger is not None else None
-    app = build_app(settings, num_replicas=config.serving.num_replicas,
-                    max_ongoing_requests=config.serving.max_ongoing_requests,
-                    max_queued_requests=config.serving.max_queued_requests,
-                    replica_cpus=config.serving.replica_cpus, replica_gpus=config.serving.gpus_per_replica,
-                    shadow=shadow)
-    serve.run(app, name=APP_NAME, route_prefix="/")
+    serve_app(settings, APP_NAME, num_replicas=config.serving.num_replicas,
+              max_ongoing_requests=config.serving.max_ongoing_requests,
+              max_queued_requests=config.serving.max_queued_requests,
+              replica_cpus=config.serving.replica_cpus, replica_gpus=config.serving.gpus_per_replica, shadow=shadow)
     logger.info("serving v%s%s", target.champion,
                 f" with v{target.challenger} in shadow ({config.serving.shadow_percent:g} %)" if shadow else "")
     return target
@@ -173,6 +172,6 @@ def stop_serving(own_cluster: bool) -> None:
     """Delete the app, which drains it: replicas answer what they hold and what is queued for them
     (up to ``graceful_shutdown_timeout_s``) before they exit, while the proxy still routes. On a
     cluster we joined, Serve stays up for whoever else uses it; on our own, it stops too."""
-    serve.delete(APP_NAME)
+    delete_app(APP_NAME)
     if own_cluster:
         serve.shutdown()

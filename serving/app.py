@@ -41,8 +41,10 @@ from monitoring.scrape_targets import ScrapeTarget
 from services.config import LogText, echo
 from serving.guard import GuardSettings, RequestGuard
 from serving.inference_log import InferenceLog, InferenceRecord, hash_client
+from serving.health import health_app, health_route
 from serving.protocol import (
     MAX_PROMPTS,
+    VERSION_HEADER,
     ChatChoice,
     ChatChunkChoice,
     ChatCompletionChunk,
@@ -61,9 +63,6 @@ from serving.protocol import (
 
 logger = logging.getLogger(__name__)
 
-VERSION_HEADER = "x-genloop-model-version"
-
-
 class ServerSettings(BaseModel):
     """Everything a replica needs; built by the control plane (``genloop serve``)."""
 
@@ -73,8 +72,11 @@ class ServerSettings(BaseModel):
     engine_class: Any = Field(description="Engine subclass to instantiate.")
     engine_options: dict[str, Any] = Field(default_factory=dict, description="Engine constructor options.")
     api_keys: list[str] = Field(default_factory=list, description="Bearer keys accepted; empty = no auth.")
-    public_paths: list[str] = Field(default_factory=lambda: ["/health"],
-                                    description="Paths answered without a key when keys are set.")
+    public_paths: list[str] = Field(default_factory=list, description="Paths answered without a key when keys "
+                                    "are set (/health is always public: it is served by a deployment of its own).")
+    max_requests_per_client: int | None = Field(
+        None, ge=1, description="Requests one client (API key, else address) may have in a replica at once; "
+        "past it 429 at once. None = no limit; genloop serve passes serving.max_requests_per_client.")
     max_body_bytes: int = Field(1_000_000, description="Request bodies past this many bytes get 413.")
     body_timeout_s: float = Field(10.0, description="A request body not received whole within this gets 408.")
     inference_log_dir: str | None = Field(None, description="Where the inference log goes; None = off.")
@@ -104,7 +106,7 @@ api.add_middleware(RequestGuard)
 # Route label of the request metrics and the inference log: the API's own routes by name, anything
 # else as "other", so that requests to made-up paths cannot grow the metric's label set without end.
 ROUTES = {"/v1/completions": "completions", "/v1/chat/completions": "chat.completions", "/v1/models": "models",
-          "/health": "health", "/metrics": "metrics"}
+          "/metrics": "metrics"}
 
 
 def route_of(path: str) -> str:
@@ -219,7 +221,8 @@ class OpenAIServer(_EngineReplica):
         api.state.settings = settings
         api.state.guard = GuardSettings(api_keys=settings.api_keys, public_paths=set(settings.public_paths),
                                         max_body_bytes=settings.max_body_bytes,
-                                        body_timeout_s=settings.body_timeout_s, on_refused=self._refused)
+                                        body_timeout_s=settings.body_timeout_s,
+                                        max_per_client=settings.max_requests_per_client, on_refused=self._refused)
         metrics.MODEL_INFO.labels(settings.model_version).set(1)
         # Engine gauges are read when scraped, whichever endpoint the scrape comes through.
         metrics.REQUESTS_RUNNING.labels(settings.model_version).set_function(
@@ -378,12 +381,6 @@ class OpenAIServer(_EngineReplica):
                 task.cancel()
 
     # --- routes -------------------------------------------------------------------------
-    @api.get("/health")
-    async def health(self) -> JSONResponse:
-        healthy = await self.engine.health()
-        return JSONResponse({"status": "ok" if healthy else "loading", "model_version": self.settings.model_version},
-                            status_code=200 if healthy else 503, headers=self._headers())
-
     @api.get("/v1/models")
     async def models(self, request: Request) -> JSONResponse:
         card = {"id": self.settings.served_model_name, "object": "model", "created": now(), "owned_by": "genloop",
@@ -556,3 +553,21 @@ def build_app(settings: ServerSettings, num_replicas: int = 1, max_ongoing_reque
         num_replicas=num_replicas, max_ongoing_requests=max_ongoing_requests, max_queued_requests=max_queued_requests,
         backpressure_config=BackpressureConfig(status_code=429, retry_after_s=1), **options,
     ).bind(settings, shadow_app)
+
+
+def serve_app(settings: ServerSettings, name: str = "genloop", route_prefix: str = "/", **options) -> None:
+    """Deploy (or roll) the application ``name`` at ``route_prefix`` with its health application beside
+    it (``serving.health``), and return once the model's replicas serve. On a first deploy the health
+    application goes first, so ``/health`` says "unavailable" rather than 404 while the replicas load;
+    it names the new version once the rollout is done. ``options`` are ``build_app``'s."""
+    health, route = f"{name}-health", health_route(route_prefix)
+    if health not in serve.status().applications:
+        serve.run(health_app(name, ""), name=health, route_prefix=route)
+    serve.run(build_app(settings, **options), name=name, route_prefix=route_prefix)
+    serve.run(health_app(name, settings.model_version), name=health, route_prefix=route)
+
+
+def delete_app(name: str = "genloop") -> None:
+    """Delete the application ``name`` (which drains it), then its health application."""
+    serve.delete(name)
+    serve.delete(f"{name}-health")

@@ -9,6 +9,10 @@ handler. In order:
   on every request and returns it), else a new one, returned in that header; it is written into
   every 500's message and log line, and it is the inference-log row of every refused request;
 - the API key, compared in constant time, on every path but ``public_paths`` once keys are set;
+- at most ``max_per_client`` requests of one client (its API key, else its address) at once in this
+  replica, 429 past it: Serve hands a replica ``max_ongoing_requests`` at a time, whoever sends them,
+  so without this one client that opens many connections (or sends its bodies a byte at a time)
+  holds every slot and everyone else waits;
 - the body, read whole before the app runs: at most ``max_body_bytes`` (413 past it, whatever the
   transfer encoding) within ``body_timeout_s`` (408 after it), so a slow or endless upload costs
   its sender, not a request slot for as long as it likes;
@@ -59,6 +63,7 @@ class GuardSettings:
     public_paths: set[str]
     max_body_bytes: int
     body_timeout_s: float
+    max_per_client: int | None = None
     on_refused: Refused | None = None
 
 
@@ -68,6 +73,7 @@ class RequestGuard:
 
     def __init__(self, app: Any):
         self.app = app
+        self._in_flight: dict[str, int] = {}  # client → requests of it in this replica now
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         settings: GuardSettings | None = getattr(scope["app"].state, "guard", None) if "app" in scope else None
@@ -89,19 +95,24 @@ class RequestGuard:
                                                       (REQUEST_ID_HEADER.encode(), request_id.encode())]}
             await send(message)
 
-        async def answer(code: int, message: str) -> None:
+        async def answer(code: int, message: str, headers: tuple = ()) -> None:
             payload = json.dumps(error_body(code, message)).encode()
             await send_with_id({"type": "http.response.start", "status": code,
                                 "headers": [(b"content-type", b"application/json"),
-                                            (b"content-length", str(len(payload)).encode())]})
+                                            (b"content-length", str(len(payload)).encode()), *headers]})
             await send_with_id({"type": "http.response.body", "body": payload})
 
         path = scope["path"]
         client = headers.get("authorization", "") or (scope["client"][0] if scope.get("client") else "")
+        held = self._in_flight.get(client, 0)
+        self._in_flight[client] = held + 1
         try:
             if settings.api_keys and path not in settings.public_paths \
                     and not key_matches(headers.get("authorization", ""), settings.api_keys):
                 await answer(401, "missing or invalid API key (Authorization: Bearer …)")
+            elif settings.max_per_client is not None and held >= settings.max_per_client:
+                await answer(429, f"more than {settings.max_per_client} requests of this client at once",
+                             ((b"retry-after", b"1"),))
             elif scope["method"] in _BODY_METHODS:
                 body = await self._read_body(receive, headers, settings, answer)
                 if body is not None:
@@ -113,6 +124,10 @@ class RequestGuard:
             if not status:
                 await answer(500, f"internal error; request id {request_id}")
         finally:
+            if self._in_flight[client] == 1:
+                del self._in_flight[client]
+            else:
+                self._in_flight[client] -= 1
             code = status[0] if status else 499  # no answer at all: the client went away first
             if not 200 <= code < 300 and settings.on_refused is not None:
                 settings.on_refused(path, request_id, code, time.perf_counter() - started, client)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from serving.app import ServerSettings, build_app
+from serving.app import ServerSettings, serve_app
 from serving.engine import GenerationRequest, SamplingParams
 from serving.hf_engine import HFEngine
 
@@ -53,7 +53,7 @@ def test_serve_replica_reserves_the_gpu_and_answers(ray_cluster, tmp_path, make_
     settings = ServerSettings(served_model_name="genloop", model_path=str(make_tiny_model(tmp_path / "model")),
                               model_version="1", engine_class=HFEngine, engine_options={"device": "cuda"})
     try:
-        serve.run(build_app(settings, replica_gpus=1.0), name="genloop", route_prefix="/")
+        serve_app(settings, replica_gpus=1.0)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{free_port}/v1", api_key="none", max_retries=0)
         completion = client.completions.create(model="genloop", prompt="The for statement", max_tokens=8,
                                                temperature=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import select
 import socket
 import time
 from typing import Any
@@ -11,11 +12,13 @@ import httpx
 import openai
 import pytest
 
-from serving.app import VERSION_HEADER, ServerSettings, build_app
+from serving.app import VERSION_HEADER, ServerSettings, build_app, serve_app
 from serving.hf_engine import HFEngine
 from serving.inference_log import read_inference_log
 
 API_KEY = "sk-test-key"
+FLOOD_KEY, STREAMS_KEY = "sk-flood-key", "sk-streams-key"  # clients of the tests of what one client may take
+PER_CLIENT = 32
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +32,11 @@ def server(ray_cluster, tmp_path_factory, make_tiny_model):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     settings = ServerSettings(
         served_model_name="genloop", model_path=str(make_tiny_model(root / "model")), model_version="7",
-        engine_class=HFEngine, engine_options={"max_batch_size": 8}, api_keys=[API_KEY],
-        inference_log_dir=str(root / "inference-log"),
+        engine_class=HFEngine, engine_options={"max_batch_size": 8}, api_keys=[API_KEY, FLOOD_KEY, STREAMS_KEY],
+        inference_log_dir=str(root / "inference-log"), max_requests_per_client=PER_CLIENT,
+        body_timeout_s=60,  # slow uploads outlast the flood test: it must pass by the per-client limit alone
     )
-    serve.run(build_app(settings), name="genloop", route_prefix="/")
+    serve_app(settings)
     yield {"url": f"http://127.0.0.1:{port}", "log": root / "inference-log"}
     serve.shutdown()
 
@@ -260,3 +264,80 @@ def test_hostile_inputs_get_a_clear_4xx_and_are_logged(server):
     logged = {row["request_id"]: row["status"] for row in read_inference_log(server["log"]).to_pylist()}
     assert {i: logged.get(i) for i in ids} == {answer.headers["x-request-id"]: answer.status_code
                                                for answer in probes.values()}
+
+
+def test_a_flood_of_slow_uploads_takes_neither_health_nor_other_clients_capacity(server):
+    """100 connections of one client send their headers and one byte of body, then hold: 66 such once
+    held every request slot, and /health and every other caller waited until the sockets closed. Now
+    that client holds at most PER_CLIENT of the replica's slots and the rest are refused at once,
+    /health answers from a deployment of its own, another client's 32 streams complete, and every
+    one of the 132 requests is a row of the inference log with its status."""
+    from collections import Counter
+    from concurrent.futures import ThreadPoolExecutor
+    from datetime import UTC, datetime
+
+    url, flood_size = server["url"], 100
+    host, port = url.removeprefix("http://").split(":")
+    started = datetime.now(UTC)
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {FLOOD_KEY}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{").encode()
+    flood: list[socket.socket] = []
+    try:
+        for _ in range(flood_size):
+            flood.append(socket.create_connection((host, int(port)), timeout=30))
+            flood[-1].sendall(head)
+        answered: dict[socket.socket, bytes] = {}
+        deadline = time.time() + 60
+        while len(answered) < flood_size - PER_CLIENT and time.time() < deadline:
+            waiting = [sock for sock in flood if sock not in answered]
+            for sock in select.select(waiting, [], [], 1)[0]:
+                answered[sock] = sock.recv(65536)
+        assert [reply.split(b" ")[1] for reply in answered.values()] == [b"429"] * (flood_size - PER_CLIENT)
+        assert all(b"retry-after: 1" in reply.lower() for reply in answered.values())
+
+        # The flood still holds PER_CLIENT slots, for up to the body deadline of 60 s: a /health behind
+        # them, or streams that needed their slots, would wait that long.
+        health = httpx.get(f"{url}/health", timeout=5)
+        assert health.status_code == 200 and health.json()["model_version"] == "7"
+
+        def stream(i: int) -> tuple[int, str]:
+            with httpx.stream("POST", f"{url}/v1/completions", headers={"Authorization": f"Bearer {STREAMS_KEY}"},
+                              json={"model": "genloop", "prompt": f"stream {i}", "max_tokens": 8, "stream": True},
+                              timeout=50) as response:
+                return response.status_code, [line for line in response.iter_lines() if line][-1]
+
+        with ThreadPoolExecutor(32) as pool:
+            assert list(pool.map(stream, range(32))) == [(200, "data: [DONE]")] * 32
+    finally:
+        for sock in flood:
+            sock.close()
+
+    def statuses() -> Counter:
+        rows = read_inference_log(server["log"], since=started).to_pylist()
+        return Counter(row["status"] for row in rows if row["route"] == "completions")
+
+    deadline = time.time() + 30
+    while sum(statuses().values()) < flood_size + 32 and time.time() < deadline:
+        time.sleep(0.5)
+    assert statuses() == {200: 32, 429: flood_size - PER_CLIENT, 499: PER_CLIENT}
+
+
+def test_fuzzing_the_served_openapi_document_finds_no_server_error(server, tmp_path):
+    """Schemathesis generates requests from the OpenAPI document the server publishes (valid ones
+    and, in its coverage and fuzzing phases, ones that break the schema: wrong types, boundary and
+    out-of-range numbers, odd strings) and sends each to the real server. No answer may be a 5xx and
+    none may hang; the HAR file counts what was sent."""
+    import subprocess
+    import sys
+
+    har = tmp_path / "fuzz.har"
+    run = subprocess.run(
+        [sys.executable, "-m", "schemathesis.cli", "run", f"{server['url']}/openapi.json",
+         "--header", f"Authorization: Bearer {API_KEY}", "--checks", "not_a_server_error",
+         "--max-examples", "350", "--request-timeout", "60", "--seed", "1", "--workers", "1", "--no-color",
+         "--suppress-health-check", "all", "--report", "har", "--report-har-path", str(har)],
+        capture_output=True, text=True, timeout=1500)
+    assert run.returncode == 0, run.stdout[-4000:]
+    entries = json.loads(har.read_text())["log"]["entries"]
+    statuses = [entry["response"]["status"] for entry in entries]
+    assert len(statuses) >= 1000 and max(statuses) < 500, (len(statuses), sorted(set(statuses)))

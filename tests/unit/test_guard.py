@@ -112,3 +112,34 @@ def test_an_escaped_error_is_openai_shaped_with_the_request_id(app_and_refused):
     error = boom.json()["error"]
     assert error["type"] == "server_error" and boom.headers[REQUEST_ID_HEADER] in error["message"]
     assert refused == [("/boom", 500)]
+
+
+def test_one_client_holds_at_most_its_share_of_the_replica(app_and_refused):
+    """Two requests of one client wait on a slow handler; its third is refused at once with 429 and
+    Retry-After, another client is not, and the slots come back once the first two finish."""
+    app, refused = app_and_refused
+    app.state.guard.max_per_client = 2
+    release = asyncio.Event()
+
+    @app.post("/slow")
+    async def slow():
+        await release.wait()
+        return {"ok": True}
+
+    async def run():
+        async with client(app) as c:
+            held = [asyncio.create_task(c.post("/slow", content=b"x", headers=KEY)) for _ in range(2)]
+            await asyncio.sleep(0.1)
+            third = await c.post("/slow", content=b"x", headers=KEY)
+            other = asyncio.create_task(c.post("/slow", content=b"x", headers={"Authorization": "Bearer sk-a"}))
+            await asyncio.sleep(0.1)
+            release.set()
+            firsts = [(await task).status_code for task in held]
+            again = await c.post("/echo", content=b"x", headers=KEY)
+            return third, firsts, (await other).status_code, again.status_code
+
+    third, firsts, other, again = asyncio.run(run())
+    assert third.status_code == 429 and third.headers["retry-after"] == "1"
+    assert third.json()["error"]["message"] == "more than 2 requests of this client at once"
+    assert (firsts, other, again) == ([200, 200], 200, 200)
+    assert refused == [("/slow", 429)]
