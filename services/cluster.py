@@ -9,6 +9,7 @@ import ray
 import ray.data
 
 from services.config import RayConfig
+from services.leftovers import reap_orphaned_ray_agents
 
 logger = logging.getLogger(__name__)
 
@@ -50,4 +51,5 @@ def connect(settings: RayConfig) -> None:
         # "local" always starts a fresh instance: without it, ray.init() joins whatever cluster a past
         # `ray start` on this machine recorded in /tmp/ray — even one that has since died.
         use_fast_serve_data_plane()
+        reap_orphaned_ray_agents()  # what an earlier local Ray, killed with its genloop, left running
         ray.init(address="local", num_cpus=settings.num_cpus, logging_level=logging.WARNING)

@@ -23,6 +23,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from services.cluster import connect
 from services.config import GenloopConfig, TrainConfig, UserInputError, config_hash
+from services.leftovers import close_orphaned_runs, owner_tags, sweep_work_dirs, work_dir_prefix
 from services.registry import MODEL_ARTIFACT, Registry
 from training.cost import CostReport, cost_report
 from training.datasets import DatasetVersion, resolve_dataset
@@ -119,7 +120,9 @@ def train(
     registry = Registry(config)
     parent_version = ""
     initial: tuple[int, float] | None = None
-    work = Path(tempfile.mkdtemp(prefix="train-", dir=config.home))
+    close_orphaned_runs(registry.client, registry.experiment_id())
+    sweep_work_dirs(config.home)
+    work = Path(tempfile.mkdtemp(prefix=work_dir_prefix(), dir=config.home))
     init_dir = work / "init"
     try:
         if base is None:
@@ -155,7 +158,7 @@ def train(
         }
         client = registry.client
         run = client.create_run(registry.experiment_id(), run_name=f"train-{dataset.name}-v{dataset.version}",
-                                tags=tags)
+                                tags={**tags, **owner_tags()})
         run_id = run.info.run_id
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
