@@ -218,8 +218,8 @@ class ServingConfig(Section):
     )
     inference_log: bool = Field(True, description="Write every request to $GENLOOP_HOME/inference-log.")
     inference_log_flush_s: float = Field(
-        1.0, gt=0, description="Each replica writes its log rows at least this often: a replica killed outright "
-        "(SIGKILL, OOM) loses at most the rows of its last interval; a graceful stop loses none.")
+        1.0, gt=0, description="Each replica writes its spooled log rows to parquet at least this often: how "
+        "soon they can be read. A replica killed outright loses none: the next one on the host writes its spool.")
 
     @property
     def gpus_per_replica(self) -> float:

@@ -81,8 +81,7 @@ class ServerSettings(BaseModel):
     body_timeout_s: float = Field(10.0, description="A request body not received whole within this gets 408.")
     inference_log_dir: str | None = Field(None, description="Where the inference log goes; None = off.")
     log_text: LogText = Field("full", description="What the log keeps of prompts and outputs (see LogText).")
-    log_flush_s: float = Field(1.0, description="The log is written at least this often: what a killed replica "
-                               "can lose.")
+    log_flush_s: float = Field(1.0, description="Spooled log rows are written to parquet at least this often.")
     client_salt: str = Field(default_factory=lambda: secrets.token_hex(32),
                              description="Secret key of the hashed client ids in the log; genloop serve passes "
                              "the installation's, a bare replica makes its own.")

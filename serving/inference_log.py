@@ -1,29 +1,31 @@
 """The inference log: every request, appended in batches to parquet, never blocking a response.
 
-Requests hand a record to ``InferenceLog.append`` (a deque append: no I/O, no lock contention
-worth measuring); a background thread writes batches to
-``inference-log/date=YYYY-MM-DD/part-*.parquet`` (Hive-style partitions, so Ray Data, pandas
-and DuckDB read a date range directly). Each file is written to a temporary name and renamed,
-so a reader never sees half a file. The buffer is bounded: when the writer falls behind, new
-records are dropped and counted rather than growing memory until the replica dies.
-Drift detection and retraining read this log.
+Requests hand a record to ``InferenceLog.append``: one JSON line appended to the writer's spool
+file (a single ``write`` system call, so a killed replica loses nothing it logged) and a list
+append; a background thread writes batches to ``inference-log/date=YYYY-MM-DD/part-*.parquet``
+(Hive-style partitions, so Ray Data, pandas and DuckDB read a date range directly). Each file is
+written to a temporary name and renamed, so a reader never sees half a file. The buffer is
+bounded: when the writer falls behind, new records are dropped and counted rather than growing
+memory until the replica dies. Drift detection and retraining read this log.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 import os
+import socket
 import threading
 import uuid
-from collections import deque
 from datetime import UTC, date, datetime
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+import psutil
 from pydantic import BaseModel, Field
 
 from services.config import LogText
@@ -76,17 +78,29 @@ def hashed(text: str) -> str:
     return f"[{len(text)} chars sha256:{hashlib.sha256(text.encode()).hexdigest()[:16]}]" if text else ""
 
 
-def _stored(record: InferenceRecord, mode: LogText) -> dict:
-    """The row as written: prompt and output kept, scrubbed or hashed as ``mode`` says."""
-    row = record.model_dump()
-    if mode != "full":
-        keep = scrub_pii if mode == "redacted" else hashed
-        row["prompt"], row["output"] = keep(row["prompt"]), keep(row["output"])
-    return {**row, "text_mode": mode}
+def _stored(record: InferenceRecord, mode: LogText) -> InferenceRecord:
+    """The record as kept: prompt and output as they are, scrubbed or hashed as ``mode`` says."""
+    if mode == "full":
+        return record
+    keep = scrub_pii if mode == "redacted" else hashed
+    return record.model_copy(update={"prompt": keep(record.prompt), "output": keep(record.output)})
+
+
+SPOOL_DIR = ".spool"
 
 
 class InferenceLog:
-    """Bounded, batched, asynchronous parquet writer; one per replica."""
+    """Bounded, batched parquet writer with a write-ahead spool; one per replica.
+
+    Each record is also appended, as one JSON line, to this writer's spool file with a single
+    ``os.write``: once that returns the line is the kernel's, so a replica killed outright (SIGKILL,
+    out of memory) loses nothing it had logged. Each flush starts a new spool file, writes the
+    previous one's rows as ``part-<spool name>.parquet`` and deletes it; the next writer opened on
+    the same log on this host converts the spool files of dead writers the same way. A crash
+    between the parquet write and the delete only rewrites the same file: no row is lost or doubled.
+    Prompts are scrubbed or hashed (``text``) before they reach the spool, so no clear text the
+    operator asked not to keep touches the disk.
+    """
 
     def __init__(self, root: Path, *, max_buffer: int = 10_000, batch_rows: int = 512,
                  flush_seconds: float = 1.0, text: LogText = "full"):
@@ -97,42 +111,45 @@ class InferenceLog:
         self.text = text
         self.dropped = 0
         self.written = 0
-        self._buffer: deque[InferenceRecord] = deque()
+        self._buffer: list[InferenceRecord] = []
+        self._lock = threading.Lock()  # one spool file and its buffer change together
+        (self.root / SPOOL_DIR).mkdir(parents=True, exist_ok=True)
+        self.recovered = recover_spools(self.root)
+        self._spool = self._new_spool()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="inference-log", daemon=True)
         self._thread.start()
 
+    def _new_spool(self) -> tuple[int, Path]:
+        path = self.root / SPOOL_DIR / f"{socket.gethostname()}_{os.getpid()}_{uuid.uuid4().hex[:12]}.jsonl"
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), path
+
     def append(self, record: InferenceRecord) -> bool:
-        """Queue ``record``; False (and counted) when the buffer is full."""
-        if len(self._buffer) >= self.max_buffer:
-            self.dropped += 1
-            return False
-        self._buffer.append(record)
-        if len(self._buffer) >= self.batch_rows:
+        """Spool and queue ``record``; False (and counted) when the buffer is full."""
+        kept = _stored(record, self.text)
+        line = json.dumps({**kept.model_dump(mode="json"), "text_mode": self.text}).encode() + b"\n"
+        with self._lock:
+            if len(self._buffer) >= self.max_buffer:
+                self.dropped += 1
+                return False
+            os.write(self._spool[0], line)
+            self._buffer.append(kept)
+            queued = len(self._buffer)
+        if queued >= self.batch_rows:
             self._wake.set()
         return True
 
     def flush(self) -> None:
-        """Write everything buffered now (the writer thread calls this; so does ``close``)."""
-        while self._buffer:
-            batch = [self._buffer.popleft() for _ in range(min(len(self._buffer), self.batch_rows))]
-            by_day: dict[date, list[InferenceRecord]] = {}
-            for record in batch:
-                by_day.setdefault(record.time.astimezone(UTC).date(), []).append(record)
-            for day, records in by_day.items():
-                self._write(day, records)
-
-    def _write(self, day: date, records: list[InferenceRecord]) -> None:
-        folder = self.root / f"date={day.isoformat()}"
-        folder.mkdir(parents=True, exist_ok=True)
-        # Scrubbing and hashing happen here, in the writer thread, off the replica's event loop.
-        table = pa.Table.from_pylist([_stored(r, self.text) for r in records], schema=SCHEMA)
-        name = f"part-{datetime.now(UTC):%H%M%S%f}-{uuid.uuid4().hex[:8]}.parquet"
-        tmp = folder / f".{name}.tmp"
-        pq.write_table(table, tmp)
-        os.replace(tmp, folder / name)
-        self.written += len(records)
+        """Write everything spooled so far (the writer thread calls this; so does ``close``)."""
+        with self._lock:
+            if not self._buffer:
+                return
+            records, self._buffer = self._buffer, []
+            (fd, path), self._spool = self._spool, self._new_spool()
+        os.close(fd)
+        self.written += _write_parquet(self.root, path.stem, records, self.text)
+        path.unlink()
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -140,15 +157,60 @@ class InferenceLog:
             self._wake.clear()
             try:
                 self.flush()
-            except OSError:  # a full disk must not take the replica down; the rows are lost and logged
+            except OSError:  # a full disk must not take the replica down; the spool keeps the rows
                 logger.exception("inference log write failed")
 
     def close(self) -> None:
-        """Stop the writer and write what is left."""
+        """Stop the writer, write what is left, remove the (empty) spool file."""
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=30)
         self.flush()
+        with self._lock:
+            fd, path = self._spool
+            if not self._buffer:
+                os.close(fd)
+                path.unlink(missing_ok=True)
+
+
+def _write_parquet(root: Path, name: str, records: list[InferenceRecord], text: LogText) -> int:
+    """``records`` as ``date=…/part-<name>.parquet``, one file per day, each written under a hidden
+    name and renamed, so a reader never sees half a file and a rewrite replaces it whole."""
+    by_day: dict[date, list[dict]] = {}
+    for record in records:
+        by_day.setdefault(record.time.astimezone(UTC).date(), []).append({**record.model_dump(), "text_mode": text})
+    for day, rows in by_day.items():
+        folder = root / f"date={day.isoformat()}"
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".part-{name}.parquet.tmp"
+        pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), tmp)
+        os.replace(tmp, folder / f"part-{name}.parquet")
+    return len(records)
+
+
+def recover_spools(root: Path) -> int:
+    """Convert the spool files that writers on this host left when they died into parquet; the
+    number of rows recovered. A last line cut short by the kill is skipped (its write never
+    returned, so no request counted on it)."""
+    host, recovered = socket.gethostname(), 0
+    for path in sorted((Path(root) / SPOOL_DIR).glob(f"{host}_*.jsonl")):
+        pid = path.stem.split("_")[1]
+        if not pid.isdigit() or psutil.pid_exists(int(pid)):
+            continue
+        records = []
+        for line in path.read_bytes().splitlines():
+            try:
+                row = json.loads(line)
+                records.append((InferenceRecord.model_validate(row), row.get("text_mode", "full")))
+            except ValueError:
+                continue
+        # One spool holds one writer's rows, all in one text mode.
+        if records:
+            recovered += _write_parquet(root, path.stem, [r for r, _ in records], records[0][1])
+        path.unlink()
+    if recovered:
+        logger.warning("inference log: recovered %d rows that a killed replica had spooled", recovered)
+    return recovered
 
 
 def read_inference_log(root: Path, since: datetime | None = None, until: datetime | None = None) -> pa.Table:

@@ -6,7 +6,7 @@ import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from serving.inference_log import InferenceLog, InferenceRecord, hash_client, read_inference_log
+from serving.inference_log import InferenceLog, InferenceRecord, hash_client, read_inference_log, recover_spools
 
 
 def record(i: int, when: datetime | None = None, prompt: str = "hello", output: str = "world") -> InferenceRecord:
@@ -22,9 +22,9 @@ def test_records_land_in_day_partitions_and_read_back_by_window(tmp_path: Path):
         assert log.append(record(i, yesterday if i < 3 else None))
     log.close()
 
-    folders = sorted(p.name for p in tmp_path.iterdir())
+    folders = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("."))
     assert folders == [f"date={yesterday.date()}", f"date={datetime.now(UTC).date()}"]
-    assert not list(tmp_path.rglob(".*.tmp"))
+    assert not list(tmp_path.rglob(".*.tmp")) and not list((tmp_path / ".spool").iterdir())  # closed: all written
     everything = read_inference_log(tmp_path)
     assert everything.num_rows == 10 and log.written == 10
     recent = read_inference_log(tmp_path, since=datetime.now(UTC) - timedelta(hours=1))
@@ -86,3 +86,42 @@ def test_the_client_salt_is_a_private_secret_of_the_installation(genloop_config)
     assert len(salt) == 64 and client_salt(genloop_config) == salt
     assert stat.S_IMODE((genloop_config.home / SALT_FILE).stat().st_mode) == 0o600
     assert hash_client("sk-key", salt) != hash_client("sk-key", "genloop")  # not the old public salt
+
+
+def test_rows_a_killed_writer_had_logged_are_recovered_by_the_next_one(tmp_path: Path):
+    """A replica killed outright runs no flush: its rows are in its spool, already hashed, and the
+    next writer on this host writes them out, exactly once even if it dies halfway itself."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+
+    writer = subprocess.Popen([sys.executable, "-c", (
+        "import time\n"
+        "from serving.inference_log import InferenceLog, InferenceRecord\n"
+        f"log = InferenceLog({str(tmp_path)!r}, flush_seconds=3600, text='hashed')\n"
+        "for i in range(50):\n"
+        "    log.append(InferenceRecord(request_id=f'r{i}', route='completions', model_version='1', status=200,\n"
+        "                               prompt='my secret prompt', output='its answer'))\n"
+        "print('logged', flush=True)\n"
+        "time.sleep(600)\n")], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2])
+    try:
+        assert writer.stdout.readline().strip() == "logged"
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+    assert read_inference_log(tmp_path).num_rows == 0  # the buffer died with the process
+    (spool,) = (tmp_path / ".spool").glob("*.jsonl")
+    assert b"secret" not in spool.read_bytes() and spool.stat().st_mode & 0o077 == 0
+    shutil.copy(spool, tmp_path / "copy")
+
+    log = InferenceLog(tmp_path)  # the next writer: a restarted replica
+    assert log.recovered == 50
+    log.close()
+    os.replace(tmp_path / "copy", spool)  # as if that writer had died between the write and the delete
+    assert recover_spools(tmp_path) == 50
+    rows = read_inference_log(tmp_path).to_pylist()
+    assert sorted(row["request_id"] for row in rows) == sorted(f"r{i}" for i in range(50))
+    assert {row["text_mode"] for row in rows} == {"hashed"} and not any("secret" in row["prompt"] for row in rows)
+    assert not list((tmp_path / ".spool").iterdir())
