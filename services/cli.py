@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from services.config import GenloopConfig, UserInputError, load_config
+from services.console import log_path, start_log
 
 app = typer.Typer(help="genloop: keep a generative text model fresh in production.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -39,8 +40,20 @@ errors = Console(stderr=True)
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file (default ./genloop.yaml).")]
 
 
+_options = {"verbose": False, "command": "genloop"}
+
+
+@app.callback()
+def _main_options(ctx: typer.Context, verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="Show the libraries' and Ray's own logs on the console instead of writing them "
+        "to the run's log file under $GENLOOP_HOME/logs.")] = False) -> None:
+    _options.update(verbose=verbose, command=ctx.invoked_subcommand or "genloop")
+
+
 def _load(config_file: Path | None) -> GenloopConfig:
     config = load_config(config_file)
+    if not _options["verbose"] and log_path() is None:
+        start_log(config.home, _options["command"])
     config.check_databases()
     return config
 

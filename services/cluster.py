@@ -8,8 +8,9 @@ import os
 import ray
 import ray.data
 
+from services import console
 from services.config import RayConfig
-from services.leftovers import reap_orphaned_ray_agents
+from services.leftovers import reap_orphaned_ray_agents, watch_local_ray
 
 logger = logging.getLogger(__name__)
 
@@ -40,16 +41,27 @@ def use_fast_serve_data_plane() -> None:
 
 def connect(settings: RayConfig) -> None:
     """Start or join Ray once per process; a no-op when already connected."""
-    # Per-operator bars from every worker drown the one progress bar that matters.
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    # Per-operator bars from every worker, and each execution's plan, drown the one progress bar
+    # that matters (ours).
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = context.print_on_execution_start = False
     if ray.is_initialized():
         return
+    # Under the CLI, the libraries' and Ray's output goes to the run's log file (services.console).
+    quiet = console.log_path() is not None
+    console.take_back_library_loggers()
     if settings.address:
         logger.info("joining Ray cluster at %s", settings.address)
-        ray.init(address=settings.address, logging_level=logging.WARNING)
+        ray.init(address=settings.address, logging_level=logging.WARNING, configure_logging=not quiet)
     else:
         # "local" always starts a fresh instance: without it, ray.init() joins whatever cluster a past
         # `ray start` on this machine recorded in /tmp/ray — even one that has since died.
         use_fast_serve_data_plane()
         reap_orphaned_ray_agents()  # what an earlier local Ray, killed with its genloop, left running
-        ray.init(address="local", num_cpus=settings.num_cpus, logging_level=logging.WARNING)
+        ray.init(address="local", num_cpus=settings.num_cpus, logging_level=logging.WARNING,
+                 configure_logging=not quiet)
+        watch_local_ray()
+    if quiet:
+        console.take_back_library_loggers()
+        console.route_ray_output()
+        console.announce()

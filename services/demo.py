@@ -34,6 +34,7 @@ from rich.table import Table
 from monitoring.traffic import prompt_prefixes
 from services.cluster import connect
 from services.config import GenloopConfig, UserInputError
+from services.console import log_path
 from services.retrain import RetrainResult, retrain
 from services.scheduler import GenloopScheduler, JobRun
 from services.serving_control import start_serving, stop_serving
@@ -237,7 +238,8 @@ def _drift(config: GenloopConfig, scheduler: GenloopScheduler, since: float, row
 
 
 def _wait_for_log(config: GenloopConfig, rows: int) -> None:
-    """Replicas append to the inference log in batches, every 2 s: wait until it holds ``rows``."""
+    """Replicas append to the inference log in batches (serving.inference_log_flush_s): wait until it
+    holds ``rows``."""
     deadline = time.time() + 60
     while len(read_inference_log(config.inference_log_dir)) < rows and time.time() < deadline:
         time.sleep(0.5)
@@ -289,8 +291,27 @@ def _summary(config: GenloopConfig, console: Console, first: RetrainResult, seco
                           f"{cost.compute_ratio:.0%} of v1's compute, {result.run.metrics['steps']} steps")
     table.add_row("reports", f"{config.reports_dir}/evaluations, {config.reports_dir}/drift")
     console.print(table)
+    _what_next(config, console)
     if live.failed or same.failed:
         raise DemoFailed(_failures(same, live))
+
+
+def _what_next(config: GenloopConfig, console: Console) -> None:
+    """Where to look and what to run after the tour, on this state folder."""
+    home = "" if config.home == GenloopConfig().home else f"GENLOOP_HOME={config.home} "
+    steps = Table.grid(padding=(0, 2))
+    for what, how in (
+        ("open the reports", f"{config.reports_dir}/evaluations/*.html and {config.reports_dir}/drift/*.html"),
+        ("browse runs and models", f"mlflow ui --backend-store-uri {config.mlflow_tracking_uri}"),
+        ("serve the champion", f"{home}genloop serve  (OpenAI API on http://{config.serving.host}:"
+                               f"{config.serving.port}/v1)"),
+        ("retrain on your data", f"{home}genloop data ingest PATH --name NAME && {home}genloop train --dataset NAME"),
+        ("keep it fresh", f"{home}genloop scheduler start  (cron, drift and new files in scheduler.incoming)"),
+        ("read the logs", str(log_path() or "printed above (-v)")),
+    ):
+        steps.add_row(f"[bold]{what}[/]", how)
+    console.rule("[bold]what next")
+    console.print(steps, soft_wrap=True)
 
 
 def _failures(*traffic: Traffic) -> str:

@@ -1,11 +1,13 @@
 """What a genloop process killed outright (SIGKILL, out of memory, a lost machine) leaves behind, and
-the sweep at the next start that clears it.
+how it is cleared.
 
 A killed process runs no ``finally``: its MLflow training run stays RUNNING for ever, its work folder
 stays on disk, and the local Ray it started loses its GCS and raylet (Ray ties those to the driver's
-life) but not the raylet's agents, which outlive it as orphans and ignore SIGTERM. The next genloop
-command that would create the same kind of thing clears what it can prove is dead: a run or a folder
-whose recorded process, on this host, no longer exists; a Ray agent whose raylet is gone.
+life) but not the raylet's agents, which outlive it as orphans and ignore SIGTERM. A watchdog
+process started beside a local Ray kills those agents as soon as the driver is gone; the next
+genloop command that would create the same kind of thing clears what it can prove is dead: a run or
+a folder whose recorded process, on this host, no longer exists; a Ray agent whose raylet is gone
+(if the watchdog was killed too).
 """
 
 from __future__ import annotations
@@ -13,8 +15,11 @@ from __future__ import annotations
 import logging
 import os
 import re
+import select
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import psutil
@@ -91,3 +96,38 @@ def reap_orphaned_ray_agents() -> list[int]:
     if reaped:
         logger.warning("stopped %d Ray agents left by a killed Ray", len(reaped))
     return reaped
+
+
+_watchdogs: list[subprocess.Popen] = []  # held for the process's life: their pipes close when it dies
+
+
+def watch_local_ray() -> None:
+    """Make the local Ray this process just started die with it, even by SIGKILL: a small watchdog
+    process reads a pipe from this one, and when the pipe closes (this process exited, however) it
+    kills the raylet's agents that Ray itself would leave behind."""
+    raylets = [child.pid for child in psutil.Process().children() if child.name() == "raylet"]
+    if raylets:
+        _watchdogs.append(subprocess.Popen([sys.executable, "-m", "services.leftovers", str(raylets[0])],
+                                           stdin=subprocess.PIPE, start_new_session=True))
+
+
+def _watch(raylet_pid: int) -> None:
+    """The watchdog: note the raylet's agents while it lives, kill them once the driver's pipe closes."""
+    agents: dict[int, psutil.Process] = {}
+    while not select.select([sys.stdin], [], [], 0.5)[0]:
+        try:
+            for child in psutil.Process(raylet_pid).children():
+                if " ".join(child.cmdline()).startswith(RAY_AGENTS):
+                    agents.setdefault(child.pid, child)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    sys.stdin.read()  # the driver never writes: this returns at end of file
+    for agent in agents.values():
+        try:
+            agent.kill()  # psutil checks it is still the process it noted, not a reused pid
+        except psutil.NoSuchProcess:
+            pass
+
+
+if __name__ == "__main__":
+    _watch(int(sys.argv[1]))

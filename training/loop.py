@@ -157,12 +157,13 @@ def train_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from training.models import with_lora
+    from training.models import load_model, with_lora
 
     settings = TrainConfig.model_validate(config["train"])
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    data_context = ray.data.DataContext.get_current()
+    data_context.enable_progress_bars = data_context.print_on_execution_start = False
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -171,7 +172,7 @@ def train_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(settings.seed + rank)
 
     tokenizer = AutoTokenizer.from_pretrained(config["init_model_dir"])
-    model = AutoModelForCausalLM.from_pretrained(config["init_model_dir"])
+    model = load_model(config["init_model_dir"])
     if settings.lora.enabled:
         model = with_lora(model, settings.lora)
 

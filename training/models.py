@@ -78,7 +78,15 @@ def build_model(preset: str, tokenizer: PreTrainedTokenizerBase, block_size: int
             f"block_size {block_size} exceeds preset {preset!r}'s context of {context_length(config)} tokens"
         )
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config)
+    return _causal_lm(AutoModelForCausalLM.from_config(config))
+
+
+def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """Name the model's loss: transformers derives ``loss_type`` from the class name, and GPT-2's
+    (``GPT2LMHeadModel``) names none, so each training worker warned that the loss was unknown
+    before falling back to the causal-LM loss every model genloop builds is trained with."""
+    model.loss_type = "ForCausalLM"
+    return model
 
 
 # What transformers 5 / safetensors raise for a missing, truncated or garbage model folder:
@@ -125,7 +133,7 @@ def load_model(path: str | Path) -> torch.nn.Module:
     if info.get("missing_keys"):
         missing = sorted(info["missing_keys"])
         raise UserInputError(f"cannot load model from {path}: weights missing for {', '.join(missing[:5])}")
-    return model
+    return _causal_lm(model)
 
 
 def with_lora(model: torch.nn.Module, lora: LoraConfig) -> torch.nn.Module:

@@ -25,6 +25,12 @@ from serving.inference_log import read_inference_log
 from training.datasets import resolve_dataset
 
 
+# What the libraries and Ray's processes printed on a newcomer's console before it went to the log.
+LIBRARY_NOISE = ("(raylet)", "pid=", "TrainingReport", "Creating initial MLflow", "Execution plan",
+                 "execution finished", "Progress bars disabled", "Token authentication", "loss_type",
+                 "Warning:", "INFO ", "WARNING ")
+
+
 def test_demo_adapts_to_a_domain_shift(tmp_path: Path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -36,6 +42,15 @@ def test_demo_adapts_to_a_domain_shift(tmp_path: Path):
     failure = [line for line in result.stderr.splitlines() if "demo failed" in line]
     assert result.returncode == 0, failure or result.stderr[-3000:]
     assert "genloop demo: what happened" in result.stdout, result.stdout[-3000:]
+    assert "mlflow ui --backend-store-uri sqlite:///" in result.stdout  # the "what next" block
+
+    # The console is genloop's own: what Ray's processes and the libraries print is in the run's log.
+    printed = result.stdout + result.stderr
+    noise = [pattern for pattern in LIBRARY_NOISE if pattern in printed]
+    assert not noise, [line for line in printed.splitlines() if any(p in line for p in noise)][:10]
+    (log,) = (tmp_path / "state" / "logs").glob("*-demo-*.log")
+    assert f"Ray and library logs: {log}" in result.stderr
+    assert all(pattern in log.read_text() for pattern in ("TrainingReport", "Started a local Ray instance"))
 
     config = GenloopConfig(home=tmp_path / "state")
     registry = Registry(config)

@@ -51,26 +51,43 @@ def test_runs_and_work_folders_of_a_killed_process_are_closed_and_removed(genloo
     assert [p.name for p in home.glob("train-*")] == [f"{work_dir_prefix()}def"]
 
 
-def test_a_killed_local_ray_leaves_agents_that_the_next_start_stops(tmp_path: Path):
-    """Ray ties its GCS and raylet to the driver that started them, not the raylet's agents: after a
-    SIGKILL they stay, ignoring SIGTERM, until genloop's next local start reaps them."""
-    driver = subprocess.Popen(
-        [sys.executable, "-c", "import time; from services.cluster import connect; from services.config import "
-         "RayConfig; connect(RayConfig(num_cpus=1)); print('up', flush=True); time.sleep(600)"],
-        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2], env={**os.environ, "RAY_ADDRESS": ""})
+def killed_driver(start_ray: str) -> tuple[psutil.Process, list[psutil.Process]]:
+    """Start a driver that runs ``start_ray``, note its raylet and the raylet's agents, SIGKILL it,
+    and wait for the raylet to die with it (Ray ties the raylet to its driver)."""
+    driver = subprocess.Popen([sys.executable, "-c", f"import time\n{start_ray}\nprint('up', flush=True)\n"
+                               "time.sleep(600)"], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2])
     try:
         assert driver.stdout.readline().strip() == "up"
         raylet = next(p for p in psutil.Process(driver.pid).children() if p.name() == "raylet")
-        agents = [p for p in raylet.children() if " ".join(p.cmdline()).startswith(RAY_AGENTS)]
+        deadline = time.time() + 30
+        while len(agents := [p for p in raylet.children() if " ".join(p.cmdline()).startswith(RAY_AGENTS)]) < 2 \
+                and time.time() < deadline:
+            time.sleep(0.5)
         assert len(agents) == 2
+        time.sleep(2)  # the watchdog, where there is one, polls the raylet's children twice a second
     finally:
         driver.send_signal(signal.SIGKILL)
         driver.wait()
-    deadline = time.time() + 30
-    while raylet.is_running() and time.time() < deadline:
-        time.sleep(0.5)
-    assert not raylet.is_running() and all(agent.is_running() for agent in agents)  # the leak
+    psutil.wait_procs([raylet], timeout=30)
+    assert not raylet.is_running()
+    return raylet, agents
+
+
+def test_a_killed_local_ray_leaves_agents_that_the_next_start_stops():
+    """Ray ties its GCS and raylet to the driver that started them, not the raylet's agents: after a
+    SIGKILL they stay, ignoring SIGTERM, until genloop's next local start reaps them."""
+    _, agents = killed_driver("import ray; ray.init(address='local', num_cpus=1, include_dashboard=False)")
+    time.sleep(2)
+    assert all(agent.is_running() for agent in agents)  # the leak, without genloop's watchdog
 
     assert sorted(reap_orphaned_ray_agents()) == sorted(agent.pid for agent in agents)
     psutil.wait_procs(agents, timeout=10)
     assert not any(agent.is_running() for agent in agents)
+
+
+def test_a_local_ray_genloop_starts_dies_with_it():
+    """genloop's local Ray comes with a watchdog: the same SIGKILL leaves no agent behind."""
+    _, agents = killed_driver("from services.cluster import connect; from services.config import RayConfig; "
+                              "connect(RayConfig(num_cpus=1))")
+    gone, alive = psutil.wait_procs(agents, timeout=15)
+    assert not alive
