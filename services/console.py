@@ -94,8 +94,10 @@ def take_back_library_loggers() -> None:
 
 def route_ray_output() -> None:
     """Write what Ray's processes print (streamed to this driver) into the log file instead of the
-    console. Ray has no public switch for where the driver prints them; its stream dispatcher (the
-    one ``log_to_driver`` feeds) takes handlers by name, and ``ray_print_logs`` is its printer."""
+    console. Ray has no public switch for where the driver prints them: its stream dispatcher (the
+    one ``log_to_driver`` feeds) takes handlers by name, ``ray_print_logs`` being its printer, and
+    its error listener calls ``print_to_stdstream``; both are Ray internals (``ray._private``),
+    checked by the e2e test, which fails if either line reaches the console again."""
     stream = _log.get("stream")
     if stream is None:
         return
@@ -110,6 +112,9 @@ def route_ray_output() -> None:
     dispatcher = ray_worker.global_worker_stdstream_dispatcher
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.add_handler("genloop_log_file", write)
+    # The raylet's and GCS's messages to the driver (worker start-up pressure, failed tasks) come by
+    # another thread, which calls the module's printer by name.
+    ray_worker.print_to_stdstream = lambda data, ignore_prefix=False: write(data)
 
 
 def announce() -> None:

@@ -46,6 +46,7 @@ def test_demo_adapts_to_a_domain_shift(tmp_path: Path):
 
     # The console is genloop's own: what Ray's processes and the libraries print is in the run's log.
     printed = result.stdout + result.stderr
+    (tmp_path / "console.txt").write_text(printed)  # what a newcomer saw, to read when this fails
     noise = [pattern for pattern in LIBRARY_NOISE if pattern in printed]
     assert not noise, [line for line in printed.splitlines() if any(p in line for p in noise)][:10]
     (log,) = (tmp_path / "state" / "logs").glob("*-demo-*.log")
