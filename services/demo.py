@@ -168,7 +168,7 @@ def run_demo(config: GenloopConfig, max_steps: int, console: Console, new_domain
 
         console.rule(f"[bold]3 · traffic turns to {new_domain}; its documents land in {incoming}")
         phase = time.time()
-        live = Traffic(url, config.serving.model_name, new_prompts).start(limit=2000, seconds=900)
+        live = Traffic(url, config.serving.model_name, new_prompts).start(limit=5000, seconds=1800)
         _land(new_docs, incoming, config.scheduler.incoming_settle_s)
         # A failed request does not end the wait: the drift check needs TRAFFIC answered prompts,
         # and the failures are reported below, whatever the check finds.

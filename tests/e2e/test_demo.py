@@ -38,7 +38,7 @@ def test_demo_adapts_to_a_domain_shift(tmp_path: Path):
     env = {**os.environ, "GENLOOP_HOME": "state", "GENLOOP_RAY__NUM_CPUS": "2", "COLUMNS": "160",
            "GENLOOP_SERVING__PORT": str(port)}
     result = subprocess.run([sys.executable, "-m", "services.cli", "demo"], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=1200)
+                            capture_output=True, text=True, timeout=2400)
     failure = [line for line in result.stderr.splitlines() if "demo failed" in line]
     assert result.returncode == 0, failure or result.stderr[-3000:]
     assert "genloop demo: what happened" in result.stdout, result.stdout[-3000:]
