@@ -47,7 +47,7 @@ class _ConsoleHandler(logging.Handler):
             if record.name.split(".")[0] in OUR_LOGGERS:
                 self.stream.write(f"{record.levelname.lower()}: {record.getMessage()}\n")
             elif record.levelno >= logging.ERROR:
-                first = record.getMessage().strip().splitlines()[0][:200] if record.getMessage().strip() else ""
+                first = (record.getMessage().strip().splitlines() or [""])[0][:200]
                 if (record.name, first) not in self.seen:
                     self.seen.add((record.name, first))
                     self.stream.write(f"{record.name} reported an error: {first} (details in {self.path})\n")
