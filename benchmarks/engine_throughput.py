@@ -26,17 +26,17 @@ import asyncio
 import json
 import logging
 import os
+import pydoc_data.topics
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-import pydoc_data.topics
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config
 
 from serving.engine import GenerationRequest, SamplingParams
-from serving.hf_engine import HFEngine
+from serving.hf.engine import HFEngine
 from training.models import parameter_count
 from training.tokenizer import train_tokenizer
 

@@ -23,20 +23,19 @@ import argparse
 import asyncio
 import io
 import os
+import pydoc_data.topics
 import tempfile
 import time
 from pathlib import Path
 
-import pydoc_data.topics
 import torch
-
 from engine_throughput import BATCH, build, run_engine  # sibling benchmark: same model
 from report import RESULTS, emit  # benchmarks/ is the script's folder, on sys.path
 
-from serving.hf_engine import HFEngine, _quantize_int8
+from serving.hf.engine import HFEngine
+from serving.hf.model_prep import quantize_int8
 from training.evaluation import evaluate_model, make_prompts
 from training.models import parameter_count
-
 
 
 def corpus() -> tuple[list[str], list[str]]:
@@ -126,7 +125,7 @@ def main() -> None:
 
         fp32_metrics, fp32_text = evaluate_model(model, tokenizer, held_out, prompts, **options)
         fp32_bytes = linear_bytes(model)
-        quantized = _quantize_int8(model)
+        quantized = quantize_int8(model)
         int8_metrics, int8_text = evaluate_model(quantized, tokenizer, held_out, prompts, **options)
         int8_bytes = linear_bytes(quantized)
 

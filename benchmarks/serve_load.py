@@ -37,7 +37,6 @@ from pathlib import Path
 
 import httpx
 import torch
-
 from engine_throughput import build, measure_direct, run_direct  # sibling benchmark: same model and prompts
 from report import RESULTS, emit  # benchmarks/ is the script's folder, on sys.path
 
@@ -144,16 +143,20 @@ class Server:
         from ray import serve
 
         from services.cluster import use_fast_serve_data_plane
-        from serving.app import ServerSettings, serve_app
-        from serving.hf_engine import HFEngine
+        from serving.app import serve_app
+        from serving.hf.engine import HFEngine
 
         use_fast_serve_data_plane()  # as `genloop serve` starts its Ray
         ray.init(address="local", num_cpus=os.cpu_count(), logging_level="ERROR", include_dashboard=False,
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": str(self.threads)}})
         serve.start(http_options={"host": "127.0.0.1", "port": self.port})
-        settings = ServerSettings(served_model_name="genloop", model_path=str(self.model_dir), model_version="1",
-                                  engine_class=HFEngine, engine_options={"max_batch_size": 32, "device": self.device})
-        serve_app(settings, replica_gpus=0.0 if self.device == "cpu" else 1.0)  # Ray hides unreserved GPUs
+        from serving.hf.options import HFEngineOptions
+        from serving.settings import DeploymentOptions, ServerSettings
+
+        settings = ServerSettings(model_path=str(self.model_dir), model_version="1", engine_class=HFEngine,
+                                  engine_options=HFEngineOptions(max_batch_size=32, device=self.device))
+        # Ray hides GPUs from an actor that reserves none.
+        serve_app(settings, deployment=DeploymentOptions(replica_gpus=0.0 if self.device == "cpu" else 1.0))
 
     def __exit__(self, *exc) -> None:
         if self.process is not None:

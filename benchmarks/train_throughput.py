@@ -12,19 +12,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import pydoc_data.topics
 import tempfile
 import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pydoc_data.topics
 import ray
 import ray.data
 import torch
 from mlflow.tracking import MlflowClient
 
-from services.config import TrainConfig
+from training.config import TrainConfig
 from training.loop import TEXT_BATCH_ROWS, make_optimizer, make_schedule, packed_batches, train_step
 from training.models import build_model, parameter_count
 from training.tokenizer import train_tokenizer

@@ -32,6 +32,7 @@ import torch.nn.functional as F  # noqa: E402
 from pydantic import BaseModel, Field  # noqa: E402
 
 from monitoring import metrics  # noqa: E402
+from monitoring.drift_settings import DriftSettings  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -39,14 +40,6 @@ FEATURES = ("prompt", "length", "word_count", "non_letter_percent", "byte_fallba
 Verdict = Literal["drift", "no drift", "insufficient data"]
 LATEST = "latest.json"  # the newest result in the report folder, what the metrics exporter reads
 _BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")  # sentencepiece byte fallback
-
-
-class DriftSettings(BaseModel):
-    max_samples: int = Field(2000, ge=10, description="Prompts sampled from each side at most.")
-    min_samples: int = Field(50, ge=2, description="Fewer prompts on either side → 'insufficient data'.")
-    num_threshold: float = Field(0.1, gt=0, description="Normed Wasserstein distance above which a feature drifted.")
-    drift_share: float = Field(0.5, gt=0, le=1, description="Share of drifted features that makes the verdict drift.")
-    seed: int = Field(0, description="Seed of the sampling.")
 
 
 class FeatureDrift(BaseModel):

@@ -70,7 +70,8 @@ class VersionState(BaseModel):
     energy_kwh: float | None = None
     best_val_loss: float | None = None
     evaluation: dict[str, dict[str, float]] = Field(
-        default_factory=dict, description="Held-out set → metric → value, from its latest gate report."
+        default_factory=dict, description="Held-out set → gate metric → value, from its latest gate report; the "
+        "caller chooses the metrics (monitoring imports nothing of ours).",
     )
 
 
@@ -91,9 +92,6 @@ class ControlPlaneState(BaseModel):
         default_factory=dict, description="Action (promote, rollback, …) → outcome → count, from the audit log."
     )
     jobs: list[JobState] = Field(default_factory=list)
-
-
-_EVALUATION_METRICS = ("bits_per_byte", "perplexity", "bleu", "chrf", "rouge_l")
 
 
 class ControlPlaneCollector(Collector):
@@ -132,9 +130,8 @@ class ControlPlaneCollector(Collector):
                 if value is not None:
                     per_version[name].add_metric([version.version], value)
             for set_name, values in version.evaluation.items():
-                for metric in _EVALUATION_METRICS:
-                    if metric in values:
-                        evaluation.add_metric([version.version, set_name, metric], values[metric])
+                for metric, value in values.items():
+                    evaluation.add_metric([version.version, set_name, metric], value)
         champion = GaugeMetricFamily("genloop_champion_info", "1 for the version the champion alias names.",
                                      labels=["model_version"])
         since = GaugeMetricFamily("genloop_champion_promoted_timestamp_seconds",

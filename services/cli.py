@@ -12,18 +12,18 @@ import os
 import re
 import signal
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated
-
-from datetime import UTC, datetime, timedelta
 
 import typer
 import yaml
 from rich.console import Console
 from rich.table import Table
 
-from services.config import GenloopConfig, UserInputError, load_config
+from services.config import GenloopConfig, load_config
 from services.console import log_path, start_log
+from training.errors import UserInputError
 
 app = typer.Typer(help="genloop: keep a generative text model fresh in production.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -91,7 +91,7 @@ def data_ingest(
     config = _load(config_file)
     check_name(name)  # before Ray starts and the sources are read
     connect(config.ray)  # the configured Ray, not whatever Ray Data's auto-init would join
-    result = ingest(sources, name, config.data, config.datasets_dir)
+    result = ingest(sources, name, config.data, config.datasets_dir, show_progress=True)
     version = result.version
     verb = "created" if result.created else "unchanged, already"
     counts = version.manifest["counts"]
@@ -228,6 +228,7 @@ def models_command(
     """Registered versions with aliases, data, metrics, verdict and cost; or the audit log."""
     from services.audit import AuditLog
     from services.registry import Registry
+    from training.cost import COST_USD_TAG
 
     config = _load(config_file)
     if history:
@@ -247,7 +248,7 @@ def models_command(
             f"v{version.version}", ", ".join(aliases.get(str(version.version), [])), version.tags.get("dataset", ""),
             f"{metrics['best_val_loss']:.3f}" if "best_val_loss" in metrics else "–",
             f"{metrics['best_val_perplexity']:.1f}" if "best_val_perplexity" in metrics else "–",
-            version.tags.get("evaluation_verdict", "–"), version.tags.get("cost_usd", "–"), created,
+            version.tags.get("evaluation_verdict", "–"), version.tags.get(COST_USD_TAG, "–"), created,
         )
     console.print(table)
 

@@ -20,10 +20,10 @@ from __future__ import annotations
 import http.client
 import json
 import threading
-from concurrent.futures import ThreadPoolExecutor
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -33,15 +33,16 @@ from rich.table import Table
 
 from monitoring.traffic import prompt_prefixes
 from services.cluster import connect
-from services.config import GenloopConfig, UserInputError
+from services.config import GenloopConfig
 from services.console import log_path
 from services.retrain import RetrainResult, retrain
 from services.scheduler import GenloopScheduler, JobRun
 from services.serving_control import start_serving, stop_serving
-from serving.app import VERSION_HEADER
 from serving.inference_log import read_inference_log
+from serving.protocol import VERSION_HEADER
 from training.cleaning import VALIDATION, clean, content_hash, split_of
 from training.datasets import ingest
+from training.errors import UserInputError
 from training.sources import resolve_source
 
 DEMO_DATASET = "python-docs"
@@ -139,7 +140,7 @@ def run_demo(config: GenloopConfig, max_steps: int, console: Console, new_domain
     connect(config.ray)  # before ingest: Ray Data would otherwise start (or join) a Ray of its own choosing
 
     console.rule("[bold]1 · v1: Python's docs → train from scratch → gate → champion")
-    result = ingest(DEMO_SOURCES, DEMO_DATASET, config.data, config.datasets_dir)
+    result = ingest(DEMO_SOURCES, DEMO_DATASET, config.data, config.datasets_dir, show_progress=True)
     counts = result.version.manifest["counts"]
     console.print(f"dataset {result.version.spec}: {counts['kept']} documents kept of {counts['read']}")
     config.scheduler.dataset = DEMO_DATASET

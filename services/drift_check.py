@@ -21,13 +21,14 @@ from pathlib import Path
 
 from mlflow.entities import Metric
 
+from monitoring.drift import DriftResult, detect_drift, read_latest
 from monitoring.traffic import prompt_prefixes
-from monitoring.drift import DriftResult, DriftSettings, detect_drift, read_latest
-from services.config import GenloopConfig, UserInputError
+from services.config import GenloopConfig
 from services.registry import Registry
 from serving.inference_log import caller_prompts
 from training.cleaning import TRAIN
 from training.datasets import resolve_dataset
+from training.errors import UserInputError
 from training.evaluation import load_for_evaluation
 
 logger = logging.getLogger(__name__)
@@ -77,8 +78,7 @@ def run_drift_check(config: GenloopConfig, window: timedelta | None = None) -> D
     result = detect_drift(
         reference, current, model=model, tokenizer=tokenizer, model_version=str(champion.version),
         reference_label=reference_label, current_label=current_label, out_dir=drift_dir(config),
-        settings=DriftSettings(max_samples=settings.drift_max_samples, min_samples=settings.drift_min_samples,
-                               num_threshold=settings.drift_threshold, drift_share=settings.drift_share),
+        settings=settings.drift_settings(),
     )
     _record(config, registry, result)
     return result

@@ -1,4 +1,5 @@
-"""The evaluation report as one self-contained HTML page (no scripts, no external assets).
+"""The gate's report: what it records (the sets, weights, metrics, rules with their reasons and the
+verdict) and the same as one self-contained HTML page (no scripts, no external assets).
 
 People decide on promotions from this page, so it puts the verdict first, then every rule with
 its reason, the metrics side by side with deltas, and samples of both models on the same prompts.
@@ -6,14 +7,51 @@ its reason, the metrics side by side with deltas, and samples of both models on 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from jinja2 import Environment, select_autoescape
+from pydantic import BaseModel, Field
 
-if TYPE_CHECKING:
-    from services.gate import EvaluationReport
+from training.evaluation import BETTER, SetMetrics
 
-METRICS = ("perplexity", "bits_per_byte", "bleu", "chrf", "rouge_l", "ms_per_token")
+
+class RuleResult(BaseModel):
+    rule: str = Field(description="Human-readable rule, e.g. 'current.bits_per_byte improves ≥ 1%'.")
+    passed: bool
+    reason: str = Field(description="Why it passed or failed, with the numbers.")
+
+
+class Sample(BaseModel):
+    set: str
+    prompt: str
+    reference: str
+    champion: str | None
+    candidate: str
+
+
+class ModelSummary(BaseModel):
+    version: str
+    dataset: str
+    parameters: int
+    size_on_disk_bytes: int
+
+
+class EvaluationReport(BaseModel):
+    id: str
+    created_at: str
+    candidate: ModelSummary
+    champion: ModelSummary | None
+    sets: dict[str, list[str]] = Field(description="Held-out set name → dataset versions it is drawn from.")
+    weights: dict[str, float] = Field(
+        default_factory=dict, description="Set → weight of its gain in 'better on what we serve now'.")
+    traffic: str = Field("", description="How the weights were chosen, in a sentence.")
+    metrics: dict[str, dict[str, SetMetrics]] = Field(description="set → 'candidate'/'champion' → metrics.")
+    rules: list[RuleResult]
+    passed: bool
+    samples: list[Sample]
+
+    @property
+    def verdict(self) -> str:
+        return "pass" if self.passed else "fail"
+
 
 TEMPLATE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
@@ -64,4 +102,4 @@ _template = _environment.from_string(TEMPLATE)
 
 def render_html(report: EvaluationReport) -> str:
     data = report.model_dump(mode="json")
-    return _template.render(r={**data, "verdict": report.verdict}, metrics=METRICS)
+    return _template.render(r={**data, "verdict": report.verdict}, metrics=tuple(BETTER))

@@ -11,7 +11,6 @@ inside ``genloop serve`` and announces itself to Prometheus like the replicas do
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import threading
 import time
@@ -36,8 +35,10 @@ from monitoring.scrape_targets import ScrapeTarget
 from services.audit import AuditLog
 from services.config import GenloopConfig
 from services.drift_check import latest_drift
+from services.evaluation_report import EvaluationReport
 from services.registry import Registry
 from services.scheduler import JobHistory
+from training.cost import logged_cost
 
 logger = logging.getLogger(__name__)
 
@@ -61,10 +62,11 @@ def read_state(config: GenloopConfig) -> ControlPlaneState:
         metrics = run.data.metrics if run else {}
         if run is not None and run.info.end_time:
             last_retrain = max(last_retrain or 0.0, run.info.end_time / 1000)
+        cost = logged_cost(metrics)
         versions.append(VersionState(
-            version=str(version.version), training_seconds=metrics.get("cost_wall_seconds"),
-            cost_usd=metrics.get("cost_cost_usd"), energy_kwh=metrics.get("cost_energy_kwh"),
-            best_val_loss=metrics.get("best_val_loss"), evaluation=evaluations.get(str(version.version), {}),
+            version=str(version.version), training_seconds=cost.wall_seconds, cost_usd=cost.cost_usd,
+            energy_kwh=cost.energy_kwh, best_val_loss=metrics.get("best_val_loss"),
+            evaluation=evaluations.get(str(version.version), {}),
         ))
 
     changes: dict[str, dict[str, int]] = {}
@@ -90,16 +92,16 @@ def _job_history(url: str) -> JobHistory:
 
 
 def _latest_evaluations(config: GenloopConfig) -> dict[str, dict[str, dict[str, float]]]:
-    """Candidate version → set → metric, from each version's newest gate report."""
+    """Candidate version → set → gate metric → value, from each version's newest gate report."""
     folder = config.reports_dir / "evaluations"
-    latest: dict[str, tuple[str, dict]] = {}
+    latest: dict[str, EvaluationReport] = {}
     for path in sorted(Path(folder).glob("*.json")) if folder.exists() else []:
-        report = json.loads(path.read_text(encoding="utf-8"))
-        version = report["candidate"]["version"]
-        if version not in latest or report["created_at"] >= latest[version][0]:
-            latest[version] = (report["created_at"], {
-                set_name: roles["candidate"] for set_name, roles in report["metrics"].items()})
-    return {version: metrics for version, (_, metrics) in latest.items()}
+        report = EvaluationReport.model_validate_json(path.read_text(encoding="utf-8"))
+        version = report.candidate.version
+        if version not in latest or report.created_at >= latest[version].created_at:
+            latest[version] = report
+    return {version: {set_name: roles["candidate"].compared() for set_name, roles in report.metrics.items()}
+            for version, report in latest.items()}
 
 
 class _Cached:

@@ -28,16 +28,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from mlflow.entities.model_registry import ModelVersion
-from pydantic import BaseModel, Field
 
-from services.config import GateConfig, GenloopConfig, UserInputError
-from services.evaluation_report import render_html
+from monitoring.traffic import traffic_shares
+from services.config import GateConfig, GenloopConfig
+from services.evaluation_report import EvaluationReport, ModelSummary, RuleResult, Sample, render_html
 from services.registry import Registry
 from serving.inference_log import caller_prompts
-from monitoring.traffic import traffic_shares
 from training.datasets import resolve_dataset
+from training.errors import UserInputError
 from training.evaluation import (
-    LOWER_IS_BETTER,
+    BETTER,
     SetMetrics,
     evaluate_model,
     load_for_evaluation,
@@ -48,52 +48,12 @@ from training.evaluation import (
 logger = logging.getLogger(__name__)
 
 
-class RuleResult(BaseModel):
-    rule: str = Field(description="Human-readable rule, e.g. 'current.bits_per_byte improves ≥ 1%'.")
-    passed: bool
-    reason: str = Field(description="Why it passed or failed, with the numbers.")
-
-
-class Sample(BaseModel):
-    set: str
-    prompt: str
-    reference: str
-    champion: str | None
-    candidate: str
-
-
-class ModelSummary(BaseModel):
-    version: str
-    dataset: str
-    parameters: int
-    size_on_disk_bytes: int
-
-
-class EvaluationReport(BaseModel):
-    id: str
-    created_at: str
-    candidate: ModelSummary
-    champion: ModelSummary | None
-    sets: dict[str, list[str]] = Field(description="Held-out set name → dataset versions it is drawn from.")
-    weights: dict[str, float] = Field(
-        default_factory=dict, description="Set → weight of its gain in 'better on what we serve now'.")
-    traffic: str = Field("", description="How the weights were chosen, in a sentence.")
-    metrics: dict[str, dict[str, SetMetrics]] = Field(description="set → 'candidate'/'champion' → metrics.")
-    rules: list[RuleResult]
-    passed: bool
-    samples: list[Sample]
-
-    @property
-    def verdict(self) -> str:
-        return "pass" if self.passed else "fail"
-
-
 def _relative_change(candidate: float, champion: float, metric: str) -> float:
     """Improvement of candidate over champion as a fraction (positive = better)."""
     if champion == 0:
         return 0.0
     change = (champion - candidate) / abs(champion)
-    return change if metric in LOWER_IS_BETTER else -change
+    return change if BETTER[metric] == "lower" else -change
 
 
 def apply_policy(policy: GateConfig, metrics: dict[str, dict[str, SetMetrics]],

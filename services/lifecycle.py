@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from mlflow.entities.model_registry import ModelVersion
 
 from services.audit import AuditLog
-from services.config import GenloopConfig, UserInputError
-from services.gate import EvaluationReport, evaluate
+from services.config import GenloopConfig
+from services.evaluation_report import EvaluationReport
+from services.gate import evaluate
 from services.registry import Registry
+from training.errors import UserInputError
 
 logger = logging.getLogger(__name__)
 

@@ -17,12 +17,12 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from services.config import GenloopConfig, UserInputError
+from services.config import GenloopConfig
+from training.errors import UserInputError
 
 logger = logging.getLogger(__name__)
 
 MODEL_ARTIFACT = "model"
-ALIASES = ("champion", "previous", "challenger")
 
 
 class Registry:

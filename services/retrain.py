@@ -21,12 +21,14 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from services.cluster import connect
-from services.config import GenloopConfig, TrainConfig, UserInputError
-from services.gate import EvaluationReport
+from services.config import GenloopConfig
+from services.evaluation_report import EvaluationReport
 from services.lifecycle import PromotionRefused, promote
 from services.registry import Registry
 from services.training_run import TrainingRun, initial_compute, train
+from training.config import TrainConfig
 from training.datasets import DatasetVersion, ingest, list_versions, resolve_dataset
+from training.errors import UserInputError
 from training.incoming import ingest_incoming
 from training.replay import build_mix, new_documents
 

@@ -37,7 +37,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED, JobEvent
@@ -50,8 +50,10 @@ from pydantic import BaseModel
 from sqlalchemy import Column, Float, Integer, MetaData, String, Table, create_engine, func, insert, select, update
 
 from monitoring.metrics import JobState
-from services.config import GenloopConfig, UserInputError, parse_window
+from services.config import GenloopConfig
+from services.schedule import cron_trigger, window_wait
 from training.datasets import list_versions
+from training.errors import UserInputError
 
 logger = logging.getLogger(__name__)
 
@@ -150,19 +152,6 @@ def run_job(job: str, reason: str = "schedule") -> None:
     _running.run(job, reason)
 
 
-def window_wait(window: str | None, now: datetime) -> datetime | None:
-    """When the off-peak ``window`` next opens, or None when ``now`` is inside it (or there is none)."""
-    if window is None:
-        return None
-    start, end = parse_window(window)
-    moment = now.timetz().replace(tzinfo=None)
-    inside = start <= moment < end if start < end else (moment >= start or moment < end)
-    if inside:
-        return None
-    opens = now.replace(hour=start.hour, minute=start.minute, second=0, microsecond=0)
-    return opens if opens > now else opens + timedelta(days=1)
-
-
 class GenloopScheduler:
     """The configured jobs on a background APScheduler; ``start``/``stop``, or ``run`` one job now."""
 
@@ -188,7 +177,7 @@ class GenloopScheduler:
         settings = self.config.scheduler
         wanted: dict[str, BaseTrigger] = {}
         if settings.retrain_cron:
-            wanted["retrain"] = settings.cron_trigger(settings.retrain_cron)
+            wanted["retrain"] = cron_trigger(settings.retrain_cron)
         if settings.drift_interval:
             wanted["drift"] = IntervalTrigger(seconds=settings.drift_interval.total_seconds(), timezone=UTC)
         if settings.incoming is not None and settings.incoming_interval:

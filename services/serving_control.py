@@ -20,9 +20,11 @@ from ray import serve
 
 from monitoring import metrics
 from services.cluster import connect
-from services.config import GenloopConfig, UserInputError
+from services.config import GenloopConfig
 from services.registry import Registry
-from serving.app import ServerSettings, delete_app, serve_app
+from serving.app import delete_app, serve_app
+from serving.settings import ServerSettings
+from training.errors import UserInputError
 from training.models import check_weights
 
 logger = logging.getLogger(__name__)
@@ -81,14 +83,11 @@ def settings_for(config: GenloopConfig, version: str) -> ServerSettings:
     if serving.engine == "vllm":
         from serving.vllm_engine import VLLMEngine as engine_class
 
-        options: dict = {}
+        options = None
     else:
-        from serving.hf_engine import HFEngine as engine_class
+        from serving.hf.engine import HFEngine as engine_class
 
-        options = {"device": serving.device, "max_batch_size": serving.max_batch_size,
-                   "max_wait_ms": serving.max_wait_ms, "max_queue_size": serving.max_queue_size,
-                   "int8": serving.int8, "stream_events_per_step": serving.stream_events_per_step,
-                   "max_prefill_tokens": serving.max_prefill_tokens}
+        options = serving.hf_options()
     keys = [key.strip() for key in os.environ.get(API_KEYS_ENV, "").split(",") if key.strip()]
     return ServerSettings(
         served_model_name=serving.model_name,
@@ -114,10 +113,7 @@ def deploy(config: GenloopConfig, target: Target) -> Target:
     """Deploy (or roll to) ``target``; returns once its replicas are serving."""
     settings = settings_for(config, target.champion)
     shadow = settings_for(config, target.challenger) if target.challenger is not None else None
-    serve_app(settings, APP_NAME, num_replicas=config.serving.num_replicas,
-              max_ongoing_requests=config.serving.max_ongoing_requests,
-              max_queued_requests=config.serving.max_queued_requests,
-              replica_cpus=config.serving.replica_cpus, replica_gpus=config.serving.gpus_per_replica, shadow=shadow)
+    serve_app(settings, APP_NAME, deployment=config.serving.deployment(), shadow=shadow)
     logger.info("serving v%s%s", target.champion,
                 f" with v{target.challenger} in shadow ({config.serving.shadow_percent:g} %)" if shadow else "")
     return target

@@ -17,16 +17,18 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import ray.data
-from mlflow.entities.model_registry import ModelVersion
 from mlflow.entities import Metric, Param
+from mlflow.entities.model_registry import ModelVersion
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from services.cluster import connect
-from services.config import GenloopConfig, TrainConfig, UserInputError, config_hash
+from services.config import GenloopConfig, config_hash
 from services.leftovers import close_orphaned_runs, owner_tags, sweep_work_dirs, work_dir_prefix
 from services.registry import MODEL_ARTIFACT, Registry
-from training.cost import CostReport, cost_report
+from training.config import TrainConfig
+from training.cost import COST_USD_TAG, CostReport, cost_report, logged_cost
 from training.datasets import DatasetVersion, resolve_dataset
+from training.errors import UserInputError
 from training.models import build_model, context_length, load_model, parameter_count
 from training.tokenizer import train_tokenizer
 from training.trainer import export_checkpoint, fit
@@ -99,11 +101,10 @@ def initial_compute(registry: Registry, version: ModelVersion) -> tuple[int, flo
     """Tokens and FLOPs of the from-scratch run that ``version``'s lineage started with; None when
     that run logged no cost (a model registered from outside genloop)."""
     root = registry.lineage(version)[-1]
-    metrics = registry.client.get_run(root.run_id).data.metrics if root.run_id else {}
-    if "cost_tokens_seen" not in metrics or "cost_parameters" not in metrics:
+    cost = logged_cost(registry.client.get_run(root.run_id).data.metrics if root.run_id else {})
+    if cost.tokens_seen is None or cost.parameters is None:
         return None
-    tokens = int(metrics["cost_tokens_seen"])
-    return tokens, 6.0 * metrics["cost_parameters"] * tokens
+    return cost.tokens_seen, 6.0 * cost.parameters * cost.tokens_seen
 
 
 def train(
@@ -204,11 +205,10 @@ def train(
             "restarts": outcome.metrics["restarts"],
         }
         client.log_batch(run_id, metrics=[Metric(k, float(v), 0, 0) for k, v in summary.items()]
-                         + [Metric(f"cost_{k}", float(v), 0, 0) for k, v in report.model_dump().items()
-                            if isinstance(v, (int, float))])
+                         + [Metric(k, v, 0, 0) for k, v in report.mlflow_metrics().items()])
         client.log_dict(run_id, report.model_dump(), "cost_report.json")
         client.log_artifacts(run_id, str(export_dir), MODEL_ARTIFACT)
-        version = registry.register(run_id, tags={**tags, "run_id": run_id, "cost_usd": f"{report.cost_usd:.6f}"})
+        version = registry.register(run_id, tags={**tags, "run_id": run_id, COST_USD_TAG: f"{report.cost_usd:.6f}"})
         client.set_terminated(run_id, "FINISHED")
         logger.info("registered %s v%s (%s)", registry.name, version.version, json.dumps(summary))
         return TrainingRun(run_id=run_id, version=str(version.version), metrics=summary, cost=report)

@@ -1,156 +1,51 @@
 """The Ray Serve application: an OpenAI-compatible HTTP API over one ``Engine`` per replica.
 
-Each replica owns one engine (the class is a constructor argument, so tests run the real HF
-engine on a tiny model and production passes the vLLM engine) and one inference-log writer.
-Serve does the rest: routing, ``max_ongoing_requests`` / ``max_queued_requests`` backpressure,
-health checks (``check_health`` → engine health), and rolling updates when the app is deployed
-again with another model version (new replicas become healthy before old ones drain).
+Each replica owns one engine (the class is a setting, so tests run the real HF engine on a tiny
+model and production passes the vLLM engine), one inference-log writer and its HTTP app
+(``serving.api.build_api``, built once the engine is loaded). Serve does the rest: routing,
+``max_ongoing_requests`` / ``max_queued_requests`` backpressure, health checks (``check_health`` →
+engine health), and rolling updates when the app is deployed again with another model version (new
+replicas become healthy before old ones drain).
 """
 
-
 import asyncio
-import json
 import logging
-import re
-import secrets
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, Field, ValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
 from ray import serve
 from ray.serve.config import BackpressureConfig
 from ray.serve.handle import DeploymentHandle
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving.engine import (
-    Engine,
-    EngineError,
-    EngineOverloaded,
-    GenerationRequest,
-    GenerationResult,
-    InvalidRequestError,
-    wrap_seed,
-)
 from monitoring import metrics
 from monitoring.scrape_targets import ScrapeTarget
-from services.config import LogText, echo
-from serving.guard import GuardSettings, RequestGuard
-from serving.inference_log import InferenceLog, InferenceRecord, hash_client
+from serving.api import APIError, build_api, engine_error, route_of
+from serving.engine import Engine, EngineError, GenerationRequest, GenerationResult, InvalidRequestError, wrap_seed
 from serving.health import health_app, health_route
+from serving.inference_log import InferenceLog, InferenceRecord, hash_client
 from serving.protocol import (
     MAX_PROMPTS,
     VERSION_HEADER,
     ChatChoice,
-    ChatChunkChoice,
-    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    ChatDelta,
     ChatResponseMessage,
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
     Usage,
-    error_body,
     new_id,
     now,
 )
+from serving.settings import DeploymentOptions, ServerSettings
+from serving.sse import chat_events, completion_events, sse_response
+from training.errors import echo
 
 logger = logging.getLogger(__name__)
-
-class ServerSettings(BaseModel):
-    """Everything a replica needs; built by the control plane (``genloop serve``)."""
-
-    served_model_name: str = Field(description="The name clients pass as `model`.")
-    model_path: str = Field(description="Local Hugging Face folder of the version served.")
-    model_version: str = Field(description="Registry version served (stamped on every response).")
-    engine_class: Any = Field(description="Engine subclass to instantiate.")
-    engine_options: dict[str, Any] = Field(default_factory=dict, description="Engine constructor options.")
-    api_keys: list[str] = Field(default_factory=list, description="Bearer keys accepted; empty = no auth.")
-    public_paths: list[str] = Field(default_factory=list, description="Paths answered without a key when keys "
-                                    "are set (/health is always public: it is served by a deployment of its own).")
-    max_requests_per_client: int | None = Field(
-        None, ge=1, description="Requests one client (API key, else address) may have in a replica at once; "
-        "past it 429 at once. None = no limit; genloop serve passes serving.max_requests_per_client.")
-    max_body_bytes: int = Field(1_000_000, description="Request bodies past this many bytes get 413.")
-    body_timeout_s: float = Field(10.0, description="A request body not received whole within this gets 408.")
-    inference_log_dir: str | None = Field(None, description="Where the inference log goes; None = off.")
-    log_text: LogText = Field("full", description="What the log keeps of prompts and outputs (see LogText).")
-    log_flush_s: float = Field(1.0, description="Spooled log rows are written to parquet at least this often.")
-    client_salt: str = Field(default_factory=lambda: secrets.token_hex(32),
-                             description="Secret key of the hashed client ids in the log; genloop serve passes "
-                             "the installation's, a bare replica makes its own.")
-    shadow_percent: float = Field(0.0, ge=0, le=100, description="Share of requests mirrored to the shadow model.")
-    scrape_targets_dir: str | None = Field(
-        None, description="Where each replica announces its own /metrics port to Prometheus; None = not announced."
-    )
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.headers = status, message, param, headers or {}
-
-
-api = FastAPI(title="genloop", docs_url=None, redoc_url=None)
-
-
-api.add_middleware(RequestGuard)
-
-# Route label of the request metrics and the inference log: the API's own routes by name, anything
-# else as "other", so that requests to made-up paths cannot grow the metric's label set without end.
-ROUTES = {"/v1/completions": "completions", "/v1/chat/completions": "chat.completions", "/v1/models": "models",
-          "/metrics": "metrics"}
-
-
-def route_of(path: str) -> str:
-    return ROUTES.get(path, "other")
-
-
-@api.exception_handler(APIError)
-async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
-    return JSONResponse(error_body(exc.status, exc.message, exc.param), status_code=exc.status, headers=exc.headers)
-
-
-# Pydantic names the union member that failed in an error's location ("prompt.list[str]"): not a
-# parameter the caller wrote, so left out of the one the 400 names.
-_UNION_MEMBER = re.compile(r"^(str|int|float|bool|dict|list)(\[.*\])?$|^function-")
-
-
-@api.exception_handler(RequestValidationError)
-async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = exc.errors()
-    # A value error (ours, e.g. a lone surrogate) says more than the union's "should be a list".
-    first = next((e for e in errors if e["type"] == "value_error"), errors[0])
-    location = [str(part) for part in first["loc"][1:] if not _UNION_MEMBER.match(str(part))]
-    param = echo(".".join(location)) or None
-    message = "invalid JSON body" if first["type"] == "json_invalid" else (
-        f"unknown parameter {param}" if first["type"] == "extra_forbidden" else f"{param}: {first['msg']}")
-    return JSONResponse(error_body(400, message, param), status_code=400)
-
-
-@api.exception_handler(StarletteHTTPException)
-async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return JSONResponse(error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code)
-
-
-def _engine_error(exc: EngineError) -> APIError:
-    if isinstance(exc, InvalidRequestError):
-        return APIError(400, str(exc), exc.param)
-    if isinstance(exc, EngineOverloaded):
-        return APIError(429, str(exc), headers={"Retry-After": "1"})
-    return APIError(503, str(exc), headers={"Retry-After": "5"})
-
-
-def _stream_error(exc: Exception) -> Exception:
-    """What a failed choice raises in a stream: an engine's error as its API error, anything else as is
-    (the guard answers it with a 500 before the stream begins; the stream's own handler after)."""
-    return _engine_error(exc) if isinstance(exc, EngineError) else exc
 
 
 # Module-level helpers sit above the deployment: Serve ships the class by value, and a helper
@@ -160,8 +55,7 @@ class _EngineReplica:
 
     async def __init__(self, settings: ServerSettings):
         self.settings = settings
-        self.engine: Engine = settings.engine_class(settings.model_path, settings.model_version,
-                                                    **settings.engine_options)
+        self.engine: Engine = settings.build_engine()
         await self.engine.load()
         self.log = (InferenceLog(settings.inference_log_dir, text=settings.log_text,
                                  flush_seconds=settings.log_flush_s) if settings.inference_log_dir else None)
@@ -205,23 +99,14 @@ def _usage(results: list[GenerationResult]) -> Usage:
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
-@serve.deployment(
-    name="genloop",
-    max_ongoing_requests=64,
-    max_queued_requests=256,
-    health_check_period_s=2,
-    graceful_shutdown_wait_loop_s=1,
-    graceful_shutdown_timeout_s=60,
-)
-@serve.ingress(api)
+@serve.deployment(name="genloop", health_check_period_s=2, graceful_shutdown_wait_loop_s=1,
+                  graceful_shutdown_timeout_s=60)
+@serve.ingress()
 class OpenAIServer(_EngineReplica):
+    """The model's replica: the OpenAI routes (``serving.api``) call the methods below."""
+
     async def __init__(self, settings: ServerSettings, shadow: DeploymentHandle | None = None):
         await super().__init__(settings)
-        api.state.settings = settings
-        api.state.guard = GuardSettings(api_keys=settings.api_keys, public_paths=set(settings.public_paths),
-                                        max_body_bytes=settings.max_body_bytes,
-                                        body_timeout_s=settings.body_timeout_s,
-                                        max_per_client=settings.max_requests_per_client, on_refused=self._refused)
         metrics.MODEL_INFO.labels(settings.model_version).set(1)
         # Engine gauges are read when scraped, whichever endpoint the scrape comes through.
         metrics.REQUESTS_RUNNING.labels(settings.model_version).set_function(
@@ -232,6 +117,9 @@ class OpenAIServer(_EngineReplica):
         self._mirror_credit = 0.0
         self._mirrors: set[asyncio.Task] = set()
         logger.info("replica ready with v%s", settings.model_version)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_api(self)
 
     # --- plumbing -------------------------------------------------------------------------
     def _check_model(self, model: str) -> None:
@@ -260,7 +148,7 @@ class OpenAIServer(_EngineReplica):
         self._log(route=route, response_id=response_id, prompt=prompt, result=result, status=status,
                   latency=latency, client_hash=hash_client(client, self.settings.client_salt))
 
-    def _refused(self, path: str, request_id: str, status: int, seconds: float, client: str) -> None:
+    def refused(self, path: str, request_id: str, status: int, seconds: float, client: str) -> None:
         """An answer that was not a success (the guard reports each): counted and logged like the rest."""
         route = route_of(path)
         metrics.REQUESTS.labels(route, str(status), self.settings.model_version).inc()
@@ -327,7 +215,7 @@ class OpenAIServer(_EngineReplica):
         try:
             return await asyncio.gather(*(self.engine.generate(r) for r in requests))
         except EngineError as exc:
-            raise _engine_error(exc) from None
+            raise engine_error(exc) from None
 
     async def _stream(self, requests: list[GenerationRequest], log: Any) -> AsyncIterator[tuple[int, Any]]:
         """(choice index, chunk) from all choices as they come; closing it aborts them all.
@@ -357,7 +245,7 @@ class OpenAIServer(_EngineReplica):
             except Exception as exc:  # noqa: BLE001 — any failure is the caller's to see, in the stream
                 ended = True
                 if begun:
-                    log(request.prompt, None, _engine_error(exc).status if isinstance(exc, EngineError) else 500)
+                    log(request.prompt, None, engine_error(exc).status if isinstance(exc, EngineError) else 500)
                 await queue.put((index, exc))
             finally:
                 if not ended and begun:
@@ -379,15 +267,13 @@ class OpenAIServer(_EngineReplica):
             for task in tasks:
                 task.cancel()
 
-    # --- routes -------------------------------------------------------------------------
-    @api.get("/v1/models")
-    async def models(self, request: Request) -> JSONResponse:
+    # --- what the routes call ----------------------------------------------------------
+    async def models(self) -> JSONResponse:
         card = {"id": self.settings.served_model_name, "object": "model", "created": now(), "owned_by": "genloop",
                 "model_version": self.settings.model_version}
         return JSONResponse({"object": "list", "data": [card]}, headers=self._headers())
 
-    @api.post("/v1/completions")
-    async def completions(self, body: CompletionRequest, request: Request):
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
         self._check_model(body.model)
         self._validate(body)
         prompts = body.prompts()
@@ -401,7 +287,8 @@ class OpenAIServer(_EngineReplica):
             self._record(request, "completions", response_id, prompt, result, status, started, body.user)
 
         if body.stream:
-            return await self._sse(request, self._completion_events(requests, body, response_id, created, log))
+            return await sse_response(request.state.request_id, completion_events(
+                self._stream(requests, log), body, response_id, created, self.settings.model_version), self._headers())
         results = await self._run(requests)
         for generation, result in zip(requests, results):
             log(generation.prompt, result)
@@ -412,8 +299,7 @@ class OpenAIServer(_EngineReplica):
             usage=_usage(results),
         ).model_dump(), headers=self._headers())
 
-    @api.post("/v1/chat/completions")
-    async def chat(self, body: ChatCompletionRequest, request: Request):
+    async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         self._check_model(body.model)
         self._validate(body)
         prompt = self.engine.render_chat([m.model_dump(exclude_none=True) for m in body.messages])
@@ -425,7 +311,8 @@ class OpenAIServer(_EngineReplica):
             self._record(request, "chat.completions", response_id, prompt, result, status, started, body.user)
 
         if body.stream:
-            return await self._sse(request, self._chat_events(requests, body, response_id, created, log))
+            return await sse_response(request.state.request_id, chat_events(
+                self._stream(requests, log), body, response_id, created, self.settings.model_version), self._headers())
         results = await self._run(requests)
         for result in results:
             log(prompt, result)
@@ -435,83 +322,6 @@ class OpenAIServer(_EngineReplica):
                      for i, r in enumerate(results)],
             usage=_usage(results),
         ).model_dump(), headers=self._headers())
-
-    @api.get("/metrics")
-    async def prometheus_metrics(self) -> Response:
-        """The instruments of whichever replica answers: fine with one; Prometheus should scrape each
-        replica's own port instead (see monitoring.scrape_targets)."""
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
-
-    # --- server-sent events ---------------------------------------------------------------
-    async def _sse(self, request: Request, events: AsyncIterator[dict]) -> StreamingResponse:
-        """Stream ``events``; the first is awaited here, so a request the engine refuses is a 4xx, not a
-        200 whose body carries an error. Later failures can only be reported inside the stream."""
-        request_id = request.state.request_id
-        try:
-            first = await anext(events)
-        except StopAsyncIteration:
-            first = None
-
-        async def body() -> AsyncIterator[str]:
-            if first is not None:
-                yield f"data: {json.dumps(first)}\n\n"
-            try:
-                async for event in events:
-                    yield f"data: {json.dumps(event)}\n\n"
-            except APIError as exc:
-                yield f"data: {json.dumps(error_body(exc.status, exc.message, exc.param))}\n\n"
-            except Exception:  # noqa: BLE001 — the 200 is sent: the error can only be told in the stream
-                logger.exception("stream of request %s failed", request_id)
-                yield f"data: {json.dumps(error_body(500, f'internal error; request id {request_id}'))}\n\n"
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(body(), media_type="text/event-stream", headers=self._headers())
-
-    def _usage_event(self, body: Any, response_id: str, created: int, kind: str, usage: list[int]) -> dict | None:
-        if not (body.stream_options and body.stream_options.include_usage):
-            return None
-        return {"id": response_id, "object": kind, "created": created, "model": body.model, "choices": [],
-                "usage": Usage(prompt_tokens=usage[0], completion_tokens=usage[1],
-                               total_tokens=sum(usage)).model_dump(),
-                "model_version": self.settings.model_version}
-
-    async def _completion_events(self, requests, body, response_id, created, log) -> AsyncIterator[dict]:
-        usage = [0, 0]
-        async for index, chunk in self._stream(requests, log):
-            if isinstance(chunk, Exception):
-                raise _stream_error(chunk)
-            if chunk.finish_reason is not None:
-                usage[0] += chunk.prompt_tokens or 0
-                usage[1] += chunk.completion_tokens or 0
-            yield CompletionResponse(
-                id=response_id, created=created, model=body.model, model_version=self.settings.model_version,
-                choices=[CompletionChoice(index=index, text=chunk.text, finish_reason=chunk.finish_reason)],
-            ).model_dump(exclude={"usage"})
-        event = self._usage_event(body, response_id, created, "text_completion", usage)
-        if event is not None:
-            yield event
-
-    async def _chat_events(self, requests, body, response_id, created, log) -> AsyncIterator[dict]:
-        def chunk_of(choice: ChatChunkChoice) -> dict:
-            return ChatCompletionChunk(id=response_id, created=created, model=body.model, choices=[choice],
-                                       model_version=self.settings.model_version).model_dump(exclude={"usage"})
-
-        usage = [0, 0]
-        opened: set[int] = set()
-        async for index, chunk in self._stream(requests, log):
-            if isinstance(chunk, Exception):
-                raise _stream_error(chunk)
-            if index not in opened:  # OpenAI opens each choice with the role alone
-                opened.add(index)
-                yield chunk_of(ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content="")))
-            if chunk.finish_reason is not None:
-                usage[0] += chunk.prompt_tokens or 0
-                usage[1] += chunk.completion_tokens or 0
-            yield chunk_of(ChatChunkChoice(index=index, delta=ChatDelta(content=chunk.text or None),
-                                           finish_reason=chunk.finish_reason))
-        event = self._usage_event(body, response_id, created, "chat.completion.chunk", usage)
-        if event is not None:
-            yield event
 
 
 @serve.deployment(name="shadow", max_ongoing_requests=32, max_queued_requests=32, health_check_period_s=2,
@@ -529,40 +339,37 @@ class ShadowModel(_EngineReplica):
             try:
                 result, status = await self.engine.generate(request), 200
             except EngineError as exc:
-                result, status = None, _engine_error(exc).status
+                result, status = None, engine_error(exc).status
             self._log(route=route, response_id=response_id, prompt=request.prompt or "", result=result,
                       status=status, latency=time.perf_counter() - started, shadow=True)
 
         await asyncio.gather(*(answer(GenerationRequest.model_validate(r)) for r in requests))
 
 
-def build_app(settings: ServerSettings, num_replicas: int = 1, max_ongoing_requests: int = 64,
-              max_queued_requests: int = 256, replica_cpus: float = 1.0, replica_gpus: float = 0.0,
+def build_app(settings: ServerSettings, deployment: DeploymentOptions = DeploymentOptions(),
               shadow: ServerSettings | None = None):
-    """The Serve application, ready for ``serve.run``.
-
-    Backpressure is Serve's: a replica takes ``max_ongoing_requests`` at once, a caller waits in a
-    queue of ``max_queued_requests``, and beyond that Serve answers 429 with Retry-After at once, never
-    an unbounded queue. With ``shadow`` settings, one replica of the shadow model runs beside the
-    server and gets ``settings.shadow_percent`` % of the requests mirrored to it.
-    """
-    options = {"ray_actor_options": {"num_cpus": replica_cpus, "num_gpus": replica_gpus}}
+    """The Serve application, ready for ``serve.run``: the model's deployment as ``deployment`` says
+    (replicas, resources, Serve's backpressure) and, with ``shadow`` settings, one replica of the
+    shadow model beside it, which gets ``settings.shadow_percent`` % of the requests mirrored."""
+    options = {"ray_actor_options": {"num_cpus": deployment.replica_cpus, "num_gpus": deployment.replica_gpus}}
     shadow_app = ShadowModel.options(**options).bind(shadow) if shadow is not None else None
     return OpenAIServer.options(
-        num_replicas=num_replicas, max_ongoing_requests=max_ongoing_requests, max_queued_requests=max_queued_requests,
+        num_replicas=deployment.num_replicas, max_ongoing_requests=deployment.max_ongoing_requests,
+        max_queued_requests=deployment.max_queued_requests,
         backpressure_config=BackpressureConfig(status_code=429, retry_after_s=1), **options,
     ).bind(settings, shadow_app)
 
 
-def serve_app(settings: ServerSettings, name: str = "genloop", route_prefix: str = "/", **options) -> None:
+def serve_app(settings: ServerSettings, name: str = "genloop", route_prefix: str = "/",
+              deployment: DeploymentOptions = DeploymentOptions(), shadow: ServerSettings | None = None) -> None:
     """Deploy (or roll) the application ``name`` at ``route_prefix`` with its health application beside
     it (``serving.health``), and return once the model's replicas serve. On a first deploy the health
     application goes first, so ``/health`` says "unavailable" rather than 404 while the replicas load;
-    it names the new version once the rollout is done. ``options`` are ``build_app``'s."""
+    it names the new version once the rollout is done."""
     health, route = f"{name}-health", health_route(route_prefix)
     if health not in serve.status().applications:
         serve.run(health_app(name, ""), name=health, route_prefix=route)
-    serve.run(build_app(settings, **options), name=name, route_prefix=route_prefix)
+    serve.run(build_app(settings, deployment, shadow), name=name, route_prefix=route_prefix)
     serve.run(health_app(name, settings.model_version), name=health, route_prefix=route)
 
 

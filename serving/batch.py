@@ -22,9 +22,9 @@ import ray.data
 from pydantic import ValidationError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from serving.app import ServerSettings
 from serving.engine import EngineError, GenerationRequest, SamplingParams
-from services.config import UserInputError
+from serving.settings import ServerSettings
+from training.errors import UserInputError
 
 
 def read_prompts(path: Path, defaults: dict[str, Any]) -> list[dict[str, Any]]:
@@ -70,7 +70,7 @@ class _EngineActor:
     def __init__(self, settings: ServerSettings):
         self.version = settings.model_version
         self.loop = asyncio.new_event_loop()
-        self.engine = settings.engine_class(settings.model_path, settings.model_version, **settings.engine_options)
+        self.engine = settings.build_engine()
         self.loop.run_until_complete(self.engine.load())
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:

@@ -13,7 +13,7 @@ import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -24,6 +24,7 @@ FinishReason = Literal["stop", "length"]
 # vLLM's (torch.long); counts are int32, which every context length fits in many times.
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 MAX_COUNT = 2**31 - 1
+MAX_N = 8  # choices per prompt the API fans out: each is a sequence of its own in the engine's batch
 
 
 def wrap_seed(seed: int) -> int:
@@ -62,7 +63,8 @@ class SamplingParams(BaseModel):
     max_tokens: int = Field(16, ge=1, le=MAX_COUNT,
                             description="Most tokens to generate; reaching it finishes with 'length'.")
     n: int = Field(
-        1, ge=1, le=16, description="Completions per prompt; engines serve n=1 and the API fans n>1 out as n requests."
+        1, ge=1, le=MAX_N, description="Completions per prompt; engines serve n=1 and the API fans n>1 out as n "
+        "requests."
     )
     presence_penalty: float = Field(
         0.0, ge=-2.0, le=2.0, description="Subtracted once from the logit of every token already generated."
@@ -135,8 +137,8 @@ class GenerationRequest(BaseModel):
 
 
 class GenerationChunk(BaseModel):
-    """New output of one request since its previous chunk, as streamed to the client (usually one token;
-    several when the engine groups tokens under load)."""
+    """New output of one request since its previous chunk, as streamed to the client: one or more tokens
+    (an engine may group tokens to bound the events per step; see serving.hf)."""
 
     text: str = Field("", description="New text since the previous chunk; may be empty while a stop string is pending.")
     token_ids: list[int] = Field(default_factory=list, description="Tokens generated since the previous chunk.")
@@ -172,13 +174,29 @@ def render_chat_template(tokenizer: object, messages: list[dict[str, str]]) -> s
         raise InvalidRequestError(f"cannot render messages: {exc}", param="messages") from exc
 
 
+class EngineOptions(BaseModel):
+    """Base of an engine's own options model (its ``Options``): typed, frozen, unknown keys refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
 class Engine(ABC):
     """An inference backend: loads one model version and serves generation requests concurrently.
 
+    Constructed as ``Engine(model_path, model_version, options)`` with ``options`` an instance of the
+    engine's ``Options`` (or None for its defaults), so ``ServerSettings`` can carry any engine's options.
     Life cycle: construct (cheap, no model) → ``await load()`` → any number of concurrent ``generate``
     / ``stream`` calls → ``await close()``. ``health()`` is False before load and after close, so a
     Serve replica reports unhealthy until its model is ready and after it has been drained.
     """
+
+    # The engine's options model: what ``ServerSettings.engine_options`` holds for it.
+    Options: ClassVar[type[EngineOptions]] = EngineOptions
+
+    @classmethod
+    def resolve_options(cls, options: EngineOptions | None, fields: dict) -> EngineOptions:
+        """``options`` (or the defaults) with keyword ``fields`` overriding single ones, validated."""
+        return cls.Options.model_validate({**(options or cls.Options()).model_dump(), **fields})
 
     # Set by every engine: the constructor sets the version, load() the context length.
     _model_version: str
@@ -208,7 +226,7 @@ class Engine(ABC):
 
     @abstractmethod
     def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        """Yield one chunk per generated token; the last carries finish_reason.
+        """Yield the output as chunks of one or more tokens as they are generated; the last carries finish_reason.
 
         Closing the iterator (client gone, task cancelled) aborts the request and frees its slot.
         """

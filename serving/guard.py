@@ -68,16 +68,16 @@ class GuardSettings:
 
 
 class RequestGuard:
-    """ASGI middleware; its settings are read per request from ``app.state.guard`` (a ``GuardSettings``),
-    which the replica sets once it is built, so the module-level FastAPI app can carry it."""
+    """ASGI middleware: ``app.add_middleware(RequestGuard, settings=GuardSettings(...))``."""
 
-    def __init__(self, app: Any):
+    def __init__(self, app: Any, settings: GuardSettings):
         self.app = app
+        self.settings = settings
         self._in_flight: dict[str, int] = {}  # client → requests of it in this replica now
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        settings: GuardSettings | None = getattr(scope["app"].state, "guard", None) if "app" in scope else None
-        if scope["type"] != "http" or settings is None:
+        settings = self.settings
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()

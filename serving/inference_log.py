@@ -22,13 +22,13 @@ import uuid
 from datetime import UTC, date, datetime
 from pathlib import Path
 
+import psutil
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
-import psutil
 from pydantic import BaseModel, Field
 
-from services.config import LogText
+from serving.settings import LogText
 from training.cleaning import scrub_pii
 
 logger = logging.getLogger(__name__)

@@ -14,12 +14,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from serving.engine import MAX_COUNT, SEED_MAX, SEED_MIN, SamplingParams
+from serving.engine import MAX_COUNT, MAX_N, SEED_MAX, SEED_MIN, SamplingParams
 
 # Every response of the API, /health's too, names the registry version that answered in this header.
 VERSION_HEADER = "x-genloop-model-version"
 
-MAX_N = 8
 MAX_PROMPTS = 32
 
 

@@ -17,11 +17,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
 from transformers import AutoTokenizer
 
 from serving.engine import (
     Engine,
     EngineError,
+    EngineOptions,
     GenerationChunk,
     GenerationRequest,
     InvalidRequestError,
@@ -32,39 +34,37 @@ logger = logging.getLogger(__name__)
 
 
 
+class VLLMEngineOptions(EngineOptions):
+    """vLLM's options genloop sets; any other ``AsyncEngineArgs`` field goes in ``engine_args``."""
+
+    dtype: str = Field("auto", description='vLLM dtype ("auto", "float16", "bfloat16").')
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of GPU memory vLLM may claim for "
+                                          "weights and KV cache.")
+    max_model_len: int | None = Field(None, ge=1, description="Context length to serve; None takes the model's.")
+    max_num_seqs: int = Field(256, ge=1, description="Most sequences vLLM batches at once.")
+    engine_args: dict[str, Any] = Field(default_factory=dict, description="Further AsyncEngineArgs fields.")
+
+
 class VLLMEngine(Engine):
     """A model folder served by vLLM.
 
     Args:
         model_path: Hugging Face model folder, as the registry stores it.
         model_version: registry version string reported with every response.
-        dtype: vLLM dtype ("auto", "float16", "bfloat16").
-        gpu_memory_utilization: share of GPU memory vLLM may claim for weights and KV cache.
-        max_model_len: context length to serve; None takes the model's.
-        max_num_seqs: most sequences vLLM batches at once.
-        engine_kwargs: any further ``AsyncEngineArgs`` field, passed through.
+        options: ``VLLMEngineOptions``; keyword ``fields`` override single ones.
     """
 
-    def __init__(
-        self,
-        model_path: str | Path,
-        model_version: str,
-        *,
-        dtype: str = "auto",
-        gpu_memory_utilization: float = 0.9,
-        max_model_len: int | None = None,
-        max_num_seqs: int = 256,
-        **engine_kwargs: Any,
-    ):
+    Options = VLLMEngineOptions
+
+    def __init__(self, model_path: str | Path, model_version: str, options: VLLMEngineOptions | None = None,
+                 **fields: Any):
+        self.options = self.resolve_options(options, fields)
         self.model_path = Path(model_path)
         self._model_version = model_version
         self._args = {
             "model": str(self.model_path),
-            "dtype": dtype,
-            "gpu_memory_utilization": gpu_memory_utilization,
-            "max_model_len": max_model_len,
-            "max_num_seqs": max_num_seqs,
-            **engine_kwargs,
+            **self.options.model_dump(exclude={"engine_args"}),
+            **self.options.engine_args,
         }
         self._engine: Any = None
         self._vllm: Any = None

@@ -53,7 +53,7 @@ def train_tiny():
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from services.config import TrainConfig
+    from training.config import TrainConfig
     from training.loop import make_schedule
     from training.models import build_model
     from training.tokenizer import train_tokenizer
@@ -133,11 +133,11 @@ def make_docs_dataset():
     Returns the other half: texts of the same domain the dataset does not hold.
     """
     import json
+    import pydoc_data.topics
     import random
 
     import pyarrow as pa
     import pyarrow.parquet as pq
-    import pydoc_data.topics
 
     from training.datasets import MANIFEST_FILE, TRAIN_FILE, VALIDATION_FILE
 

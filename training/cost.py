@@ -7,9 +7,16 @@ in the time spent training.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from collections.abc import Mapping
 
-from services.config import CostConfig
+from pydantic import BaseModel, Field, create_model
+
+from training.config import CostConfig
+
+_METRIC_PREFIX = "cost_"  # a field's MLflow run metric is cost_<field>
+
+# Model-version tag with the run's price in $, so a list of versions shows it without reading each run.
+COST_USD_TAG = "cost_usd"
 
 
 class CostReport(BaseModel):
@@ -34,6 +41,26 @@ class CostReport(BaseModel):
         description="Compute of the from-scratch run this model's lineage started with (its own, from scratch)."
     )
     compute_ratio: float = Field(description="compute_flops / initial_compute_flops: what a retrain cost.")
+
+    def mlflow_metrics(self) -> dict[str, float]:
+        """The report's numbers as MLflow run metrics, which ``logged_cost`` reads back. The whole
+        report, device type included, is logged as the run's cost_report.json artifact."""
+        return {_METRIC_PREFIX + name: float(getattr(self, name)) for name in LoggedCost.model_fields}
+
+
+# What a run's MLflow metrics hold of its CostReport: the numeric fields, each None where the run logged
+# none (a model registered from outside genloop logs none). Derived from CostReport, so the two cannot drift.
+LoggedCost = create_model(
+    "LoggedCost",
+    **{name: (field.annotation | None, None) for name, field in CostReport.model_fields.items()
+       if field.annotation in (int, float)},
+)
+
+
+def logged_cost(metrics: Mapping[str, float]) -> LoggedCost:
+    """The cost report in a run's metrics (``run.data.metrics``), as ``CostReport.mlflow_metrics`` logged it."""
+    return LoggedCost(**{name: metrics[_METRIC_PREFIX + name] for name in LoggedCost.model_fields
+                         if _METRIC_PREFIX + name in metrics})
 
 
 def cost_report(

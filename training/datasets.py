@@ -34,7 +34,6 @@ import ray
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from services.config import DataConfig, UserInputError, echo
 from training.cleaning import (
     DROP_REASONS,
     VALIDATION,
@@ -44,6 +43,8 @@ from training.cleaning import (
     minhash_signatures,
     split_of,
 )
+from training.config import DataConfig
+from training.errors import UserInputError, echo
 from training.sources import Source, resolve_source
 
 logger = logging.getLogger(__name__)
@@ -175,19 +176,22 @@ def read_split(path: Path) -> pa.Table:
 
 
 def ingest(sources: list[str | Source], name: str, data: DataConfig, datasets_dir: Path,
-           extend: DatasetVersion | None = None, manifest_extra: dict[str, Any] | None = None) -> IngestResult:
+           extend: DatasetVersion | None = None, manifest_extra: dict[str, Any] | None = None,
+           show_progress: bool = False) -> IngestResult:
     """Read, clean, deduplicate and split ``sources`` into a new version of dataset ``name``.
 
     All sources are checked before any work starts, and nothing is written until everything
     succeeded; the version folder appears with one rename, so a failure leaves no trace.
     ``extend`` keeps that version's documents as they are, first, and adds the sources' to them
     (deduplicated against them). ``manifest_extra`` goes into the manifest and its content hash.
+    ``show_progress`` draws a progress line per source, for a person at a terminal (not inside a
+    scheduled job, whose output goes to a log).
     """
     check_name(name)
     if not sources:
         raise UserInputError("no sources given: pass files, folders, globs or builtin sources")
     resolved = [spec if isinstance(spec, Source) else resolve_source(spec, data) for spec in sources]
-    table, source_stats, dropped = _read_and_clean(resolved, data, extend)
+    table, source_stats, dropped = _read_and_clean(resolved, data, extend, show_progress)
     read = sum(s["documents_read"] for s in source_stats)
     if table.num_rows == 0:
         reasons = ", ".join(f"{reason}: {n}" for reason, n in dropped.items() if n)
@@ -283,7 +287,7 @@ def _clean_batch(batch: pa.Table, data: DataConfig) -> pa.Table:
 
 
 def _read_and_clean(
-    resolved: list[Source], data: DataConfig, extend: DatasetVersion | None = None
+    resolved: list[Source], data: DataConfig, extend: DatasetVersion | None, show_progress: bool
 ) -> tuple[pa.Table, list[dict[str, Any]], dict[str, int]]:
     """Run each source through Ray Data and deduplicate on the driver, source by source, in order,
     after the documents of ``extend`` (kept as they are; their signatures are recomputed here)."""
@@ -305,7 +309,8 @@ def _read_and_clean(
         TextColumn("{task.completed} read, {task.fields[kept]} kept"),
         TimeElapsedColumn(),
     )
-    with _deterministic_ray_data(), Progress(*columns, console=Console(stderr=True)) as progress:
+    with _deterministic_ray_data(), Progress(*columns, console=Console(stderr=True),
+                                             disable=not show_progress) as progress:
         for source in resolved:
             task = progress.add_task(f"ingesting {source.spec}", total=None, kept=0)
             ds = source.read(data).map_batches(

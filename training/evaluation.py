@@ -17,7 +17,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import sacrebleu
 import torch
@@ -26,14 +26,10 @@ from pydantic import BaseModel, Field
 from rouge_score import rouge_scorer
 from transformers import AutoTokenizer
 
-from services.config import UserInputError
+from training.errors import UserInputError
 from training.models import load_model, parameter_count
 
 logger = logging.getLogger(__name__)
-
-# Which way is better, for the gate's relative-change rules.
-LOWER_IS_BETTER = {"perplexity", "bits_per_byte", "ms_per_token"}
-HIGHER_IS_BETTER = {"bleu", "chrf", "rouge_l"}
 
 _WORD = re.compile(r"\S+")
 
@@ -46,22 +42,47 @@ class Prompt:
     reference: str  # the next reference_words words, from the first one's start, spacing kept
 
 
-class SetMetrics(BaseModel):
-    """One model's numbers on one held-out set."""
+Better = Literal["lower", "higher"]
 
-    perplexity: float = Field(
-        description="Token-level perplexity, sliding window; comparable only between models sharing a tokenizer."
+
+def _compared(description: str, better: Better) -> Any:
+    """A field the gate compares between models, with the direction that is better."""
+    return Field(description=description, json_schema_extra={"better": better})
+
+
+class SetMetrics(BaseModel):
+    """One model's numbers on one held-out set.
+
+    The fields that say which way is better are the gate's metrics: the names a gate rule may use
+    (``training.config.GateMetric``), the columns of the report and the values the control plane
+    exports. The others count what was scored.
+    """
+
+    perplexity: float = _compared(
+        "Token-level perplexity, sliding window; comparable only between models sharing a tokenizer.", "lower"
     )
-    bits_per_byte: float = Field(
-        description="Total negative log-likelihood in bits per UTF-8 byte of the texts: tokenizer-independent."
+    bits_per_byte: float = _compared(
+        "Total negative log-likelihood in bits per UTF-8 byte of the texts: tokenizer-independent.", "lower"
     )
-    bleu: float = Field(description="Corpus BLEU (0-100) of greedy continuations against the references.")
-    chrf: float = Field(description="Corpus chrF (0-100) of greedy continuations against the references.")
-    rouge_l: float = Field(description="Mean ROUGE-L F1 (0-1) of greedy continuations against the references.")
-    ms_per_token: float = Field(description="Greedy generation latency per generated token, milliseconds.")
+    bleu: float = _compared("Corpus BLEU (0-100) of greedy continuations against the references.", "higher")
+    chrf: float = _compared("Corpus chrF (0-100) of greedy continuations against the references.", "higher")
+    rouge_l: float = _compared("Mean ROUGE-L F1 (0-1) of greedy continuations against the references.", "higher")
+    ms_per_token: float = _compared("Greedy generation latency per generated token, milliseconds.", "lower")
     texts: int = Field(description="Texts scored for perplexity.")
     tokens: int = Field(description="Tokens predicted for perplexity.")
     prompts: int = Field(description="Prompts continued.")
+
+    def compared(self) -> dict[str, float]:
+        """The gate's metrics and their values, in field order."""
+        return {name: getattr(self, name) for name in BETTER}
+
+
+# Gate metric → "lower" or "higher", whichever is better: read off SetMetrics' fields, in their order.
+BETTER: dict[str, Better] = {
+    name: field.json_schema_extra["better"]
+    for name, field in SetMetrics.model_fields.items()
+    if isinstance(field.json_schema_extra, dict) and "better" in field.json_schema_extra
+}
 
 
 def _cut_words(text: str, n: int) -> str:

@@ -22,8 +22,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.config import DataConfig, UserInputError
+from training.config import DataConfig
 from training.datasets import IngestResult, ingest, list_versions
+from training.errors import UserInputError
 from training.sources import SUPPORTED_EXTENSIONS, Source
 
 

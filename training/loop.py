@@ -10,6 +10,7 @@ runs exactly the same work without Ray.
 
 from __future__ import annotations
 
+import logging
 import math
 import tempfile
 import time
@@ -18,12 +19,10 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-import logging
-
 import torch
 import torch.distributed as dist
 
-from services.config import TrainConfig
+from training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 

@@ -30,7 +30,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from services.config import DataConfig, UserInputError
+from training.config import DataConfig
+from training.errors import UserInputError
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,8 @@ from ray.train.torch import TorchTrainer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from services.config import TrainConfig, UserInputError
+from training.config import TrainConfig
+from training.errors import UserInputError
 from training.loop import STATE_FILE, train_worker
 from training.models import merge_lora, with_lora
 

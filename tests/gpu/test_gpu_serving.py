@@ -13,9 +13,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from serving.app import ServerSettings, serve_app
+from serving.app import serve_app
 from serving.engine import GenerationRequest, SamplingParams
-from serving.hf_engine import HFEngine
+from serving.hf.engine import HFEngine
+from serving.hf.options import HFEngineOptions
+from serving.settings import DeploymentOptions, ServerSettings
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -51,9 +53,10 @@ def test_serve_replica_reserves_the_gpu_and_answers(ray_cluster, tmp_path, make_
 
     serve.start(http_options={"host": "127.0.0.1", "port": free_port})
     settings = ServerSettings(served_model_name="genloop", model_path=str(make_tiny_model(tmp_path / "model")),
-                              model_version="1", engine_class=HFEngine, engine_options={"device": "cuda"})
+                              model_version="1", engine_class=HFEngine,
+                              engine_options=HFEngineOptions(device="cuda"))
     try:
-        serve_app(settings, replica_gpus=1.0)
+        serve_app(settings, deployment=DeploymentOptions(replica_gpus=1.0))
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{free_port}/v1", api_key="none", max_retries=0)
         completion = client.completions.create(model="genloop", prompt="The for statement", max_tokens=8,
                                                temperature=0)

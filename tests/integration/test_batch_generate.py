@@ -8,10 +8,10 @@ import json
 from typer.testing import CliRunner
 
 from services.cli import app
-from services.config import UserInputError
 from services.registry import Registry
 from serving.engine import GenerationRequest, SamplingParams
-from serving.hf_engine import HFEngine
+from serving.hf.engine import HFEngine
+from training.errors import UserInputError
 
 
 def _champion(config, folder, register_model) -> str:

@@ -17,11 +17,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from services.audit import AuditLog
-from services.config import GenloopConfig, UserInputError
+from services.config import GenloopConfig
 from services.gate import evaluate
 from services.lifecycle import PromotionRefused, promote, roles, rollback
 from services.registry import Registry
 from training.datasets import ingest, resolve_dataset
+from training.errors import UserInputError
 from training.replay import build_mix
 
 

@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from services.config import DataConfig, UserInputError
 from training.cleaning import split_of
+from training.config import DataConfig
 from training.datasets import (
     MANIFEST_FILE,
     IngestResult,
@@ -22,6 +22,7 @@ from training.datasets import (
     list_versions,
     resolve_dataset,
 )
+from training.errors import UserInputError
 
 VOCAB = (
     "river stone window garden letter morning silver engine harbour market candle forest paper "

@@ -23,6 +23,7 @@ from services.registry import Registry
 from services.scheduler import GenloopScheduler
 from services.serving_control import start_serving, stop_serving
 from serving.inference_log import read_inference_log
+from training.cost import cost_report
 
 pytestmark = pytest.mark.slow
 
@@ -85,8 +86,9 @@ def test_prometheus_scrapes_every_replica_and_every_panel_has_data(
     version = register_model(config, make_tiny_model(tmp_path / "model"))
     registry.client.set_model_version_tag(registry.name, version, "dataset", "docs:v1")
     run_id = registry.client.get_model_version(registry.name, version).run_id
-    for key, value in {"cost_wall_seconds": 42.0, "cost_cost_usd": 0.002, "cost_energy_kwh": 0.0004,
-                       "best_val_loss": 5.1}.items():
+    cost = cost_report(wall_seconds=42.0, train_seconds=40.0, device_type="cpu", device_count=1, parameters=1000,
+                       tokens_seen=10_000, timed_tokens=10_000, prices=config.cost, initial_compute_flops=None)
+    for key, value in {**cost.mlflow_metrics(), "best_val_loss": 5.1}.items():
         registry.client.log_metric(run_id, key, value)
     failed = registry.client.create_run(registry.experiment_id())
     registry.client.set_terminated(failed.info.run_id, "FAILED")

@@ -17,7 +17,7 @@ from ray import serve
 
 from services.registry import Registry
 from services.serving_control import APP_NAME, start_serving
-from serving.app import VERSION_HEADER
+from serving.protocol import VERSION_HEADER
 
 
 @pytest.fixture

@@ -15,12 +15,14 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from monitoring.metrics import ControlPlaneCollector
-from services.config import GenloopConfig, UserInputError
+from services.config import GenloopConfig
 from services.exporter import read_state
 from services.registry import Registry
-from services.scheduler import DEFERRED, GenloopScheduler, JobHistory, window_wait
+from services.schedule import window_wait
+from services.scheduler import DEFERRED, GenloopScheduler, JobHistory
 from serving.inference_log import InferenceLog, InferenceRecord
 from training.datasets import list_versions, resolve_dataset, write_version
+from training.errors import UserInputError
 
 
 def next_runs(config) -> dict[str, float | None]:

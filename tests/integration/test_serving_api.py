@@ -12,9 +12,12 @@ import httpx
 import openai
 import pytest
 
-from serving.app import VERSION_HEADER, ServerSettings, build_app, serve_app
-from serving.hf_engine import HFEngine
+from serving.app import build_app, serve_app
+from serving.hf.engine import HFEngine
+from serving.hf.options import HFEngineOptions
 from serving.inference_log import read_inference_log
+from serving.protocol import VERSION_HEADER
+from serving.settings import DeploymentOptions, ServerSettings
 
 API_KEY = "sk-test-key"
 FLOOD_KEY, STREAMS_KEY = "sk-flood-key", "sk-streams-key"  # clients of the tests of what one client may take
@@ -32,7 +35,8 @@ def server(ray_cluster, tmp_path_factory, make_tiny_model):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     settings = ServerSettings(
         served_model_name="genloop", model_path=str(make_tiny_model(root / "model")), model_version="7",
-        engine_class=HFEngine, engine_options={"max_batch_size": 8}, api_keys=[API_KEY, FLOOD_KEY, STREAMS_KEY],
+        engine_class=HFEngine, engine_options=HFEngineOptions(max_batch_size=8),
+        api_keys=[API_KEY, FLOOD_KEY, STREAMS_KEY],
         inference_log_dir=str(root / "inference-log"), max_requests_per_client=PER_CLIENT,
         body_timeout_s=60,  # slow uploads outlast the flood test: it must pass by the per-client limit alone
     )
@@ -200,8 +204,9 @@ def test_backpressure_refuses_instead_of_queueing_forever(server, make_tiny_mode
     from ray import serve
 
     settings = ServerSettings(served_model_name="genloop", model_path=str(make_tiny_model(tmp_path / "m")),
-                              model_version="8", engine_class=HFEngine, engine_options={"max_batch_size": 1})
-    serve.run(build_app(settings, max_ongoing_requests=1, max_queued_requests=1), name="tight",
+                              model_version="8", engine_class=HFEngine,
+                              engine_options=HFEngineOptions(max_batch_size=1))
+    serve.run(build_app(settings, DeploymentOptions(max_ongoing_requests=1, max_queued_requests=1)), name="tight",
               route_prefix="/tight")
     try:
         def call(_: int) -> httpx.Response:

@@ -16,10 +16,11 @@ import torch
 from mlflow.tracking import MlflowClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from services.config import GenloopConfig, UserInputError
+from services.config import GenloopConfig
 from services.registry import Registry
 from services.training_run import train
 from training.datasets import ingest
+from training.errors import UserInputError
 
 
 def small_training(config: GenloopConfig, max_steps: int = 40, eval_every: int = 10) -> GenloopConfig:

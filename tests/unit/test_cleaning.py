@@ -6,7 +6,6 @@ import random
 
 import pytest
 
-from services.config import DataConfig
 from training.cleaning import (
     EXACT_DUPLICATE,
     NEAR_DUPLICATE,
@@ -28,6 +27,7 @@ from training.cleaning import (
     split_of,
     symbol_share,
 )
+from training.config import DataConfig
 
 VOCAB = (
     "river stone window garden letter morning silver engine harbour market candle forest paper "

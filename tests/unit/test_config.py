@@ -61,9 +61,9 @@ def test_home_is_absolute_for_ray_workers(tmp_path: Path, monkeypatch):
     ("0 3 * * *", "*"),
 ])
 def test_retrain_cron_reads_weekdays_as_crontab_does(expression, weekdays):
-    from services.config import SchedulerConfig
+    from services.schedule import cron_trigger
 
-    assert f"day_of_week='{weekdays}'" in str(SchedulerConfig.cron_trigger(expression))
+    assert f"day_of_week='{weekdays}'" in str(cron_trigger(expression))
 
 
 @pytest.mark.parametrize("expression, message", [

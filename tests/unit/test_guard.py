@@ -16,10 +16,9 @@ from serving.guard import REQUEST_ID_HEADER, GuardSettings, RequestGuard, key_ma
 def app_and_refused():
     refused: list[tuple[str, int]] = []
     app = FastAPI()
-    app.add_middleware(RequestGuard)
-    app.state.guard = GuardSettings(api_keys=["sk-a", "sk-b"], public_paths={"/health"}, max_body_bytes=1000,
-                                    body_timeout_s=0.5,
-                                    on_refused=lambda path, rid, status, seconds, client: refused.append((path, status)))
+    app.add_middleware(RequestGuard, settings=GuardSettings(
+        api_keys=["sk-a", "sk-b"], public_paths={"/health"}, max_body_bytes=1000, body_timeout_s=0.5,
+        max_per_client=2, on_refused=lambda path, rid, status, seconds, client: refused.append((path, status))))
 
     @app.get("/health")
     async def health():
@@ -118,7 +117,6 @@ def test_one_client_holds_at_most_its_share_of_the_replica(app_and_refused):
     """Two requests of one client wait on a slow handler; its third is refused at once with 429 and
     Retry-After, another client is not, and the slots come back once the first two finish."""
     app, refused = app_and_refused
-    app.state.guard.max_per_client = 2
     release = asyncio.Event()
 
     @app.post("/slow")

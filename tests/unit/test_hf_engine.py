@@ -5,17 +5,22 @@ weights with left padding, KV merges and trims as requests join and leave; in fl
 batch may differ from an unpadded one in the last bits, and an untrained model's nearly flat logits
 turn that into a different argmax now and then, so both sides run in float64, where only a bug
 can make them disagree.
+
+The parts that need no model (the scheduler's rules, the batch's cache layout, the detokenizer's
+stop strings, the options) are tested on their own at the end.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pydoc_data.topics
 import pytest
 import torch
 from pydantic import ValidationError
+from transformers import DynamicCache
 from transformers.activations import NewGELUActivation
 
 from serving.engine import (
@@ -25,7 +30,12 @@ from serving.engine import (
     InvalidRequestError,
     SamplingParams,
 )
-from serving.hf_engine import HFEngine, _Sequence, prefill_groups
+from serving.hf.engine import HFEngine
+from serving.hf.options import HFEngineOptions
+from serving.hf.detokenizer import advance_text
+from serving.hf.kv_batch import Rows, compact, join
+from serving.hf.scheduler import Scheduler, prefill_groups, rows_to_keep
+from serving.hf.sequence import Sequence
 from training.models import build_model
 from training.tokenizer import train_tokenizer
 
@@ -63,6 +73,19 @@ def expected_ids(tiny, prompt: str, max_tokens: int) -> list[int]:
     with torch.inference_mode():
         out = reference.generate(**inputs, max_new_tokens=max_tokens, do_sample=False)
     return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+@pytest.fixture
+def loop():
+    """An event loop for Sequences built outside one: they deliver to it, it never needs to run."""
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+def make_seq(loop, prompt_tokens: int = 1, streaming: bool = False, **params) -> Sequence:
+    request = GenerationRequest(prompt="x", params=SamplingParams(**params))
+    return Sequence(request, [5] * prompt_tokens, streaming=streaming, loop=loop)
 
 
 def engine_for(tiny, **kwargs) -> HFEngine:
@@ -204,12 +227,10 @@ def test_concurrent_burst_matches_generate(tiny, max_prefill_tokens):
         assert result.completion_tokens == 8 + 3 * i
 
 
-def test_prefill_groups_are_length_sorted_and_within_the_token_budget(tiny):
+def test_prefill_groups_are_length_sorted_and_within_the_token_budget(tiny, loop):
     _, tokenizer, _, prompts = tiny
     lengths = [len(tokenizer(p)["input_ids"]) for p in prompts]
-    seqs = [_Sequence.__new__(_Sequence) for _ in lengths]
-    for seq, length in zip(seqs, lengths):
-        seq.prompt_ids = [0] * length
+    seqs = [make_seq(loop, length) for length in lengths]
     groups = prefill_groups(seqs, 100)
     assert sorted(map(len, (s.prompt_ids for g in groups for s in g))) == sorted(lengths)
     flat = [len(s.prompt_ids) for g in groups for s in g]
@@ -289,8 +310,8 @@ def test_split_characters_wait_for_their_last_byte_but_are_kept_at_the_end(tiny)
         engine = engine_for(tiny)
         await engine.load()
         try:
-            whole = _Sequence(GenerationRequest(prompt="x"), [5], limit=4, streaming=True)
-            cut = _Sequence(GenerationRequest(prompt="x"), [5], limit=2, streaming=True)
+            whole = make_seq(asyncio.get_running_loop(), streaming=True, max_tokens=4)
+            cut = make_seq(asyncio.get_running_loop(), streaming=True, max_tokens=2)
             for token in euro[:2]:
                 engine._emit([whole, cut], [token, token])
             engine._emit([whole], [euro[2]])
@@ -522,12 +543,21 @@ def test_chat_is_rendered_with_the_models_template(tiny):
 
 
 def test_full_queue_is_refused(tiny):
+    """One request decodes in the only slot, one waits in the only queue place: a third gets EngineOverloaded."""
     async def main():
-        engine = engine_for(tiny, max_queue_size=0)
+        engine = engine_for(tiny, max_batch_size=1, max_queue_size=1)
         await engine.load()
         try:
-            with pytest.raises(EngineOverloaded):
+            longest = SamplingParams(max_tokens=240, **GREEDY)  # the slot stays taken for 240 steps
+            running = asyncio.create_task(engine.generate(GenerationRequest(prompt=tiny[3][0], params=longest)))
+            await wait_until(lambda: engine.num_active == 1)
+            queued = asyncio.create_task(engine.generate(GenerationRequest(prompt=tiny[3][0], params=longest)))
+            await wait_until(lambda: engine.num_waiting == 1)
+            with pytest.raises(EngineOverloaded, match="1 requests already waiting"):
                 await engine.generate(GenerationRequest(prompt="x"))
+            for task in (running, queued):
+                task.cancel()
+            await asyncio.gather(running, queued, return_exceptions=True)
         finally:
             await engine.close()
 
@@ -548,3 +578,159 @@ def test_int8_engine_generates(tiny):
         assert result.finish_reason == "stop" or result.completion_tokens == 5
 
     asyncio.run(main())
+
+
+# -- parts without a model --------------------------------------------------------------------
+
+
+def test_admission_fills_the_free_slots_in_arrival_order_skipping_cancelled_requests(loop):
+    scheduler = Scheduler(HFEngineOptions(max_batch_size=3, max_wait_ms=0))
+    seqs = [make_seq(loop) for _ in range(6)]
+    for seq in seqs:
+        scheduler.add(seq)
+    seqs[1].cancelled = True  # its consumer left while it waited: it takes no slot
+    assert scheduler.take_newcomers(running=0) == [seqs[0], seqs[2], seqs[3]]
+    assert scheduler.num_waiting == 2
+    assert scheduler.take_newcomers(running=3) == []  # a full batch admits nobody
+    assert scheduler.take_newcomers(running=2) == [seqs[4]]
+    assert scheduler.drain() == [seqs[5]] and scheduler.num_waiting == 0
+
+
+def test_an_idle_scheduler_waits_max_wait_for_companions_a_busy_one_does_not(loop):
+    patient = Scheduler(HFEngineOptions(max_batch_size=2, max_wait_ms=60_000))
+    first, second = make_seq(loop), make_seq(loop)
+    patient.add(first)
+    threading.Timer(0.05, patient.add, [second]).start()
+    started = time.perf_counter()
+    assert patient.take_newcomers(running=0) == [first, second]  # both share one prefill
+    assert time.perf_counter() - started < 30  # a full batch ends the wait at once
+
+    patient.add(third := make_seq(loop))
+    started = time.perf_counter()
+    assert patient.take_newcomers(running=1) == [third]  # rows are decoding: nobody waits for more
+    assert time.perf_counter() - started < 30
+
+    brief = Scheduler(HFEngineOptions(max_batch_size=2, max_wait_ms=50))
+    brief.add(first)
+    started = time.perf_counter()
+    assert brief.take_newcomers(running=0) == [first]
+    assert time.perf_counter() - started >= 0.05
+
+
+def test_an_idle_scheduler_blocks_until_stopped_then_refuses_requests(loop):
+    scheduler = Scheduler(HFEngineOptions())
+    threading.Timer(0.05, scheduler.stop).start()
+    assert scheduler.take_newcomers(running=0) is None
+    assert scheduler.stopping
+    with pytest.raises(EngineError, match="engine is closed"):
+        scheduler.add(make_seq(loop))
+
+
+def test_a_full_queue_refuses_with_overloaded_until_a_place_frees(loop):
+    scheduler = Scheduler(HFEngineOptions(max_batch_size=1, max_queue_size=2, max_wait_ms=0))
+    scheduler.add(make_seq(loop))
+    scheduler.add(make_seq(loop))
+    with pytest.raises(EngineOverloaded, match="2 requests already waiting"):
+        scheduler.add(make_seq(loop))
+    assert scheduler.num_waiting == 2
+    assert len(scheduler.take_newcomers(running=0)) == 1
+    scheduler.add(make_seq(loop))
+    assert scheduler.num_waiting == 2
+
+
+@pytest.mark.parametrize(
+    ("rows", "dead", "slots_wanted", "compacted"),
+    [
+        (8, 0, True, False),  # nothing to drop
+        (8, 1, False, False),  # one dead in eight: kept, computed and ignored
+        (5, 1, False, False),
+        (8, 1, True, True),  # a waiting request wants the slot
+        (8, 2, False, True),  # a quarter dead
+        (4, 1, False, True),
+        (3, 3, False, True),  # all dead
+    ],
+)
+def test_dead_rows_are_compacted_away_at_a_quarter_all_or_when_a_slot_is_wanted(
+    loop, rows, dead, slots_wanted, compacted
+):
+    seqs = [make_seq(loop) for _ in range(rows)]
+    for i, seq in enumerate(seqs[:dead]):  # finished and cancelled rows count alike
+        if i % 2:
+            seq.cancelled = True
+        else:
+            seq.finish_reason = "stop"
+    keep = rows_to_keep(seqs, slots_wanted)
+    assert keep == (list(range(dead, rows)) if compacted else None)
+
+
+def test_joined_rows_are_left_padded_and_compaction_trims_padding_columns(loop):
+    """Two parts of widths 2 and 4 join as one left-padded batch; dropping the wide row leaves the
+    narrow one as it was, and the joined cache then grows in place by a decoding step's column."""
+    def part(rows: int, width: int, first: float) -> Rows:
+        keys = torch.arange(first, first + rows * width, dtype=torch.float64).view(rows, 1, width, 1)
+        cache = DynamicCache()
+        cache.update(keys, -keys, 0)
+        seqs = [make_seq(loop, width) for _ in range(rows)]
+        return Rows(seqs, cache, torch.ones((rows, width), dtype=torch.long), torch.full((rows,), width),
+                    torch.full((rows,), 7))
+
+    narrow, wide = part(1, 2, 1.0), part(1, 4, 10.0)
+    batch = join([narrow, wide])
+    assert batch.seqs == narrow.seqs + wide.seqs
+    assert batch.mask.tolist() == [[0, 0, 1, 1], [1, 1, 1, 1]]
+    assert batch.cache.layers[0].keys.flatten().tolist() == [0, 0, 1, 2, 10, 11, 12, 13]
+    assert batch.cache.layers[0].values.flatten().tolist() == [0, 0, -1, -2, -10, -11, -12, -13]
+    assert batch.positions.tolist() == [2, 4]
+
+    alone = compact(batch, [0])
+    assert alone.seqs == narrow.seqs and alone.mask.tolist() == [[1, 1]]
+    assert alone.cache.layers[0].keys.flatten().tolist() == [1, 2] and alone.positions.tolist() == [2]
+
+    step = torch.tensor([[20.0], [21.0]], dtype=torch.float64).view(2, 1, 1, 1)
+    keys, _ = batch.cache.layers[0].update(step, -step)
+    assert keys[:, 0, :, 0].tolist() == [[0, 0, 1, 2, 20], [10, 11, 12, 13, 21]]
+    assert batch.cache.get_seq_length() == 5
+
+
+def detokenize(tokenizer, seq: Sequence, text: str, final_at_end: bool = False) -> list[str]:
+    """Feed ``text`` one character (one token of the tiny vocabulary) at a time; the deltas handed out."""
+    deltas = []
+    for i, char in enumerate(text):
+        (token,) = tokenizer(char)["input_ids"]
+        seq.output_ids.append(token)
+        deltas.append(advance_text(tokenizer, seq, final=final_at_end and i == len(text) - 1))
+    return deltas
+
+
+def test_a_tail_that_may_become_a_stop_string_is_held_back_until_it_cannot(tiny, loop):
+    tokenizer = tiny[1]
+    seq = make_seq(loop, stop=["END", "xyz"])
+    assert detokenize(tokenizer, seq, "ok ENxy!") == ["o", "k", " ", "", "", "EN", "", "xy!"]
+    assert seq.finish_reason is None and seq.text == "ok ENxy!"
+
+
+def test_a_completed_stop_string_cuts_the_text_and_finishes_the_sequence(tiny, loop):
+    tokenizer = tiny[1]
+    seq = make_seq(loop, stop=["END"])
+    assert detokenize(tokenizer, seq, "a END") == ["a", " ", "", "", ""]
+    assert seq.finish_reason == "stop" and seq.text == "a "
+
+
+def test_the_last_token_releases_a_held_back_tail(tiny, loop):
+    seq = make_seq(loop, stop=["END"])
+    assert detokenize(tiny[1], seq, "a EN", final_at_end=True) == ["a", " ", "", "EN"]
+    assert seq.finish_reason is None  # the engine sets "length" or "stop" (eos) itself
+
+
+def test_options_are_validated_and_keyword_fields_override_them():
+    engine = HFEngine("unused", "v", HFEngineOptions(max_batch_size=3, max_wait_ms=0), max_wait_ms=7)
+    assert engine.options == HFEngineOptions(max_batch_size=3, max_wait_ms=7)
+    assert HFEngine("unused", "v").options == HFEngineOptions()
+    with pytest.raises(ValueError, match="int8 dynamic quantisation runs on CPU only"):
+        HFEngine("unused", "v", device="cuda", int8=True)
+    with pytest.raises(ValueError, match="dtype 'float65' is not a torch dtype"):
+        HFEngineOptions(dtype="float65")
+    with pytest.raises(ValueError, match="max_batch_size"):
+        HFEngine("unused", "v", max_batch_size=0)
+    with pytest.raises(ValueError, match="max_batchsize"):  # a typo is refused, not ignored
+        HFEngine("unused", "v", max_batchsize=4)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from services.config import UserInputError
+from training.errors import UserInputError
 from training.incoming import landed_files
 
 

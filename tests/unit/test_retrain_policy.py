@@ -6,9 +6,9 @@ from datetime import UTC, datetime
 
 import pytest
 
-from services.config import ConfigError, GateConfig, SchedulerConfig, load_config
+from services.config import ConfigError, GateConfig, load_config
 from services.gate import apply_policy
-from services.scheduler import window_wait
+from services.schedule import SchedulerConfig, window_wait
 from training.evaluation import SetMetrics
 
 

@@ -1,0 +1,107 @@
+"""Streamed answers as server-sent events, in OpenAI's chunk shapes.
+
+A stream's choices arrive as ``(choice index, chunk or exception)`` pairs, interleaved as the
+engine produces them (``OpenAIServer._stream``); the functions here turn them into OpenAI's
+``text_completion`` or ``chat.completion.chunk`` events, add the usage event a caller asked for
+with ``stream_options.include_usage``, and frame them as SSE. The first event is awaited before
+the response starts, so a request the engine refuses is a 4xx, not a 200 whose body carries an
+error; later failures can only be told inside the stream.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi.responses import StreamingResponse
+
+from serving.api import APIError, stream_error
+from serving.protocol import (
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatDelta,
+    CompletionChoice,
+    CompletionResponse,
+    Usage,
+    error_body,
+)
+
+logger = logging.getLogger(__name__)
+
+Choices = AsyncIterator[tuple[int, Any]]
+
+
+async def sse_response(request_id: str, events: AsyncIterator[dict], headers: dict[str, str]) -> StreamingResponse:
+    """Stream ``events`` once the first exists; an error after it becomes an error event, then ``[DONE]``."""
+    try:
+        first = await anext(events)
+    except StopAsyncIteration:
+        first = None
+
+    async def body() -> AsyncIterator[str]:
+        if first is not None:
+            yield f"data: {json.dumps(first)}\n\n"
+        try:
+            async for event in events:
+                yield f"data: {json.dumps(event)}\n\n"
+        except APIError as exc:
+            yield f"data: {json.dumps(error_body(exc.status, exc.message, exc.param))}\n\n"
+        except Exception:  # noqa: BLE001 — the 200 is sent: the error can only be told in the stream
+            logger.exception("stream of request %s failed", request_id)
+            yield f"data: {json.dumps(error_body(500, f'internal error; request id {request_id}'))}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+
+
+def _usage_event(body: Any, response_id: str, created: int, kind: str, usage: list[int],
+                 model_version: str) -> dict | None:
+    if not (body.stream_options and body.stream_options.include_usage):
+        return None
+    return {"id": response_id, "object": kind, "created": created, "model": body.model, "choices": [],
+            "usage": Usage(prompt_tokens=usage[0], completion_tokens=usage[1], total_tokens=sum(usage)).model_dump(),
+            "model_version": model_version}
+
+
+async def completion_events(choices: Choices, body: Any, response_id: str, created: int,
+                            model_version: str) -> AsyncIterator[dict]:
+    usage = [0, 0]
+    async for index, chunk in choices:
+        if isinstance(chunk, Exception):
+            raise stream_error(chunk)
+        if chunk.finish_reason is not None:
+            usage[0] += chunk.prompt_tokens or 0
+            usage[1] += chunk.completion_tokens or 0
+        yield CompletionResponse(
+            id=response_id, created=created, model=body.model, model_version=model_version,
+            choices=[CompletionChoice(index=index, text=chunk.text, finish_reason=chunk.finish_reason)],
+        ).model_dump(exclude={"usage"})
+    event = _usage_event(body, response_id, created, "text_completion", usage, model_version)
+    if event is not None:
+        yield event
+
+
+async def chat_events(choices: Choices, body: Any, response_id: str, created: int,
+                      model_version: str) -> AsyncIterator[dict]:
+    def chunk_of(choice: ChatChunkChoice) -> dict:
+        return ChatCompletionChunk(id=response_id, created=created, model=body.model, choices=[choice],
+                                   model_version=model_version).model_dump(exclude={"usage"})
+
+    usage = [0, 0]
+    opened: set[int] = set()
+    async for index, chunk in choices:
+        if isinstance(chunk, Exception):
+            raise stream_error(chunk)
+        if index not in opened:  # OpenAI opens each choice with the role alone
+            opened.add(index)
+            yield chunk_of(ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content="")))
+        if chunk.finish_reason is not None:
+            usage[0] += chunk.prompt_tokens or 0
+            usage[1] += chunk.completion_tokens or 0
+        yield chunk_of(ChatChunkChoice(index=index, delta=ChatDelta(content=chunk.text or None),
+                                       finish_reason=chunk.finish_reason))
+    event = _usage_event(body, response_id, created, "chat.completion.chunk", usage, model_version)
+    if event is not None:
+        yield event
