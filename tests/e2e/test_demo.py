@@ -10,7 +10,6 @@ working directory, which no in-process test saw.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -18,12 +17,13 @@ import sys
 from pathlib import Path
 
 from services.config import GenloopConfig
+from services.evaluation_report import EvaluationReport
 from services.lifecycle import roles
 from services.registry import Registry
 from services.scheduler import JobHistory
 from serving.inference_log import read_inference_log
+from training.cost import logged_cost
 from training.datasets import resolve_dataset
-
 
 # What the libraries and Ray's processes printed on a newcomer's console before it went to the log.
 LIBRARY_NOISE = ("(raylet)", "pid=", "TrainingReport", "Creating initial MLflow", "Execution plan",
@@ -61,14 +61,14 @@ def test_demo_adapts_to_a_domain_shift(tmp_path: Path):
     replay = resolve_dataset(config.datasets_dir, "live-mix:v1").manifest["replay"]
     assert replay["versions"] == ["python-docs:v1"] and replay["documents"] > 0
 
-    report = json.loads((config.reports_dir / "evaluations" / f"{v2.tags['evaluation_report']}.json").read_text())
-    bits = {name: {who: m["bits_per_byte"] for who, m in by.items()} for name, by in report["metrics"].items()}
+    report = EvaluationReport.model_validate_json(
+        (config.reports_dir / "evaluations" / f"{v2.tags['evaluation_report']}.json").read_text())
+    bits = {name: {who: m.bits_per_byte for who, m in by.items()} for name, by in report.metrics.items()}
     assert bits["current"]["candidate"] <= 0.85 * bits["current"]["champion"], bits  # new domain ≥ 15 % better
     assert bits["reference"]["candidate"] <= 1.02 * bits["reference"]["champion"], bits  # old ≤ 2 % worse
-    assert report["passed"] and set(report["weights"]) == {"current", "reference"} and "live" in report["sets"]
+    assert report.passed and set(report.weights) == {"current", "reference"} and "live" in report.sets
 
-    compute = registry.client.get_run(v2.run_id).data.metrics["cost_compute_ratio"]
-    assert compute <= 0.2 + 1e-9
+    assert logged_cost(registry.client.get_run(v2.run_id).data.metrics).compute_ratio <= 0.2 + 1e-9
 
     drift = [run for run in reversed(JobHistory(config.scheduler_db).recent()) if run.job == "drift"]
     assert [run.outcome for run in drift] == ["no drift", "drift"], [run.detail for run in drift]
