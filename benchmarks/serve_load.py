@@ -153,8 +153,10 @@ class Server:
         from serving.hf.options import HFEngineOptions
         from serving.settings import DeploymentOptions, ServerSettings
 
+        # One load generator is one client: no per-client limit, or concurrency past it would measure 429s.
         settings = ServerSettings(model_path=str(self.model_dir), model_version="1", engine_class=HFEngine,
-                                  engine_options=HFEngineOptions(max_batch_size=32, device=self.device))
+                                  engine_options=HFEngineOptions(max_batch_size=32, device=self.device),
+                                  max_requests_per_client=None)
         # Ray hides GPUs from an actor that reserves none.
         serve_app(settings, deployment=DeploymentOptions(replica_gpus=0.0 if self.device == "cpu" else 1.0))
 
