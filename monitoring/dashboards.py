@@ -127,6 +127,14 @@ def quality() -> Dashboard:
         'genloop_evaluation_metric{metric="bits_per_byte"}', "v{{model_version}} {{set}}")))
     layout.panel(_timeseries("Continuation scores by version", "short", _query(
         'genloop_evaluation_metric{metric=~"bleu|chrf|rouge_l"}', "v{{model_version}} {{set}} {{metric}}")))
+    layout.row("Feedback")
+    layout.panel(_timeseries("Positive feedback share by version", "percentunit", _query(
+        "genloop_feedback_positive_ratio", "v{{model_version}}"),
+        description="Share of each version's rated responses that callers rated positive (POST /v1/feedback), "
+                    "each response at its latest rating.").min(0).max(1))
+    layout.panel(_timeseries("Feedback ratings by version", "short", _query(
+        "genloop_feedback_ratings", "v{{model_version}} {{rating}}"),
+        description="Rated responses of each version, by their latest rating."))
     layout.row("Lifecycle")
     layout.panel(_stat("Champion", "short", _query("max by (model_version) (genloop_champion_info)",
                                                    "v{{model_version}}")), width=6)

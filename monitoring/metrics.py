@@ -63,6 +63,10 @@ MODEL_SWAPS = Counter("genloop_model_swaps_total", "Rollouts of a new champion o
 # through ``ControlPlaneCollector``, so every process sees the same numbers and none is lost.
 
 
+# A rating's label in genloop_feedback_ratings, by the rating a caller gives (POST /v1/feedback).
+FEEDBACK_RATINGS = {1: "positive", 0: "neutral", -1: "negative"}
+
+
 class VersionState(BaseModel):
     version: str
     training_seconds: float | None = None
@@ -92,6 +96,10 @@ class ControlPlaneState(BaseModel):
         default_factory=dict, description="Action (promote, rollback, …) → outcome → count, from the audit log."
     )
     jobs: list[JobState] = Field(default_factory=list)
+    feedback: dict[str, dict[str, int]] = Field(
+        default_factory=dict, description="Model version → rating (positive, neutral, negative) → responses of "
+        "that version rated so, each at its latest rating, from the inference log.",
+    )
 
 
 class ControlPlaneCollector(Collector):
@@ -159,5 +167,16 @@ class ControlPlaneCollector(Collector):
                 last_run.add_metric([job.job], job.last_run)
             if job.next_run is not None:
                 next_run.add_metric([job.job], job.next_run)
+        # Gauges, not counters: a caller who rates a response again moves it from one rating to another.
+        ratings = GaugeMetricFamily("genloop_feedback_ratings", "Responses of a version that callers rated, by "
+                                    "their latest rating.", labels=["model_version", "rating"])
+        positive = GaugeMetricFamily("genloop_feedback_positive_ratio",
+                                     "Share of a version's rated responses rated positive.", labels=["model_version"])
+        for version, counts in state.feedback.items():
+            for label in FEEDBACK_RATINGS.values():
+                ratings.add_metric([version, label], counts.get(label, 0))
+            rated = sum(counts.values())
+            if rated:
+                positive.add_metric([version], counts.get("positive", 0) / rated)
         return [runs, last_retrain, *per_version.values(), evaluation, champion, since, changes, job_runs,
-                last_run, next_run]
+                last_run, next_run, ratings, positive]

@@ -1,5 +1,5 @@
-"""The control plane's metrics endpoint: MLflow, the audit log, drift reports and the scheduler's job
-history as Prometheus series.
+"""The control plane's metrics endpoint: MLflow, the audit log, drift reports, the scheduler's job
+history and callers' feedback in the inference log as Prometheus series.
 
 Training runs, gates, promotions and drift checks happen in short-lived commands and in the
 scheduler; counting them in-process would lose whatever a finished command counted. Their
@@ -26,6 +26,7 @@ from monitoring.metrics import (
     DRIFT_SAMPLES,
     DRIFT_SCORE,
     DRIFT_THRESHOLD,
+    FEEDBACK_RATINGS,
     MODEL_SWAPS,
     ControlPlaneCollector,
     ControlPlaneState,
@@ -38,6 +39,7 @@ from services.drift_check import latest_drift
 from services.evaluation_report import EvaluationReport
 from services.registry import Registry
 from services.scheduler import JobHistory
+from serving.inference_log import feedback_by_version
 from training.cost import logged_cost
 
 logger = logging.getLogger(__name__)
@@ -82,6 +84,8 @@ def read_state(config: GenloopConfig) -> ControlPlaneState:
         training_runs=outcomes, last_successful_retrain=last_retrain, versions=versions,
         champion=str(champion.version) if champion else None, champion_since=champion_since, alias_changes=changes,
         jobs=_job_history(config.scheduler_db).summary(),
+        feedback={version: {FEEDBACK_RATINGS[rating]: count for rating, count in counts.items()}
+                  for version, counts in feedback_by_version(config.inference_log_dir).items()},
     )
 
 

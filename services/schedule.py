@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, time, timedelta
 from pathlib import Path
+from typing import Literal
 
 from apscheduler.triggers.cron import CronTrigger
 from pydantic import Field, field_validator
@@ -63,6 +64,10 @@ class SchedulerConfig(Section):
     min_new_documents: int = Field(
         100, ge=1, description="New documents, since the champion's data, that a retrain needs; the ingest job "
         "starts one once this many have arrived.",
+    )
+    feedback_min_rating: Literal[0, 1] | None = Field(
+        None, description="Completions rated at least this (1: positive only, 0: neutral too) join the retrain's "
+        "new data; null = feedback is not training data.",
     )
     window: str | None = Field(
         None, description="Off-peak window 'HH:MM-HH:MM' (UTC, may wrap midnight) for scheduled, drift and "

@@ -21,14 +21,19 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.engine import EngineError, EngineOverloaded, InvalidRequestError
 from serving.guard import GuardSettings, RequestGuard
-from serving.protocol import ChatCompletionRequest, CompletionRequest, error_body
+from serving.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    FeedbackRequest,
+    error_body,
+)
 from serving.settings import ServerSettings
 from training.errors import echo
 
 # Route label of the request metrics and the inference log: the API's own routes by name, anything
 # else as "other", so that requests to made-up paths cannot grow the metric's label set without end.
 ROUTES = {"/v1/completions": "completions", "/v1/chat/completions": "chat.completions", "/v1/models": "models",
-          "/metrics": "metrics"}
+          "/v1/feedback": "feedback", "/metrics": "metrics"}
 
 
 def route_of(path: str) -> str:
@@ -63,6 +68,7 @@ class Replica(Protocol):
     async def models(self) -> Response: ...
     async def completions(self, body: CompletionRequest, request: Request) -> Response: ...
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response: ...
+    async def feedback(self, body: FeedbackRequest, request: Request) -> Response: ...
     def refused(self, path: str, request_id: str, status: int, seconds: float, client: str) -> None: ...
 
 
@@ -89,6 +95,11 @@ def build_api(replica: Replica) -> FastAPI:
     @api.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
         return await replica.chat(body, request)
+
+    @api.post("/v1/feedback")
+    async def feedback(body: FeedbackRequest, request: Request) -> Response:
+        """Rate a response by its id: 1 good, 0 neutral, -1 bad (genloop extra, not OpenAI's API)."""
+        return await replica.feedback(body, request)
 
     @api.get("/metrics")
     async def prometheus_metrics() -> Response:

@@ -37,6 +37,8 @@ from serving.protocol import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
+    FeedbackRequest,
+    FeedbackResponse,
     Usage,
     new_id,
     now,
@@ -130,6 +132,10 @@ class OpenAIServer(_EngineReplica):
     def _headers(self) -> dict[str, str]:
         return {VERSION_HEADER: self.settings.model_version}
 
+    def _client_hash(self, request: Request, user: str | None = None) -> str:
+        client = user or request.headers.get("authorization", "") or (request.client.host if request.client else "")
+        return hash_client(client, self.settings.client_salt)
+
     def _record(self, request: Request, route: str, response_id: str, prompt: str, result: "GenerationResult | None",
                 status: int, started: float, user: str | None) -> None:
         """Account one finished choice: metrics, then the inference log."""
@@ -144,9 +150,8 @@ class OpenAIServer(_EngineReplica):
                     (result.total_seconds - result.ttft_seconds) / (result.completion_tokens - 1))
             metrics.PROMPT_TOKENS.labels(version).inc(result.prompt_tokens)
             metrics.GENERATION_TOKENS.labels(version).inc(result.completion_tokens)
-        client = user or request.headers.get("authorization", "") or (request.client.host if request.client else "")
         self._log(route=route, response_id=response_id, prompt=prompt, result=result, status=status,
-                  latency=latency, client_hash=hash_client(client, self.settings.client_salt))
+                  latency=latency, client_hash=self._client_hash(request, user))
 
     def refused(self, path: str, request_id: str, status: int, seconds: float, client: str) -> None:
         """An answer that was not a success (the guard reports each): counted and logged like the rest."""
@@ -323,6 +328,25 @@ class OpenAIServer(_EngineReplica):
             usage=_usage(results),
         ).model_dump(), headers=self._headers())
 
+    async def feedback(self, body: FeedbackRequest, request: Request) -> JSONResponse:
+        """Keep a caller's rating as a row of the inference log, under the id of the response rated.
+
+        The row names no model version: whichever replica takes the rating may serve another version
+        than the one that answered, so the version comes from joining the rated response's row
+        (``serving.inference_log.feedback_by_version``). A rating that cannot be kept is refused
+        rather than acknowledged and lost.
+        """
+        if self.log is None:
+            raise APIError(503, "this server keeps no inference log, so it cannot keep ratings")
+        kept = self.log.append(InferenceRecord(
+            request_id=body.id, route="feedback", model_version="", status=200, prompt="", output=body.comment or "",
+            rating=body.rating, client_hash=self._client_hash(request)))
+        if not kept:
+            metrics.INFERENCE_LOG_DROPPED.inc()
+            raise APIError(503, "the inference log is full; rate again shortly", headers={"Retry-After": "5"})
+        metrics.REQUESTS.labels("feedback", "200", self.settings.model_version).inc()
+        return JSONResponse(FeedbackResponse(id=body.id, rating=body.rating).model_dump(), headers=self._headers())
+
 
 @serve.deployment(name="shadow", max_ongoing_requests=32, max_queued_requests=32, health_check_period_s=2,
                   graceful_shutdown_wait_loop_s=1, graceful_shutdown_timeout_s=30)
@@ -371,6 +395,12 @@ def serve_app(settings: ServerSettings, name: str = "genloop", route_prefix: str
         serve.run(health_app(name, ""), name=health, route_prefix=route)
     serve.run(build_app(settings, deployment, shadow), name=name, route_prefix=route_prefix)
     serve.run(health_app(name, settings.model_version), name=health, route_prefix=route)
+
+
+def announce_waiting(status: str, name: str = "genloop", route_prefix: str = "/") -> None:
+    """Deploy only the health application of ``name``, saying ``status`` (e.g. "bootstrapping") with a
+    503 until ``serve_app`` deploys the model: a load balancer sees why nothing answers yet."""
+    serve.run(health_app(name, "", waiting=status), name=f"{name}-health", route_prefix=health_route(route_prefix))
 
 
 def delete_app(name: str = "genloop") -> None:

@@ -7,6 +7,10 @@ append; a background thread writes batches to ``inference-log/date=YYYY-MM-DD/pa
 written to a temporary name and renamed, so a reader never sees half a file. The buffer is
 bounded: when the writer falls behind, new records are dropped and counted rather than growing
 memory until the replica dies. Drift detection and retraining read this log.
+
+Callers' ratings of responses (``POST /v1/feedback``) are rows of the same log, route "feedback",
+under the id of the response they rate: a rating joins the completion it rates by ``request_id``,
+whichever replica took either.
 """
 
 from __future__ import annotations
@@ -48,7 +52,11 @@ SCHEMA = pa.schema([
     ("ttft_seconds", pa.float64()),
     ("client_hash", pa.string()),
     ("text_mode", pa.string()),  # how prompt and output are stored (LogText); null in older files = full
+    ("rating", pa.int8()),  # feedback rows only; null in older files
 ])
+
+# The routes whose 200 rows are answers a caller got, and so may rate.
+ANSWER_ROUTES = ("completions", "chat.completions")
 
 
 class InferenceRecord(BaseModel):
@@ -65,6 +73,8 @@ class InferenceRecord(BaseModel):
     latency_seconds: float = Field(0.0, description="Arrival to last byte.")
     ttft_seconds: float | None = Field(None, description="Arrival to first token.")
     client_hash: str = Field("", description="Salted hash of the caller's key or address: joins, never identifies.")
+    rating: int | None = Field(None, ge=-1, le=1, description="Feedback rows: the caller's rating of the response "
+                               "``request_id`` (1 good, 0 neutral, -1 bad); the comment is the output.")
 
 
 def hash_client(client: str, salt: str) -> str:
@@ -213,12 +223,20 @@ def recover_spools(root: Path) -> int:
     return recovered
 
 
-def read_inference_log(root: Path, since: datetime | None = None, until: datetime | None = None) -> pa.Table:
-    """Rows of the log in [since, until), oldest first; an empty table when there is none."""
+def _dataset(root: Path) -> pads.Dataset | None:
+    """The log as one dataset read with ``SCHEMA``, so files written before a column existed read it as
+    null; None when nothing has been written yet."""
     root = Path(root)
     if not root.exists() or not any(root.glob("date=*/*.parquet")):
+        return None
+    return pads.dataset(root, format="parquet", schema=SCHEMA, partitioning="hive", exclude_invalid_files=True)
+
+
+def read_inference_log(root: Path, since: datetime | None = None, until: datetime | None = None) -> pa.Table:
+    """Rows of the log in [since, until), oldest first; an empty table when there is none."""
+    dataset = _dataset(root)
+    if dataset is None:
         return SCHEMA.empty_table()
-    dataset = pads.dataset(root, format="parquet", schema=SCHEMA, partitioning="hive", exclude_invalid_files=True)
     condition = None
     if since is not None:
         condition = pads.field("time") >= pa.scalar(since.astimezone(UTC), type=SCHEMA.field("time").type)
@@ -229,10 +247,67 @@ def read_inference_log(root: Path, since: datetime | None = None, until: datetim
 
 
 def caller_prompts(root: Path, since: datetime, until: datetime | None = None) -> list[str]:
-    """Prompts callers sent (status 200, not shadow copies, not stored as hashes) in [since, until)."""
+    """Prompts callers sent (status 200, not shadow copies, not stored as hashes) in [since, until).
+
+    Feedback rows carry no prompt, so they are never among them."""
     import pyarrow.compute as pc
 
     table = read_inference_log(root, since=since, until=until)
     text_kept = pc.fill_null(pc.not_equal(table["text_mode"], "hashed"), True)
     table = table.filter(pc.and_(pc.and_(pc.equal(table["status"], 200), pc.invert(table["shadow"])), text_kept))
     return [p for p in table.column("prompt").to_pylist() if p]
+
+
+def _latest_ratings(dataset: pads.Dataset) -> pa.Table:
+    """``request_id``, ``rating``: each rated response once, with its latest rating (a caller may
+    change their mind)."""
+    rows = dataset.to_table(columns=["time", "request_id", "rating"], filter=(
+        (pads.field("route") == "feedback") & (pads.field("status") == 200) & pads.field("rating").is_valid()))
+    return (rows.sort_by("time").group_by("request_id", use_threads=False)
+            .aggregate([("rating", "last")]).rename_columns(["request_id", "rating"]))
+
+
+def _answers(dataset: pads.Dataset, ids: pa.Array, columns: list[str], text_kept: bool = False) -> pa.Table:
+    """The rows of answered responses among ``ids`` that callers got (status 200, not shadow copies):
+    ``columns`` of each; with ``text_kept``, only those whose text was not stored as a hash."""
+    condition = (pads.field("request_id").isin(ids) & pads.field("route").isin(list(ANSWER_ROUTES))
+                 & (pads.field("status") == 200) & ~pads.field("shadow"))
+    if text_kept:
+        condition &= pads.field("text_mode").is_null() | (pads.field("text_mode") != "hashed")
+    return dataset.to_table(columns=columns, filter=condition)
+
+
+def feedback_by_version(root: Path) -> dict[str, dict[int, int]]:
+    """Model version → rating → responses rated so: each rated response counted once, at its latest
+    rating, under the version that answered it. Ratings of ids the log holds no answer for (never
+    answered, or answered before the log began) are not counted."""
+    dataset = _dataset(root)
+    if dataset is None:
+        return {}
+    ratings = _latest_ratings(dataset)
+    if not ratings.num_rows:
+        return {}
+    # A response of n choices is n rows of one version: one per response.
+    versions = (_answers(dataset, ratings["request_id"].combine_chunks(), ["request_id", "model_version"])
+                .group_by(["request_id", "model_version"]).aggregate([]))
+    counts = (ratings.join(versions, "request_id", join_type="inner")
+              .group_by(["model_version", "rating"]).aggregate([("request_id", "count")]))
+    result: dict[str, dict[int, int]] = {}
+    for row in counts.to_pylist():
+        result.setdefault(row["model_version"], {})[row["rating"]] = row["request_id_count"]
+    return result
+
+
+def rated_completions(root: Path, min_rating: int) -> list[str]:
+    """Answers rated at least ``min_rating`` (at their latest rating) as training texts: each choice's
+    prompt followed by its output, oldest first. Answers whose text the log keeps only as a hash
+    have none to train on and are left out."""
+    dataset = _dataset(root)
+    if dataset is None:
+        return []
+    ratings = _latest_ratings(dataset)
+    liked = ratings.filter(pads.field("rating") >= min_rating)["request_id"].combine_chunks()
+    if not len(liked):
+        return []
+    rows = _answers(dataset, liked, ["time", "prompt", "output"], text_kept=True).sort_by("time")
+    return [prompt + output for prompt, output in zip(rows["prompt"].to_pylist(), rows["output"].to_pylist())]

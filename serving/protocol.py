@@ -1,4 +1,5 @@
-"""OpenAI's wire format for completions and chat: requests, responses, stream chunks, errors.
+"""OpenAI's wire format for completions and chat: requests, responses, stream chunks, errors;
+and genloop's feedback on a response.
 
 Fields follow OpenAI's order, our extras after (``top_k``; ``model_version`` on responses).
 Unknown fields are rejected rather than ignored, and OpenAI fields that genloop cannot honour
@@ -8,6 +9,7 @@ a client must never believe a parameter took effect when it did not.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -123,6 +125,38 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
+# The ids ``new_id`` hands out for a completion and a chat completion: what feedback may rate.
+RESPONSE_ID = re.compile(r"^(?:cmpl|chatcmpl)-[0-9a-f]{24}$")
+
+MAX_COMMENT_CHARS = 2000
+
+
+def _response_id(value: str) -> str:
+    """Refuse at once what cannot be a response of ours: such a rating could never join a completion."""
+    if not RESPONSE_ID.fullmatch(value):
+        raise ValueError("must be the id of a completion or chat completion this server answered "
+                         "(cmpl-… or chatcmpl-…)")
+    return value
+
+
+class FeedbackRequest(BaseModel):
+    """A caller's rating of a response: joined to the inference log by the response's id."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: Annotated[str, AfterValidator(_response_id)] = Field(
+        json_schema_extra={"pattern": RESPONSE_ID.pattern}, description="The id of the response rated.")
+    rating: Literal[-1, 0, 1] = Field(description="1 good, 0 neutral, -1 bad; a later rating replaces this one.")
+    comment: Text | None = Field(None, max_length=MAX_COMMENT_CHARS,
+                                 description="Why; kept as the inference log keeps text (full, redacted or hashed).")
+
+
+class FeedbackResponse(BaseModel):
+    id: str
+    object: Literal["feedback"] = "feedback"
+    rating: int
+
+
 def now() -> int:
     return int(time.time())
 
@@ -202,7 +236,10 @@ class ErrorResponse(BaseModel):
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
+    403: "permission_error",
     404: "not_found_error",
+    408: "invalid_request_error",
+    409: "conflict_error",
     413: "invalid_request_error",
     422: "invalid_request_error",
     429: "rate_limit_error",

@@ -106,8 +106,11 @@ def test_prometheus_scrapes_every_replica_and_every_panel_has_data(
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{config.serving.port}/v1", api_key="x", max_retries=0)
         sent = 0
         for i in range(24):
-            client.completions.create(model="genloop", prompt=f"The statement {i} is", max_tokens=8)
+            answer = client.completions.create(model="genloop", prompt=f"The statement {i} is", max_tokens=8)
             sent += 1
+        rated = httpx.post(f"http://127.0.0.1:{config.serving.port}/v1/feedback", json={"id": answer.id, "rating": 1})
+        assert rated.status_code == 200, rated.text
+        sent += 1
         for i in range(4):
             list(client.chat.completions.create(model="genloop", messages=[{"role": "user", "content": f"Hi {i}"}],
                                                 max_tokens=6, stream=True))
@@ -120,7 +123,8 @@ def test_prometheus_scrapes_every_replica_and_every_panel_has_data(
             time.sleep(0.5)
         scheduler.run_now("drift")
         deadline = time.time() + 180
-        while time.time() < deadline and not [r for r in scheduler.history.recent() if r.outcome != "running"]:
+        while time.time() < deadline and not [r for r in scheduler.history.recent()
+                                              if r.outcome not in ("queued", "running")]:
             time.sleep(0.5)
         drift_run = scheduler.history.recent()[0]
         assert drift_run.outcome in ("drift", "no drift"), drift_run.detail  # on the prompts just logged
@@ -131,7 +135,8 @@ def test_prometheus_scrapes_every_replica_and_every_panel_has_data(
         assert _value(prometheus, "sum(genloop_requests_total)") == sent  # every replica, each counted once
         assert _value(prometheus, 'count(up{component="genloop"} == 1)') == 2
         assert _value(prometheus, "sum(genloop_model_info)") == 2
-        for recorded in ("genloop_drift_last_run_timestamp_seconds", "sum(genloop_scheduler_job_runs_total)"):
+        for recorded in ("genloop_drift_last_run_timestamp_seconds", "sum(genloop_scheduler_job_runs_total)",
+                         "genloop_feedback_positive_ratio"):
             while time.time() < deadline and _value(prometheus, recorded) is None:  # the exporter caches 10 s
                 time.sleep(1)
 

@@ -15,7 +15,7 @@ import pytest
 from serving.app import build_app, serve_app
 from serving.hf.engine import HFEngine
 from serving.hf.options import HFEngineOptions
-from serving.inference_log import read_inference_log
+from serving.inference_log import feedback_by_version, read_inference_log
 from serving.protocol import VERSION_HEADER
 from serving.settings import DeploymentOptions, ServerSettings
 
@@ -144,6 +144,51 @@ def test_every_request_lands_in_the_inference_log(client, server):
     row = next(r for r in rows if r["prompt"] == "logged prompt")
     assert row["model_version"] == "7" and row["status"] == 200 and row["completion_tokens"] == 3
     assert row["client_hash"] and row["client_hash"] != "alice"
+
+
+def test_feedback_rates_a_response_and_joins_the_version_that_answered_it(client, server):
+    url, headers = f"{server['url']}/v1/feedback", {"Authorization": f"Bearer {API_KEY}"}
+    rated = client.chat.completions.create(model="genloop", messages=[{"role": "user", "content": "Rate me"}],
+                                           max_tokens=2)
+    assert httpx.post(url, json={"id": rated.id, "rating": 1}).status_code == 401  # the API's keys, like /v1/*
+
+    for payload, param in (({"id": "cmpl-123", "rating": 1}, "id"), ({"id": "req-" + rated.id, "rating": 1}, "id"),
+                           ({"id": rated.id, "rating": 2}, "rating"), ({"id": rated.id}, "rating"),
+                           ({"id": rated.id, "rating": 1, "stars": 5}, "stars"),
+                           ({"id": rated.id, "rating": 1, "comment": "x" * 5000}, "comment")):
+        answer = httpx.post(url, json=payload, headers=headers)
+        assert answer.status_code == 400, (payload, answer.text)
+        error = answer.json()["error"]
+        assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"], payload
+
+    first = httpx.post(url, json={"id": rated.id, "rating": -1, "comment": "too short"}, headers=headers)
+    assert first.status_code == 200 and first.json() == {"id": rated.id, "object": "feedback", "rating": -1}
+    assert first.headers[VERSION_HEADER] == "7"
+    assert httpx.post(url, json={"id": rated.id, "rating": 1}, headers=headers).status_code == 200  # changed mind
+
+    deadline = time.time() + 15
+    while time.time() < deadline and feedback_by_version(server["log"]) != {"7": {1: 1}}:
+        time.sleep(0.5)
+    assert feedback_by_version(server["log"]) == {"7": {1: 1}}  # rated once, at its latest rating
+    rows = [row for row in read_inference_log(server["log"]).to_pylist() if row["request_id"] == rated.id]
+    assert [(row["route"], row["model_version"], row["status"], row["rating"], row["output"]) for row in rows] == [
+        ("chat.completions", "7", 200, None, rated.choices[0].message.content),
+        ("feedback", "", 200, -1, "too short"), ("feedback", "", 200, 1, "")]
+    text = httpx.get(f"{server['url']}/metrics", headers=headers).text
+    assert 'genloop_requests_total{model_version="7",route="feedback",status="200"} 2.0' in text
+
+
+def test_feedback_without_an_inference_log_is_refused_not_lost(server, make_tiny_model, tmp_path):
+    from ray import serve
+
+    settings = ServerSettings(served_model_name="genloop", model_path=str(make_tiny_model(tmp_path / "m")),
+                              model_version="9", engine_class=HFEngine)
+    serve.run(build_app(settings), name="unlogged", route_prefix="/unlogged")
+    try:
+        answer = httpx.post(f"{server['url']}/unlogged/v1/feedback", json={"id": "cmpl-" + "0" * 24, "rating": 1})
+        assert answer.status_code == 503 and "inference log" in answer.json()["error"]["message"]
+    finally:
+        serve.delete("unlogged")
 
 
 def test_streaming_request_the_engine_refuses_is_a_4xx_not_a_200(server):

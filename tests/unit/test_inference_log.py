@@ -125,3 +125,81 @@ def test_rows_a_killed_writer_had_logged_are_recovered_by_the_next_one(tmp_path:
     assert sorted(row["request_id"] for row in rows) == sorted(f"r{i}" for i in range(50))
     assert {row["text_mode"] for row in rows} == {"hashed"} and not any("secret" in row["prompt"] for row in rows)
     assert not list((tmp_path / ".spool").iterdir())
+
+
+def _answer(response_id: str, version: str, *, prompt: str = "p", output: str = "o", status: int = 200,
+            shadow: bool = False, route: str = "completions", when: datetime | None = None) -> InferenceRecord:
+    return InferenceRecord(request_id=response_id, route=route, model_version=version, shadow=shadow, status=status,
+                           prompt=prompt, output=output, **({"time": when} if when else {}))
+
+
+def _rating(response_id: str, rating: int, when: datetime) -> InferenceRecord:
+    return InferenceRecord(request_id=response_id, route="feedback", model_version="", status=200, prompt="",
+                           output="a comment", rating=rating, time=when)
+
+
+def test_feedback_joins_each_responses_latest_rating_to_the_version_that_answered(tmp_path: Path):
+    from serving.inference_log import caller_prompts, feedback_by_version
+
+    start = datetime.now(UTC) - timedelta(minutes=10)
+    log = InferenceLog(tmp_path)
+    for record in (
+        _answer("cmpl-a", "1"), _answer("cmpl-a", "1"),  # two choices of one response: rated once
+        _answer("cmpl-b", "1"), _answer("chatcmpl-c", "2", route="chat.completions"),
+        _answer("cmpl-d", "2", status=429), _answer("cmpl-d", "3", shadow=True),  # refused; a shadow's copy
+        _rating("cmpl-a", -1, start), _rating("cmpl-a", 1, start + timedelta(minutes=1)),  # changed their mind
+        _rating("cmpl-b", 0, start + timedelta(minutes=2)), _rating("chatcmpl-c", -1, start),
+        _rating("cmpl-d", 1, start), _rating("cmpl-unknown", 1, start),
+    ):
+        log.append(record)
+    log.close()
+    assert feedback_by_version(tmp_path) == {"1": {1: 1, 0: 1}, "2": {-1: 1}}
+    # Rating rows are no caller's prompts: drift and the gate's live set never see them.
+    assert sorted(caller_prompts(tmp_path, since=start - timedelta(days=1))) == ["p"] * 4
+    assert feedback_by_version(tmp_path / "missing") == {}
+
+
+def test_a_log_written_before_ratings_existed_still_reads(tmp_path: Path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from serving.inference_log import SCHEMA, feedback_by_version, rated_completions
+
+    old = pa.schema([field for field in SCHEMA if field.name not in ("rating", "text_mode")])
+    folder = tmp_path / f"date={datetime.now(UTC).date()}"
+    folder.mkdir()
+    pq.write_table(pa.Table.from_pylist([{**_answer("cmpl-old", "1").model_dump()}], schema=old),
+                   folder / "part-old.parquet")
+    log = InferenceLog(tmp_path)
+    log.append(_rating("cmpl-old", 1, datetime.now(UTC)))
+    log.close()
+    assert read_inference_log(tmp_path).column("rating").to_pylist() == [None, 1]
+    assert feedback_by_version(tmp_path) == {"1": {1: 1}}
+    assert rated_completions(tmp_path, 1) == ["po"]
+
+
+def test_rated_completions_are_training_texts_of_answers_rated_well_enough(tmp_path: Path):
+    from serving.inference_log import rated_completions
+
+    start = datetime.now(UTC) - timedelta(minutes=10)
+    log = InferenceLog(tmp_path / "full")
+    for record in (
+        _answer("cmpl-good", "1", prompt="The loop ", output="ends.", when=start),
+        _answer("chatcmpl-ok", "1", prompt="<user>Hi", output=" there", when=start + timedelta(minutes=1)),
+        _answer("cmpl-bad", "1", prompt="Bad ", output="answer"),
+        _answer("cmpl-shadow", "2", prompt="Shadow ", output="copy", shadow=True),
+        _answer("cmpl-rerated", "1", prompt="Rerated ", output="down"),
+        _rating("cmpl-good", 1, start), _rating("chatcmpl-ok", 0, start), _rating("cmpl-bad", -1, start),
+        _rating("cmpl-shadow", 1, start),
+        _rating("cmpl-rerated", 1, start), _rating("cmpl-rerated", -1, start + timedelta(minutes=1)),
+    ):
+        log.append(record)
+    log.close()
+    assert rated_completions(tmp_path / "full", 1) == ["The loop ends."]
+    assert rated_completions(tmp_path / "full", 0) == ["The loop ends.", "<user>Hi there"]
+
+    hashed = InferenceLog(tmp_path / "hashed", text="hashed")
+    hashed.append(_answer("cmpl-good", "1", prompt="secret ", output="text"))
+    hashed.append(_rating("cmpl-good", 1, start))
+    hashed.close()
+    assert rated_completions(tmp_path / "hashed", 1) == []
