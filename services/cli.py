@@ -227,8 +227,7 @@ def models_command(
 ) -> None:
     """Registered versions with aliases, data, metrics, verdict and cost; or the audit log."""
     from services.audit import AuditLog
-    from services.registry import Registry
-    from training.cost import COST_USD_TAG
+    from services.catalog import list_models
 
     config = _load(config_file)
     if history:
@@ -238,17 +237,15 @@ def models_command(
                           entry.outcome, entry.reason, entry.report_id or "")
         console.print(table)
         return
-    registry = Registry(config)
-    aliases = registry.aliases_by_version()
-    table = Table("version", "aliases", "dataset", "val loss", "val ppl", "verdict", "cost $", "created")
-    for version in registry.versions():
-        metrics = registry.client.get_run(version.run_id).data.metrics if version.run_id else {}
-        created = datetime.fromtimestamp(version.creation_timestamp / 1000, UTC).strftime("%Y-%m-%d %H:%M")
+    table = Table("version", "aliases", "dataset", "val loss", "val ppl", "verdict", "cost $", "liked", "created")
+    for row in list_models(config):
         table.add_row(
-            f"v{version.version}", ", ".join(aliases.get(str(version.version), [])), version.tags.get("dataset", ""),
-            f"{metrics['best_val_loss']:.3f}" if "best_val_loss" in metrics else "–",
-            f"{metrics['best_val_perplexity']:.1f}" if "best_val_perplexity" in metrics else "–",
-            version.tags.get("evaluation_verdict", "–"), version.tags.get(COST_USD_TAG, "–"), created,
+            f"v{row.version}", ", ".join(row.aliases), row.dataset,
+            f"{row.best_val_loss:.3f}" if row.best_val_loss is not None else "–",
+            f"{row.best_val_perplexity:.1f}" if row.best_val_perplexity is not None else "–",
+            row.verdict or "–", f"{row.cost_usd:.6f}" if row.cost_usd is not None else "–",
+            f"{row.positive_share:.0%} of {sum(row.ratings.values())}" if row.positive_share is not None else "–",
+            row.created_at.strftime("%Y-%m-%d %H:%M"),
         )
     console.print(table)
 
@@ -286,6 +283,29 @@ def serve_command(
             watcher.stop()
             stop_serving(own_cluster=address is None)
     console.print("stopped")
+
+
+@app.command("up")
+def up_command(config_file: ConfigOption = None) -> None:
+    """Run genloop as one service: serving, the scheduler, metrics and the admin API; with no champion
+    it bootstraps one first. Ctrl-C or SIGTERM drains and stops."""
+    from services.service import GenloopService
+
+    service = GenloopService(_load(config_file), console)
+    _stop_on_signals()
+    left = None
+    try:  # Ctrl-C may come at any point, start-up included: whatever was started is stopped
+        service.start(after_ray=_stop_on_signals)
+        service.wait()
+    except KeyboardInterrupt:
+        console.print("stopping: no new jobs, no admin changes…")
+    finally:
+        left = service.stop()
+    console.print("stopped")
+    if left:  # its thread is stuck in work that dies with the process; Python would wait for it
+        sys.stdout.flush()
+        logging.shutdown()
+        os._exit(0)
 
 
 @app.command("generate")

@@ -182,6 +182,19 @@ class RayConfig(Section):
     )
 
 
+class ServiceConfig(Section):
+    """``genloop up``: its admin API and how it stops."""
+
+    admin_host: str = Field(
+        "127.0.0.1", description="Bind address of the admin API; one that is not loopback needs GENLOOP_ADMIN_TOKEN."
+    )
+    admin_port: int = Field(8001, ge=0, le=65535, description="Port of the admin API; 0 = any free port (printed).")
+    shutdown_grace_s: float = Field(
+        30, ge=0, description="On Ctrl-C or SIGTERM, how long a running job may take to finish; after that it is "
+        "recorded as interrupted and stopped with the service.",
+    )
+
+
 class GenloopConfig(BaseSettings):
     """The whole configuration. ``GENLOOP_HOME`` sets ``home``; sections nest with ``__``."""
 
@@ -201,6 +214,7 @@ class GenloopConfig(BaseSettings):
     serving: ServingConfig = Field(default_factory=ServingConfig, description="The OpenAI-compatible endpoint.")
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig, description="Metrics and drift.")
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig, description="Retraining on a schedule.")
+    service: ServiceConfig = Field(default_factory=ServiceConfig, description="`genloop up` and its admin API.")
     state_db_url: str | None = Field(
         None, description="SQLAlchemy URL of genloop's own tables (promotion audit); None uses "
         "sqlite:///$GENLOOP_HOME/genloop.db."

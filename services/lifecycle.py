@@ -79,6 +79,8 @@ def promote(
     config: GenloopConfig, ref: str, *, force: bool = False, reason: str = "", actor: str | None = None
 ) -> EvaluationReport | None:
     """Make ``ref`` the champion if it passes the gate (or with ``force`` and a reason)."""
+    if force and not reason.strip():
+        raise UserInputError("--force skips the gate and needs --reason saying why")
     registry, audit = Registry(config), AuditLog(config.state_db)
     who = _actor(actor)
     candidate = registry.resolve(ref)
@@ -86,8 +88,6 @@ def promote(
     judged_against = _version(registry.alias_version("champion"))
     if judged_against == candidate_version:
         raise UserInputError(f"v{candidate_version} is already the champion")
-    if force and not reason.strip():
-        raise UserInputError("--force skips the gate and needs --reason saying why")
 
     report = None if force else evaluate(config, candidate_version)
     action = "force-promote" if force else "promote"

@@ -25,6 +25,10 @@ logger = logging.getLogger(__name__)
 MODEL_ARTIFACT = "model"
 
 
+class UnknownVersion(UserInputError):
+    """No registered version is, or is aliased, what the caller named (the admin API's 404)."""
+
+
 class Registry:
     """The registered model of one genloop deployment, and its experiment."""
 
@@ -87,7 +91,7 @@ class Registry:
             return self.client.get_model_version_by_alias(self.name, ref)
         except MlflowException:
             known = ", ".join(f"v{v.version}" for v in self.versions()) or "none registered yet"
-            raise UserInputError(f"unknown model version or alias {ref!r} (versions: {known})") from None
+            raise UnknownVersion(f"unknown model version or alias {ref!r} (versions: {known})") from None
 
     def alias_version(self, alias: str) -> ModelVersion | None:
         """The version behind ``alias``, or None when the alias is not set."""

@@ -11,11 +11,17 @@ lineage's from-scratch compute (``retrain_budget``), in small steps (``retrain_m
 and early stopping may end it sooner. A mix already trained from this champion and refused is not trained
 again. A refused or failed round leaves the champion as it was: training only registers a
 version, and only the gate moves the alias.
+
+With no champion the round bootstraps one: from scratch on everything there is, and with no
+sources and no data at all on the built-in corpus (``BOOTSTRAP_SOURCES``), so that ``genloop up``
+on empty state ends up serving.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Callable
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -26,15 +32,18 @@ from services.evaluation_report import EvaluationReport
 from services.lifecycle import PromotionRefused, promote
 from services.registry import Registry
 from services.training_run import TrainingRun, initial_compute, train
+from serving.inference_log import rated_completions
 from training.config import TrainConfig
 from training.datasets import DatasetVersion, ingest, list_versions, resolve_dataset
 from training.errors import UserInputError
 from training.incoming import ingest_incoming
 from training.replay import build_mix, new_documents
+from training.sources import Source
 
 logger = logging.getLogger(__name__)
 
 RetrainOutcome = Literal["promoted", "rejected", "skipped"]
+BOOTSTRAP_SOURCES = ["builtin:python-docs"]  # what a first model learns when nothing else is configured
 
 
 class RetrainResult(BaseModel):
@@ -47,21 +56,46 @@ class RetrainResult(BaseModel):
 
 
 def ingest_new_data(config: GenloopConfig, sources: bool = True) -> None:
-    """Ingest ``scheduler.sources`` (unless ``sources`` is False) and the settled files of
-    ``scheduler.incoming`` into ``scheduler.dataset``."""
+    """Ingest ``scheduler.sources`` (unless ``sources`` is False), the settled files of
+    ``scheduler.incoming`` and, with ``scheduler.feedback_min_rating``, the well-rated answers into
+    ``scheduler.dataset``. With no sources configured and the dataset still empty, the sources are
+    ``BOOTSTRAP_SOURCES``."""
     settings = config.scheduler
-    sources = sources and bool(settings.sources)
-    if not sources and settings.incoming is None:
-        return
-    connect(config.ray)  # before ingest: Ray Data would otherwise start a Ray of its own choosing
-    if sources:
-        result = ingest(settings.sources, settings.dataset, config.data, config.datasets_dir)
+    chosen = settings.sources
+    if sources and not chosen and not list_versions(config.datasets_dir, settings.dataset):
+        chosen = BOOTSTRAP_SOURCES
+    if sources and chosen:
+        connect(config.ray)  # before ingest: Ray Data would otherwise start a Ray of its own choosing
+        result = ingest(chosen, settings.dataset, config.data, config.datasets_dir)
         logger.info("%s %s", result.version.spec, "ingested" if result.created else "unchanged")
     if settings.incoming is not None:
+        connect(config.ray)
         landed = ingest_incoming(settings.incoming, settings.dataset, config.data, config.datasets_dir,
                                  settings.incoming_settle_s)
         if landed is not None:
             logger.info("%s ingested from %s", landed.version.spec, settings.incoming)
+    if settings.feedback_min_rating is not None:
+        ingest_feedback(config)
+
+
+def ingest_feedback(config: GenloopConfig) -> None:
+    """Answers callers rated at least ``scheduler.feedback_min_rating`` join ``scheduler.dataset`` as
+    documents (prompt + completion), on top of its latest version. Handed to Ray Data as bytes, like
+    landed files: the inference log is read here, on the driver. Ratings already ingested are
+    duplicates, so a version is only made when new ones came in."""
+    settings = config.scheduler
+    texts = rated_completions(config.inference_log_dir, settings.feedback_min_rating)
+    if not texts:
+        return
+    connect(config.ray)
+    payload = "".join(json.dumps({config.data.text_field: text}) + "\n" for text in texts).encode()
+    source = Source(spec=f"feedback:rating>={settings.feedback_min_rating}", licence="callers of this service",
+                    files=("rated-completions.jsonl",), payload=(payload,))
+    versions = list_versions(config.datasets_dir, settings.dataset)
+    result = ingest([source], settings.dataset, config.data, config.datasets_dir,
+                    extend=versions[-1] if versions else None)
+    logger.info("%s %s with %d rated completions", result.version.spec,
+                "ingested" if result.created else "unchanged", len(texts))
 
 
 def unseen(config: GenloopConfig) -> tuple[DatasetVersion, list[DatasetVersion], int]:
@@ -98,9 +132,17 @@ def retrain_settings(config: GenloopConfig, registry: Registry) -> TrainConfig:
     })
 
 
-def retrain(config: GenloopConfig, reason: str, show_progress: bool = False, actor: str = "scheduler") -> RetrainResult:
-    """Run one round; ``actor`` and ``reason`` (cron, drift, new data, manual) go into the promotion's audit trail."""
+def _no_stages(stage: str, detail: str = "", mlflow_run_id: str | None = None, report: str | None = None) -> None:
+    pass
+
+
+def retrain(config: GenloopConfig, reason: str, show_progress: bool = False, actor: str = "scheduler",
+            stage: Callable[..., None] = _no_stages) -> RetrainResult:
+    """Run one round; ``actor`` and ``reason`` (cron, drift, new data, manual) go into the promotion's
+    audit trail. ``stage(name, detail, mlflow_run_id=…, report=…)`` is told as the round moves on
+    (the scheduler's job history keeps it)."""
     settings = config.scheduler
+    stage("ingest")
     ingest_new_data(config)
     fresh, seen, count = unseen(config)
     registry = Registry(config)
@@ -126,11 +168,19 @@ def retrain(config: GenloopConfig, reason: str, show_progress: bool = False, act
         counts = mix.manifest["counts"]
         logger.info("retrain (%s) on %s: %d new + %d replayed documents, at most %d steps", reason, dataset,
                     counts["new"], counts["replay"], train_settings.max_steps)
-    run = train(config, dataset, base=base, show_progress=show_progress, settings=train_settings)
+    start = f"from v{champion.version}" if champion is not None else "from scratch"
+    stage("prepare", f"{dataset}, {start}")  # tokenizer or base model, until the MLflow run exists
+    run = train(config, dataset, base=base, show_progress=show_progress, settings=train_settings,
+                on_run=lambda run_id: stage("train", f"{dataset}, {start}", mlflow_run_id=run_id))
+    stage("gate", f"v{run.version}", mlflow_run_id=run.run_id)
     try:
         report = promote(config, run.version, actor=actor, reason=f"retrain ({reason}) on {dataset}")
     except PromotionRefused as refused:
-        return RetrainResult(outcome="rejected", dataset=dataset, version=run.version, run=run,
-                             report=refused.report, detail=f"v{run.version} refused by the gate: {refused}")
-    return RetrainResult(outcome="promoted", dataset=dataset, version=run.version, run=run, report=report,
-                         detail=f"v{run.version} trained on {dataset} is the champion")
+        result = RetrainResult(outcome="rejected", dataset=dataset, version=run.version, run=run,
+                               report=refused.report, detail=f"v{run.version} refused by the gate: {refused}")
+    else:
+        result = RetrainResult(outcome="promoted", dataset=dataset, version=run.version, run=run, report=report,
+                               detail=f"v{run.version} trained on {dataset} is the champion")
+    stage(result.outcome, f"v{run.version}", mlflow_run_id=run.run_id,
+          report=f"evaluations/{result.report.id}.html" if result.report is not None else None)
+    return result

@@ -22,11 +22,13 @@ same job store would run every job twice; an exclusive lock file next to the sto
 
 Every attempt lands in the ``job_runs`` table next to the job store (job, reason with the attempt,
 start, end, outcome, detail), which ``services.exporter`` turns into ``genloop_scheduler_*`` series
-and ``genloop scheduler status`` prints. Outcomes are few and fixed: a retrain is promoted,
+and ``genloop scheduler status`` prints; the stages it went through (ingest, train, gate, …, with
+the MLflow run and the reports each produced) land in ``job_stages``. A run asked for with
+``run_now`` gets its row at once, as ``queued``, so whoever asked has its id before it starts. Outcomes are few and fixed: a retrain is promoted,
 rejected, skipped (too little new data) or deferred (outside the window); a drift check is drift,
 no drift or insufficient data; an ingest is ingested or no new data; anything that raises, or was
-cut off by the process dying, is failed; a due run that could not start is skipped (still busy)
-or missed (too late).
+cut off by the process dying (or by ``stop``'s grace period running out), is failed; a due run
+that could not start is skipped (still busy) or missed (too late).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import fcntl
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,7 +48,7 @@ from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.interval import IntervalTrigger
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from sqlalchemy import Column, Float, Integer, MetaData, String, Table, create_engine, func, insert, select, update
 
 from monitoring.metrics import JobState
@@ -73,6 +75,18 @@ job_runs = Table(
     Column("outcome", String(40), nullable=False),
     Column("detail", String(2000), nullable=False, default=""),
 )
+job_stages = Table(
+    "job_stages",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", Integer, nullable=False, index=True),
+    Column("stage", String(40), nullable=False),
+    Column("at", Float, nullable=False),
+    Column("detail", String(2000), nullable=False, default=""),
+    Column("mlflow_run_id", String(64)),
+    Column("report", String(300)),
+)
+ACTIVE = ("queued", "running")  # outcomes of a run that has not ended
 
 
 class JobRun(BaseModel):
@@ -83,6 +97,18 @@ class JobRun(BaseModel):
     finished_at: float | None
     outcome: str
     detail: str
+
+
+class JobStage(BaseModel):
+    stage: str
+    at: float
+    detail: str
+    mlflow_run_id: str | None
+    report: str | None = Field(description="Path of a report the stage wrote, relative to the reports folder.")
+
+
+# What a job reports as it moves on: stage name, then optionally detail, mlflow_run_id, report.
+StageReporter = Callable[..., None]
 
 
 class JobHistory:
@@ -96,22 +122,56 @@ class JobHistory:
         metadata.create_all(self.engine)
         self._jobs = SQLAlchemyJobStore(engine=self.engine, tablename=JOBS_TABLE).jobs_t
 
-    def started(self, job: str, reason: str) -> int:
+    def queued(self, job: str, reason: str) -> int:
         with self.engine.begin() as connection:
+            return connection.execute(insert(job_runs).values(
+                job=job, reason=reason, started_at=time.time(), outcome="queued")).inserted_primary_key[0]
+
+    def started(self, job: str, reason: str, run_id: int | None = None) -> int:
+        """A new running row, or the queued row ``run_id`` now running."""
+        with self.engine.begin() as connection:
+            if run_id is not None and connection.execute(
+                    update(job_runs).where((job_runs.c.id == run_id) & (job_runs.c.outcome == "queued"))
+                    .values(started_at=time.time(), outcome="running")).rowcount:
+                return run_id
             return connection.execute(insert(job_runs).values(
                 job=job, reason=reason, started_at=time.time(), outcome="running")).inserted_primary_key[0]
 
-    def finished(self, run_id: int, outcome: str, detail: str) -> None:
+    def finished(self, run_id: int, outcome: str, detail: str) -> bool:
+        """Close a run that has not ended; False when something else (``stop``'s grace period) closed it."""
         with self.engine.begin() as connection:
-            connection.execute(update(job_runs).where(job_runs.c.id == run_id).values(
-                finished_at=time.time(), outcome=outcome, detail=detail[:2000]))
+            return bool(connection.execute(
+                update(job_runs).where((job_runs.c.id == run_id) & job_runs.c.outcome.in_(ACTIVE)).values(
+                    finished_at=time.time(), outcome=outcome, detail=detail[:2000])).rowcount)
+
+    def stage(self, run_id: int, stage: str, detail: str = "", mlflow_run_id: str | None = None,
+              report: str | None = None) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(insert(job_stages).values(run_id=run_id, stage=stage, at=time.time(),
+                                                         detail=detail[:2000], mlflow_run_id=mlflow_run_id,
+                                                         report=report))
 
     def interrupted(self) -> int:
-        """Close runs a dead process left open (only the store's lock holder may call this)."""
+        """Close runs a dead process left open or queued (only the store's lock holder may call this)."""
         with self.engine.begin() as connection:
-            return connection.execute(update(job_runs).where(job_runs.c.outcome == "running").values(
+            return connection.execute(update(job_runs).where(job_runs.c.outcome.in_(ACTIVE)).values(
                 finished_at=time.time(), outcome="failed",
                 detail="interrupted: the process running it stopped")).rowcount
+
+    def get(self, run_id: int) -> tuple[JobRun, list[JobStage]] | None:
+        """One run and its stages, oldest first."""
+        with self.engine.connect() as connection:
+            row = connection.execute(select(job_runs).where(job_runs.c.id == run_id)).mappings().first()
+            stages = connection.execute(select(job_stages).where(job_stages.c.run_id == run_id)
+                                        .order_by(job_stages.c.id)).mappings().all()
+        return (JobRun(**row), [JobStage(**stage) for stage in stages]) if row is not None else None
+
+    def active(self, job: str) -> JobRun | None:
+        """The queued or running run of ``job``, if any."""
+        with self.engine.connect() as connection:
+            row = connection.execute(select(job_runs).where((job_runs.c.job == job) & job_runs.c.outcome.in_(ACTIVE))
+                                     .order_by(job_runs.c.id.desc())).mappings().first()
+        return JobRun(**row) if row is not None else None
 
     def recent(self, limit: int = 20) -> list[JobRun]:
         with self.engine.connect() as connection:
@@ -130,7 +190,7 @@ class JobHistory:
         jobs: dict[str, JobState] = {}
         for job, outcome, count, last in counts:
             summary = jobs.setdefault(job, JobState(job=job))
-            if outcome != "running":
+            if outcome not in ACTIVE:
                 summary.runs[outcome] = count
             summary.last_run = max(summary.last_run or 0.0, last)
         for job, next_run in upcoming.items():
@@ -146,10 +206,10 @@ class JobHistory:
 _running: GenloopScheduler | None = None
 
 
-def run_job(job: str, reason: str = "schedule") -> None:
+def run_job(job: str, reason: str = "schedule", run_id: int | None = None) -> None:
     if _running is None:
         raise RuntimeError("no genloop scheduler runs in this process")
-    _running.run(job, reason)
+    _running.run(job, reason, show_progress=_running.show_progress, run_id=run_id)
 
 
 class GenloopScheduler:
@@ -157,8 +217,10 @@ class GenloopScheduler:
 
     JOBS = ("retrain", "drift", "ingest")
 
-    def __init__(self, config: GenloopConfig):
+    def __init__(self, config: GenloopConfig, show_progress: bool = False):
+        """``show_progress``: jobs draw training's progress bar (a scheduler with a console of its own)."""
         self.config = config
+        self.show_progress = show_progress
         self.history = JobHistory(config.scheduler_db)
         self._lock_file = None
         self.scheduler = BackgroundScheduler(
@@ -172,6 +234,8 @@ class GenloopScheduler:
         self._stopping = threading.Event()  # cuts a retry's backoff short
         self._drifted_share = 0.0  # of the latest drift check, for urgency
         self._new_documents = 0  # unseen by the champion, as of the latest ingest, for its retrain
+        self._current: dict = {}  # the attempt running now: run_id, job, stage, mlflow_run_id
+        self._one_offs: dict[str, int] = {}  # run_now's job id → its queued row
 
     def triggers(self) -> dict[str, BaseTrigger]:
         settings = self.config.scheduler
@@ -216,31 +280,74 @@ class GenloopScheduler:
             self.scheduler.add_job(run_job, trigger, id=job_id, name=job_id, args=[job_id], replace_existing=True)
             logger.info("job %s scheduled: %s", job_id, trigger)
 
-    def stop(self) -> None:
-        """Stop firing jobs and wait for a running one to finish (a retrain is not cut off halfway)."""
+    def stop(self, grace_s: float | None = None) -> dict | None:
+        """Stop firing jobs and wait for a running one to finish; None when nothing was left running.
+
+        With ``grace_s``, wait that long at most: a run still going then is recorded as failed
+        (interrupted, naming its stage) and its MLflow run as KILLED, and its attempt is returned
+        (run_id, job, stage, mlflow_run_id). Its thread is left to die with the process: a training
+        cannot be cut off halfway from here, and the checkpoints it wrote stay in Ray's storage."""
         global _running
         self._stopping.set()
+        left = None
         if self.scheduler.running:
             self.scheduler.pause()  # no new submissions while the executor shuts down
-            self.scheduler.shutdown(wait=True)
+            if grace_s is None:
+                self.scheduler.shutdown(wait=True)
+            else:
+                self.scheduler.shutdown(wait=False)
+                if not self._run_lock.acquire(timeout=grace_s):
+                    left = self._abandon(grace_s)
+                else:
+                    self._run_lock.release()
         if _running is self:
             _running = None
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None
+        return left
 
-    def run_now(self, job: str) -> None:
-        """Queue ``job`` on the scheduler's executor, after whatever runs now (one at a time)."""
+    def running_job(self) -> dict | None:
+        """The attempt running now (run_id, job, stage, mlflow_run_id), or None."""
+        return dict(self._current) or None
+
+    def _abandon(self, grace_s: float) -> dict:
+        current = dict(self._current)
+        if "run_id" not in current:  # between two attempts: nothing recorded is running
+            return current
+        stage = current.get("stage", "start")
+        self.history.finished(current["run_id"], "failed", f"interrupted: genloop stopped during its {stage} "
+                              f"stage and it did not end within the {grace_s:g} s grace period")
+        if run := current.get("mlflow_run_id"):
+            from services.registry import Registry
+
+            client = Registry(self.config).client
+            client.set_tag(run, "genloop.failure", f"genloop stopped during the {stage} stage")
+            client.set_terminated(run, "KILLED")
+        logger.warning("job run %s (%s) interrupted during %s", current["run_id"], current.get("job"), stage)
+        return current
+
+    def run_now(self, job: str, reason: str = "manual") -> int:
+        """Queue ``job`` on the scheduler's executor, after whatever runs now (one at a time); the id
+        of its row in the job history, which says ``queued`` until it starts."""
         if job not in self.JOBS:
             raise UserInputError(f"unknown job {job!r}: {' or '.join(self.JOBS)}")
-        self.scheduler.add_job(run_job, args=[job, "manual"], id=f"{job}{_ONE_OFF}{time.time_ns()}", name=job)
+        run_id = self.history.queued(job, reason)
+        job_id = f"{job}{_ONE_OFF}{time.time_ns()}"
+        self._one_offs[job_id] = run_id
+        self.scheduler.add_job(run_job, args=[job, reason, run_id], id=job_id, name=job)
+        return run_id
 
-    def run(self, job: str, reason: str, show_progress: bool = False, urgent: bool = False) -> str:
+    def run(self, job: str, reason: str, show_progress: bool = False, urgent: bool = False,
+            run_id: int | None = None) -> str:
         """Run ``job`` in this thread, retried on failure, and record every attempt; returns the last
         outcome. Never raises for a failed run.
 
         ``show_progress`` draws training's progress bar (for a person at a terminal, not the scheduler);
-        ``urgent`` lets a retrain run outside the window."""
+        ``urgent`` lets a retrain run outside the window; ``run_id`` is the queued row the first
+        attempt takes over."""
+        if run_id is not None:
+            self._one_offs = {key: value for key, value in self._one_offs.items() if value != run_id}
         if job == "retrain" and not urgent and reason in _WAITS_FOR_WINDOW:
             opens = window_wait(self.config.scheduler.window, datetime.now(UTC))
             if opens is not None:
@@ -248,7 +355,7 @@ class GenloopScheduler:
         attempts = self.config.scheduler.max_attempts
         for attempt in range(1, attempts + 1):
             label = reason if attempt == 1 else f"{reason} (attempt {attempt}/{attempts})"
-            outcome, retry = self._attempt(job, label, show_progress)
+            outcome, retry = self._attempt(job, label, show_progress, run_id if attempt == 1 else None)
             if not retry or attempt == attempts:
                 break
             backoff = self.config.scheduler.retry_backoff_s * 2 ** (attempt - 1)
@@ -263,21 +370,29 @@ class GenloopScheduler:
             self.run("retrain", "new data", show_progress)
         return outcome
 
-    def _attempt(self, job: str, reason: str, show_progress: bool) -> tuple[str, bool]:
+    def _attempt(self, job: str, reason: str, show_progress: bool, queued: int | None) -> tuple[str, bool]:
         """One recorded attempt: its outcome, and whether a failure is worth another attempt."""
         retry = False
         with self._run_lock:
-            run_id = self.history.started(job, reason)
+            run_id = self.history.started(job, reason, queued)
+            self._current = {"run_id": run_id, "job": job}
+
+            def stage(name: str, detail: str = "", mlflow_run_id: str | None = None, report: str | None = None):
+                self._current.update(stage=name, **({"mlflow_run_id": mlflow_run_id} if mlflow_run_id else {}))
+                self.history.stage(run_id, name, detail, mlflow_run_id, report)
+
             try:
                 outcome, detail = {"drift": self._drift, "ingest": self._ingest}.get(
-                    job, lambda: self._retrain(reason, show_progress))()
+                    job, lambda _stage: self._retrain(reason, show_progress, _stage))(stage)
             except UserInputError as exc:  # the state or config is not ready (no champion, no data): no bug
                 logger.warning("job %s failed: %s", job, exc)
                 outcome, detail = "failed", str(exc)
             except Exception as exc:  # noqa: BLE001 - a failed run is recorded; the scheduler keeps going
                 logger.exception("job %s failed", job)
                 outcome, detail, retry = "failed", f"{type(exc).__name__}: {exc}", True
-            self.history.finished(run_id, outcome, detail)
+            self._current = {}
+            if not self.history.finished(run_id, outcome, detail):
+                return "failed", False  # interrupted by ``stop``: no retry, no follow-up
             logger.info("job %s (%s): %s — %s", job, reason, outcome, detail)
         return outcome, retry
 
@@ -294,24 +409,27 @@ class GenloopScheduler:
         logger.info("job retrain (%s): deferred — %s", reason, detail)
         return "deferred"
 
-    def _retrain(self, reason: str, show_progress: bool) -> tuple[str, str]:
+    def _retrain(self, reason: str, show_progress: bool, stage: StageReporter) -> tuple[str, str]:
         from services.retrain import retrain  # heavy (torch, Ray): only where a job really runs
 
-        result = retrain(self.config, reason, show_progress)
+        result = retrain(self.config, reason, show_progress, stage=stage)
         return result.outcome, result.detail
 
-    def _drift(self) -> tuple[str, str]:
+    def _drift(self, stage: StageReporter) -> tuple[str, str]:
         from services.drift_check import run_drift_check
 
+        stage("drift")
         result = run_drift_check(self.config)
+        stage(result.verdict, report=f"drift/{result.id}.html")
         self._drifted_share = result.drifted_share
         drifted = ", ".join(result.drifted_features) or "none"
         return result.verdict, (f"{result.current_samples} prompts vs {result.reference_samples} reference; "
                                 f"drifted: {drifted} ({result.drifted_share:.0%}); report {result.id}")
 
-    def _ingest(self) -> tuple[str, str]:
+    def _ingest(self, stage: StageReporter) -> tuple[str, str]:
         from services.retrain import ingest_new_data, unseen
 
+        stage("ingest")
         settings = self.config.scheduler
         before = len(list_versions(self.config.datasets_dir, settings.dataset))
         ingest_new_data(self.config, sources=False)
@@ -325,7 +443,7 @@ class GenloopScheduler:
     def _not_run(self, event: JobEvent) -> None:
         """A due run that did not happen is recorded too: still busy (skipped) or too late (missed)."""
         job, _, one_off = event.job_id.partition(_ONE_OFF)
-        run_id = self.history.started(job, "manual" if one_off else "schedule")
+        run_id = self.history.started(job, "manual" if one_off else "schedule", self._one_offs.pop(event.job_id, None))
         if event.code == EVENT_JOB_MISSED:
             self.history.finished(run_id, "missed", f"more than {self.config.scheduler.misfire_grace_s} s late")
         else:

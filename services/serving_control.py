@@ -22,7 +22,7 @@ from monitoring import metrics
 from services.cluster import connect
 from services.config import GenloopConfig
 from services.registry import Registry
-from serving.app import delete_app, serve_app
+from serving.app import announce_waiting, delete_app, serve_app
 from serving.settings import ServerSettings
 from training.errors import UserInputError
 from training.models import check_weights
@@ -120,12 +120,17 @@ def deploy(config: GenloopConfig, target: Target) -> Target:
 
 
 class ChampionWatcher:
-    """Polls the ``champion`` (and ``challenger``) aliases and rolls the app to each new version they name."""
+    """Polls the ``champion`` (and ``challenger``) aliases and rolls the app to each new version they name.
 
-    def __init__(self, config: GenloopConfig, serving: Target):
+    ``serving`` is None while nothing is deployed yet (``genloop up`` bootstrapping): the first
+    champion is then deployed. ``poke`` checks at once instead of at the next tick (the admin API
+    calls it after moving an alias)."""
+
+    def __init__(self, config: GenloopConfig, serving: Target | None):
         self.config = config
         self.serving = serving
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="champion-watcher", daemon=True)
 
     def start(self) -> ChampionWatcher:
@@ -138,12 +143,21 @@ class ChampionWatcher:
         if target is None or target == self.serving:
             return False
         logger.info("aliases moved %s → %s: rolling out", self.serving, target)
+        first = self.serving is None
         self.serving = deploy(self.config, target)
-        metrics.MODEL_SWAPS.inc()
+        if not first:
+            metrics.MODEL_SWAPS.inc()
         return True
 
+    def poke(self) -> None:
+        self._wake.set()
+
     def _run(self) -> None:
-        while not self._stop.wait(self.config.serving.watch_interval_s):
+        while not self._stop.is_set():
+            self._wake.wait(self.config.serving.watch_interval_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             try:
                 self.check_once()
             except Exception:  # a failed rollout keeps the old version serving; try again next tick
@@ -151,16 +165,21 @@ class ChampionWatcher:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         self._thread.join(timeout=30)
 
 
-def start_serving(config: GenloopConfig) -> ChampionWatcher:
-    """Start Serve over HTTP with the champion and a watcher that follows the aliases."""
+def start_serving(config: GenloopConfig, bootstrapping: bool = False) -> ChampionWatcher:
+    """Start Serve over HTTP with the champion and a watcher that follows the aliases. With no
+    champion yet and ``bootstrapping``, ``/health`` says so until the watcher deploys the first one."""
     target = current_target(config)
-    if target is None:
+    if target is None and not bootstrapping:
         raise UserInputError("no champion to serve: promote a version first (genloop promote VERSION)")
     connect(config.ray)
     serve.start(http_options={"host": config.serving.host, "port": config.serving.port})
+    if target is None:
+        announce_waiting("bootstrapping", APP_NAME)
+        return ChampionWatcher(config, None).start()
     return ChampionWatcher(config, deploy(config, target)).start()
 
 

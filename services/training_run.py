@@ -12,6 +12,7 @@ import math
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,11 +110,12 @@ def initial_compute(registry: Registry, version: ModelVersion) -> tuple[int, flo
 
 def train(
     config: GenloopConfig, dataset_spec: str, base: str | None = None, show_progress: bool = True,
-    settings: TrainConfig | None = None,
+    settings: TrainConfig | None = None, on_run: Callable[[str], None] | None = None,
 ) -> TrainingRun:
     """Train a model on ``dataset_spec`` (from scratch, or from ``base``) and register it.
 
-    ``settings`` replaces ``config.train`` (a retrain's budgeted, gentler schedule)."""
+    ``settings`` replaces ``config.train`` (a retrain's budgeted, gentler schedule); ``on_run`` gets
+    the MLflow run's id as soon as it exists, before the long part."""
     settings = settings or config.train
     if settings.lora.enabled and base is None:
         raise UserInputError("--lora fine-tunes an existing model: give --base PATH|VERSION")
@@ -166,6 +168,8 @@ def train(
         raise
 
     try:
+        if on_run is not None:
+            on_run(run_id)
         params = _flatten("train", settings.model_dump(mode="json"))
         params.update(dataset=tags["dataset"], base=base or "", parameters=str(parameters),
                       vocab_size=str(len(tokenizer)))

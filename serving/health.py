@@ -38,16 +38,19 @@ def health_route(route_prefix: str) -> str:
                   ray_actor_options={"num_cpus": 0})
 class HealthCheck:
     """Says whether the application ``app_name`` serves; the version it serves comes as ``user_config``
-    (``{"model_version": …}``), which Serve hands to ``reconfigure`` without restarting the replica."""
+    (``{"model_version": …, "waiting": …}``), which Serve hands to ``reconfigure`` without restarting
+    the replica. ``waiting`` is what the status says while nothing serves (``bootstrapping`` while
+    ``genloop up`` trains the first model), "unavailable" without it."""
 
     def __init__(self, app_name: str, deployment_name: str):
         self.app_name, self.deployment_name = app_name, deployment_name
-        self.model_version = ""
+        self.model_version, self.waiting = "", None
         self.serving, self.detail = False, "starting"
         self._refresher = asyncio.get_running_loop().create_task(self._refresh())
 
     def reconfigure(self, user_config: dict) -> None:
         self.model_version = str(user_config.get("model_version", ""))
+        self.waiting = user_config.get("waiting")
 
     async def _refresh(self) -> None:
         while True:
@@ -64,12 +67,13 @@ class HealthCheck:
             await asyncio.sleep(REFRESH_S)
 
     async def __call__(self, request: Request) -> JSONResponse:
-        body = {"status": "ok" if self.serving else "unavailable", "model_version": self.model_version,
-                "detail": self.detail}
+        body = {"status": "ok" if self.serving else self.waiting or "unavailable",
+                "model_version": self.model_version, "detail": self.detail}
         return JSONResponse(body, status_code=200 if self.serving else 503,
                             headers={VERSION_HEADER: self.model_version})
 
 
-def health_app(app_name: str, model_version: str, deployment_name: str = "genloop"):
+def health_app(app_name: str, model_version: str, deployment_name: str = "genloop", waiting: str | None = None):
     """The health application of ``app_name``, ready for ``serve.run``."""
-    return HealthCheck.options(user_config={"model_version": model_version}).bind(app_name, deployment_name)
+    return HealthCheck.options(user_config={"model_version": model_version, "waiting": waiting}).bind(
+        app_name, deployment_name)

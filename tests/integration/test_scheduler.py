@@ -18,9 +18,11 @@ from monitoring.metrics import ControlPlaneCollector
 from services.config import GenloopConfig
 from services.exporter import read_state
 from services.registry import Registry
+from services.retrain import ingest_new_data
 from services.schedule import window_wait
 from services.scheduler import DEFERRED, GenloopScheduler, JobHistory
 from serving.inference_log import InferenceLog, InferenceRecord
+from training.cleaning import TRAIN, VALIDATION
 from training.datasets import list_versions, resolve_dataset, write_version
 from training.errors import UserInputError
 
@@ -305,3 +307,35 @@ def test_a_failing_stage_is_retried_then_the_champion_keeps_serving(
     assert all("ArrowInvalid" in run.detail for run in attempts), attempts[0].detail
     assert attempts[1].started_at - attempts[0].finished_at >= 0.05  # with backoff
     assert str(Registry(config).alias_version("champion").version) == champion
+
+
+def test_well_rated_answers_join_the_retrains_data_once(genloop_config, ray_cluster, make_docs_dataset):
+    """scheduler.feedback_min_rating: answers rated at least that become documents of the retrain's dataset;
+    worse-rated ones and answers kept only as hashes do not; the same ratings again make no new version."""
+    config = genloop_config
+    make_docs_dataset(config)
+    config.scheduler.dataset, config.scheduler.feedback_min_rating = "docs", 1
+    liked = "The with statement wraps a block in the methods of a context manager, so cleanup always runs."
+    disliked = "A lambda expression yields an anonymous function object whose body is one single expression."
+    for mode, answers in (("full", {"cmpl-" + "a" * 24: liked, "cmpl-" + "b" * 24: disliked}),
+                          ("hashed", {"cmpl-" + "c" * 24: "Secret prompt that is stored only as a hash, never as text."})):
+        log = InferenceLog(config.inference_log_dir, text=mode)
+        for response_id, text in answers.items():
+            log.append(InferenceRecord(request_id=response_id, route="completions", model_version="1", status=200,
+                                       prompt=text[:40], output=text[40:]))
+        log.close()
+    log = InferenceLog(config.inference_log_dir)
+    for response_id, rating in (("cmpl-" + "a" * 24, 1), ("cmpl-" + "b" * 24, 1), ("cmpl-" + "b" * 24, -1),
+                                ("cmpl-" + "c" * 24, 1)):
+        log.append(InferenceRecord(request_id=response_id, route="feedback", model_version="", status=200, prompt="",
+                                   rating=rating))
+    log.close()
+
+    ingest_new_data(config, sources=False)
+    versions = list_versions(config.datasets_dir, "docs")
+    assert [v.version for v in versions] == [1, 2] and versions[1].manifest["extends"] == "docs:v1"
+    added = set(versions[1].texts(TRAIN) + versions[1].texts(VALIDATION)) - set(
+        versions[0].texts(TRAIN) + versions[0].texts(VALIDATION))
+    assert added == {liked}  # the latest rating of the second answer is -1; the third has no text to learn
+    ingest_new_data(config, sources=False)
+    assert len(list_versions(config.datasets_dir, "docs")) == 2

@@ -1,0 +1,55 @@
+"""What ``genloop models`` and ``GET /admin/models`` show: each registered version with its roles,
+data, metrics, verdict, cost and how callers rated it.
+
+One listing for both, so the CLI and the admin API always say the same thing.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from pydantic import BaseModel, Field
+
+from services.config import GenloopConfig
+from services.registry import Registry
+from serving.inference_log import feedback_by_version
+from training.cost import COST_USD_TAG
+
+
+class ModelRow(BaseModel):
+    version: str
+    aliases: list[str] = Field(description="champion, previous, challenger: the roles the version plays.")
+    dataset: str = Field(description="Dataset version it trained on, name:vN.")
+    parent_version: str | None = Field(description="Version it was warm-started from; None: from scratch.")
+    best_val_loss: float | None
+    best_val_perplexity: float | None
+    verdict: str | None = Field(description="The gate's verdict on its latest evaluation.")
+    cost_usd: float | None
+    created_at: datetime
+    ratings: dict[str, int] = Field(description="Callers' feedback on its answers: positive, neutral, negative.")
+    positive_share: float | None = Field(description="Positive ratings over all ratings; None without any.")
+
+
+_RATING_NAMES = {1: "positive", 0: "neutral", -1: "negative"}
+
+
+def list_models(config: GenloopConfig) -> list[ModelRow]:
+    registry = Registry(config)
+    aliases = registry.aliases_by_version()
+    feedback = feedback_by_version(config.inference_log_dir)
+    rows = []
+    for version in registry.versions():
+        metrics = registry.client.get_run(version.run_id).data.metrics if version.run_id else {}
+        number = str(version.version)
+        ratings = {_RATING_NAMES[rating]: count for rating, count in sorted(feedback.get(number, {}).items())}
+        rated = sum(ratings.values())
+        cost = version.tags.get(COST_USD_TAG)
+        rows.append(ModelRow(
+            version=number, aliases=aliases.get(number, []), dataset=version.tags.get("dataset", ""),
+            parent_version=version.tags.get("parent_version") or None,
+            best_val_loss=metrics.get("best_val_loss"), best_val_perplexity=metrics.get("best_val_perplexity"),
+            verdict=version.tags.get("evaluation_verdict"), cost_usd=float(cost) if cost else None,
+            created_at=datetime.fromtimestamp(version.creation_timestamp / 1000, UTC), ratings=ratings,
+            positive_share=ratings.get("positive", 0) / rated if rated else None,
+        ))
+    return rows

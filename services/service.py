@@ -1,0 +1,196 @@
+"""``genloop up``: the whole loop as one service, one process tree.
+
+It runs what an operator used to string together by hand: the Serve application (the champion,
+the alias watch, rolling updates), the scheduler with all its jobs, the control plane's metrics and
+the admin API (``services.admin``). With no champion yet it bootstraps one, as the scheduler's
+first retrain (ingest → train from scratch → gate → promote), while ``/health`` says
+"bootstrapping"; the watcher deploys the model once the gate promotes it.
+
+Stopping (Ctrl-C, SIGTERM) goes in the order that loses nothing: mutating admin calls are
+refused and the scheduler fires no new job; a running job gets ``service.shutdown_grace_s`` to
+finish, after which it is recorded as interrupted (and its MLflow run as KILLED) and left to die
+with the process; then the Serve app drains its in-flight requests, and the admin API, the
+exporter and Ray stop. Only one ``genloop up`` may run on a state folder: a lock file in it
+refuses a second one before anything starts.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import uvicorn
+from rich.console import Console
+
+from services.admin import admin_tokens, build_admin_api, is_loopback
+from services.cluster import connect
+from services.config import GenloopConfig
+from services.exporter import start_exporter
+from services.scheduler import GenloopScheduler
+from services.serving_control import ChampionWatcher, current_target, start_serving, stop_serving
+from training.errors import UserInputError
+
+logger = logging.getLogger(__name__)
+
+LOCK_FILE = "up.lock"
+
+
+@dataclass
+class _Parts:
+    """What has been started, so that ``stop`` stops exactly that, in reverse."""
+
+    lock: object | None = None
+    scheduler: GenloopScheduler | None = None
+    watcher: ChampionWatcher | None = None
+    exporter: object | None = None
+    admin: uvicorn.Server | None = None
+    admin_thread: threading.Thread | None = None
+
+
+class GenloopService:
+    """``start`` brings everything up and returns; ``wait`` blocks until interrupted; ``stop`` drains."""
+
+    def __init__(self, config: GenloopConfig, console: Console):
+        self.config, self.console = config, console
+        self.stopping = threading.Event()
+        self.parts = _Parts()
+        self.bootstrap_run: int | None = None
+        self.admin_url = ""
+        self._stages_told: dict[int, int] = {}
+
+    # --- start ---------------------------------------------------------------------------------
+    def start(self, after_ray: Callable[[], None] = lambda: None) -> None:
+        """Start everything; ``after_ray`` runs once Ray is up (``ray.init`` replaces the SIGTERM
+        handler, and the caller puts its own back)."""
+        settings = self.config.service
+        tokens = admin_tokens()
+        if not tokens and not is_loopback(settings.admin_host):
+            raise UserInputError(f"service.admin_host {settings.admin_host} is not a loopback address: set "
+                                 "GENLOOP_ADMIN_TOKEN, or the admin API would let anyone on the network steer genloop")
+        self._lock()
+        connect(self.config.ray)  # here, before the scheduler's thread could start a Ray of its own
+        after_ray()
+        scheduler = self.parts.scheduler = GenloopScheduler(self.config, show_progress=True)
+        scheduler.start()  # takes the job store's lock: refused while `genloop scheduler start` runs
+        bootstrapping = current_target(self.config) is None
+        if bootstrapping:
+            self.bootstrap_run = scheduler.run_now("retrain", "bootstrap")
+        self._start_admin(scheduler, tokens)
+        self.console.print(f"admin API at {self.admin_url} "
+                           f"({'bearer tokens: ' + ', '.join(sorted(set(tokens.values()))) if tokens else 'no token: loopback only'})")
+        if bootstrapping:
+            self.console.print(f"no champion yet: bootstrapping one (job run {self.bootstrap_run}: ingest → train → "
+                               "gate → promote); /health says \"bootstrapping\" until it serves")
+        self.parts.watcher = start_serving(self.config, bootstrapping=True)
+        self.parts.exporter = start_exporter(self.config)
+        base = f"http://{self.config.serving.host}:{self.config.serving.port}"
+        if self.parts.watcher.serving is not None:
+            self.console.print(f"serving v{self.parts.watcher.serving.champion} at {base}/v1 (Ctrl-C to stop)")
+        else:
+            self.console.print(f"will serve at {base}/v1 once the first model passes the gate (Ctrl-C to stop)")
+
+    def _lock(self) -> None:
+        path = self.config.home / LOCK_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = path.open("a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "unknown"
+            handle.close()
+            raise UserInputError(f"genloop up already runs on {self.config.home} (pid {owner}); stop it first, or "
+                                 "give this one another GENLOOP_HOME") from None
+        handle.truncate(0)
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self.parts.lock = handle
+
+    def _start_admin(self, scheduler: GenloopScheduler, tokens: dict[str, str]) -> None:
+        settings = self.config.service
+        api = build_admin_api(self.config, scheduler, self._aliases_moved, self.stopping, tokens)
+        # log_config=None: uvicorn's records go to the root logger, i.e. the run's log file.
+        server = uvicorn.Server(uvicorn.Config(api, host=settings.admin_host, port=settings.admin_port,
+                                               log_config=None, access_log=False, lifespan="off"))
+        thread = threading.Thread(target=server.run, name="admin-api", daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise UserInputError(f"the admin API could not listen on {settings.admin_host}:{settings.admin_port} "
+                                     "(port in use?); set service.admin_port")
+            time.sleep(0.05)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        self.admin_url = f"http://{settings.admin_host}:{port}/admin"
+        self.parts.admin, self.parts.admin_thread = server, thread
+
+    def _aliases_moved(self) -> None:
+        if self.parts.watcher is not None:
+            self.parts.watcher.poke()
+
+    # --- run -----------------------------------------------------------------------------------
+    def wait(self) -> None:
+        """Until interrupted: say what running jobs do and when the bootstrapped model serves."""
+        announced = self.parts.watcher.serving is not None
+        while True:
+            time.sleep(0.5)
+            self._report_stages()
+            if not announced and self.parts.watcher.serving is not None:
+                announced = True
+                self.console.print(f"serving v{self.parts.watcher.serving.champion} at http://"
+                                   f"{self.config.serving.host}:{self.config.serving.port}/v1")
+
+    def _report_stages(self) -> None:
+        """One console line per stage a job reaches, and one when it ends (training draws its progress
+        bar in between)."""
+        current = self.parts.scheduler.running_job()
+        for run_id in {*self._stages_told, *([current["run_id"]] if current else [])}:
+            found = self.parts.scheduler.history.get(run_id)
+            if found is None:
+                continue
+            run, stages = found
+            for stage in stages[self._stages_told.get(run_id, 0):]:
+                self.console.print(f"job run {run_id} ({run.job}, {run.reason}): {stage.stage}"
+                                   + (f" — {stage.detail}" if stage.detail else ""), highlight=False)
+            self._stages_told[run_id] = len(stages)
+            if run.outcome not in ("queued", "running"):
+                self.console.print(f"job run {run_id} ({run.job}, {run.reason}) {run.outcome}: {run.detail}",
+                                   highlight=False)
+                del self._stages_told[run_id]
+
+    # --- stop ----------------------------------------------------------------------------------
+    def stop(self) -> dict | None:
+        """Drain and stop whatever was started. A job still running after the grace period is left to
+        die with the process: returned (run_id, job, stage), and the caller should exit at once."""
+        self.stopping.set()
+        parts = self.parts
+        left = None
+        if parts.scheduler is not None:
+            grace = self.config.service.shutdown_grace_s
+            if parts.scheduler.running_job() is not None:
+                self.console.print(f"waiting up to {grace:g} s for the running job to finish…")
+            left = parts.scheduler.stop(grace_s=grace)
+            if left:
+                self.console.print(f"job run {left['run_id']} ({left['job']}) interrupted during its "
+                                   f"{left.get('stage', 'start')} stage; recorded as failed")
+        if parts.watcher is not None:
+            parts.watcher.stop()
+            self.console.print("draining in-flight requests…")
+            stop_serving(own_cluster=self.config.ray.address is None)
+        if parts.exporter is not None:
+            parts.exporter.close()
+        if parts.admin is not None:
+            parts.admin.should_exit = True
+            parts.admin_thread.join(timeout=10)
+        if parts.lock is not None:
+            parts.lock.close()
+        if left and self.config.ray.address is None:
+            import ray
+
+            ray.shutdown()  # the abandoned job's training workers go with our local Ray
+        return left
