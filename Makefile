@@ -22,8 +22,10 @@ prometheus:
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
 		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus)
 
+# Two workers, a test file each at a time: much of the suite waits on subprocesses, Serve rollouts and
+# HTTP, so the other core works meanwhile; a file's module fixtures stay in one worker.
 test: $(STAMP) prometheus
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(PY) benchmarks/train_throughput.py

@@ -93,7 +93,8 @@ class ControlPlaneState(BaseModel):
     champion: str | None = None
     champion_since: float | None = None
     alias_changes: dict[str, dict[str, int]] = Field(
-        default_factory=dict, description="Action (promote, rollback, …) → outcome → count, from the audit log."
+        default_factory=dict, description="Action (promote, rollback, retrain, …) → outcome → count, from the audit "
+        "log."
     )
     jobs: list[JobState] = Field(default_factory=list)
     feedback: dict[str, dict[str, int]] = Field(
@@ -148,8 +149,9 @@ class ControlPlaneCollector(Collector):
             champion.add_metric([state.champion], 1)
             if state.champion_since is not None:
                 since.add_metric([], state.champion_since)
-        changes = CounterMetricFamily("genloop_alias_changes", "Promotions, rollbacks and challenger changes, by "
-                                      "outcome (promoted, rejected, conflict, rolled-back, …).",
+        changes = CounterMetricFamily("genloop_alias_changes", "Promotions, rollbacks, challenger changes and admin "
+                                      "retrain requests, by outcome (promoted, rejected, conflict, rolled-back, "
+                                      "queued, …).",
                                       labels=["action", "outcome"])
         for action, outcomes in state.alias_changes.items():
             for outcome, count in outcomes.items():

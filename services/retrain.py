@@ -12,9 +12,10 @@ and early stopping may end it sooner. A mix already trained from this champion a
 again. A refused or failed round leaves the champion as it was: training only registers a
 version, and only the gate moves the alias.
 
-With no champion the round bootstraps one: from scratch on everything there is, and with no
-sources and no data at all on the built-in corpus (``BOOTSTRAP_SOURCES``), so that ``genloop up``
-on empty state ends up serving.
+With no champion the round trains one from scratch on everything there is. ``genloop up``'s
+first round on empty state (reason ``BOOTSTRAP``) with no sources configured takes the built-in
+corpus (``BOOTSTRAP_SOURCES``), so that it ends up serving; any other round without data fails,
+saying so, rather than train on text nobody chose.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ from training.sources import Source
 logger = logging.getLogger(__name__)
 
 RetrainOutcome = Literal["promoted", "rejected", "skipped"]
-BOOTSTRAP_SOURCES = ["builtin:python-docs"]  # what a first model learns when nothing else is configured
+BOOTSTRAP = "bootstrap"  # the reason of `genloop up`'s first round on empty state
+BOOTSTRAP_SOURCES = ["builtin:python-docs"]  # what its first model learns when no sources are configured
 
 
 class RetrainResult(BaseModel):
@@ -55,14 +57,14 @@ class RetrainResult(BaseModel):
     report: EvaluationReport | None = Field(None, description="The gate's report, when it judged the candidate.")
 
 
-def ingest_new_data(config: GenloopConfig, sources: bool = True) -> None:
+def ingest_new_data(config: GenloopConfig, sources: bool = True, bootstrap: bool = False) -> None:
     """Ingest ``scheduler.sources`` (unless ``sources`` is False), the settled files of
     ``scheduler.incoming`` and, with ``scheduler.feedback_min_rating``, the well-rated answers into
-    ``scheduler.dataset``. With no sources configured and the dataset still empty, the sources are
-    ``BOOTSTRAP_SOURCES``."""
+    ``scheduler.dataset``. For a ``bootstrap`` with no sources configured and the dataset still
+    empty, the sources are ``BOOTSTRAP_SOURCES``."""
     settings = config.scheduler
     chosen = settings.sources
-    if sources and not chosen and not list_versions(config.datasets_dir, settings.dataset):
+    if bootstrap and sources and not chosen and not list_versions(config.datasets_dir, settings.dataset):
         chosen = BOOTSTRAP_SOURCES
     if sources and chosen:
         connect(config.ray)  # before ingest: Ray Data would otherwise start a Ray of its own choosing
@@ -143,7 +145,7 @@ def retrain(config: GenloopConfig, reason: str, show_progress: bool = False, act
     (the scheduler's job history keeps it)."""
     settings = config.scheduler
     stage("ingest")
-    ingest_new_data(config)
+    ingest_new_data(config, bootstrap=reason == BOOTSTRAP)
     fresh, seen, count = unseen(config)
     registry = Registry(config)
     champion = registry.alias_version("champion")

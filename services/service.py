@@ -31,7 +31,8 @@ from services.admin import admin_tokens, build_admin_api, is_loopback
 from services.cluster import connect
 from services.config import GenloopConfig
 from services.exporter import start_exporter
-from services.scheduler import GenloopScheduler
+from services.retrain import BOOTSTRAP
+from services.scheduler import ACTIVE, GenloopScheduler
 from services.serving_control import ChampionWatcher, current_target, start_serving, stop_serving
 from training.errors import UserInputError
 
@@ -79,7 +80,7 @@ class GenloopService:
         scheduler.start()  # takes the job store's lock: refused while `genloop scheduler start` runs
         bootstrapping = current_target(self.config) is None
         if bootstrapping:
-            self.bootstrap_run = scheduler.run_now("retrain", "bootstrap")
+            self.bootstrap_run = scheduler.run_now("retrain", BOOTSTRAP)
         self._start_admin(scheduler, tokens)
         self.console.print(f"admin API at {self.admin_url} "
                            f"({'bearer tokens: ' + ', '.join(sorted(set(tokens.values()))) if tokens else 'no token: loopback only'})")
@@ -158,7 +159,7 @@ class GenloopService:
                 self.console.print(f"job run {run_id} ({run.job}, {run.reason}): {stage.stage}"
                                    + (f" — {stage.detail}" if stage.detail else ""), highlight=False)
             self._stages_told[run_id] = len(stages)
-            if run.outcome not in ("queued", "running"):
+            if run.outcome not in ACTIVE:
                 self.console.print(f"job run {run_id} ({run.job}, {run.reason}) {run.outcome}: {run.detail}",
                                    highlight=False)
                 del self._stages_told[run_id]

@@ -146,7 +146,9 @@ class FeedbackRequest(BaseModel):
 
     id: Annotated[str, AfterValidator(_response_id)] = Field(
         json_schema_extra={"pattern": RESPONSE_ID.pattern}, description="The id of the response rated.")
-    rating: Literal[-1, 0, 1] = Field(description="1 good, 0 neutral, -1 bad; a later rating replaces this one.")
+    # Strict: a JSON true must not pass as 1 (Literal alone would take it).
+    rating: int = Field(strict=True, ge=-1, le=1,
+                        description="1 good, 0 neutral, -1 bad; a later rating replaces this one.")
     comment: Text | None = Field(None, max_length=MAX_COMMENT_CHARS,
                                  description="Why; kept as the inference log keeps text (full, redacted or hashed).")
 

@@ -152,3 +152,24 @@ def make_docs_dataset():
         return docs[len(docs) // 2:]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def own_ray_processes():
+    """Processes of this test session's Ray whose command line contains ``text``: the test's own, not
+    those of another Ray on the machine (another test run, a `genloop` subprocess), which a test must
+    never kill."""
+    import psutil
+
+    def find(text: str) -> list:
+        me = os.getpid()
+        found = []
+        for process in psutil.process_iter(["cmdline"]):
+            try:
+                if text in " ".join(process.info["cmdline"] or []) and me in {p.pid for p in process.parents()}:
+                    found.append(process)
+            except psutil.NoSuchProcess:
+                continue
+        return found
+
+    return find

@@ -20,7 +20,7 @@ from services.exporter import start_exporter
 from services.gate import evaluate
 from services.lifecycle import promote
 from services.registry import Registry
-from services.scheduler import GenloopScheduler
+from services.scheduler import ACTIVE, GenloopScheduler
 from services.serving_control import start_serving, stop_serving
 from serving.inference_log import read_inference_log
 from training.cost import cost_report
@@ -124,7 +124,7 @@ def test_prometheus_scrapes_every_replica_and_every_panel_has_data(
         scheduler.run_now("drift")
         deadline = time.time() + 180
         while time.time() < deadline and not [r for r in scheduler.history.recent()
-                                              if r.outcome not in ("queued", "running")]:
+                                              if r.outcome not in ACTIVE]:
             time.sleep(0.5)
         drift_run = scheduler.history.recent()[0]
         assert drift_run.outcome in ("drift", "no drift"), drift_run.detail  # on the prompts just logged

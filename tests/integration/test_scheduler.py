@@ -20,7 +20,7 @@ from services.exporter import read_state
 from services.registry import Registry
 from services.retrain import ingest_new_data
 from services.schedule import window_wait
-from services.scheduler import DEFERRED, GenloopScheduler, JobHistory
+from services.scheduler import ACTIVE, DEFERRED, GenloopScheduler, JobHistory
 from serving.inference_log import InferenceLog, InferenceRecord
 from training.cleaning import TRAIN, VALIDATION
 from training.datasets import list_versions, resolve_dataset, write_version
@@ -34,7 +34,7 @@ def next_runs(config) -> dict[str, float | None]:
 def wait_for_runs(history: JobHistory, count: int, timeout: float = 600) -> list:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        runs = [run for run in history.recent(50) if run.outcome != "running"]
+        runs = [run for run in history.recent(50) if run.outcome not in ACTIVE]
         if len(runs) >= count:
             return runs
         time.sleep(0.5)

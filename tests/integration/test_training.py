@@ -10,7 +10,6 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -100,7 +99,7 @@ def test_early_stopping_ends_the_run_after_patience_validations(docs_config: Gen
     assert run.metrics["best_step"] == 5
 
 
-def test_killed_worker_resumes_from_checkpoint(docs_config: GenloopConfig):
+def test_killed_worker_resumes_from_checkpoint(docs_config: GenloopConfig, own_ray_processes):
     docs_config.train.max_steps = 60
     outcome: dict = {}
     thread = threading.Thread(target=lambda: outcome.update(run=train(docs_config, "docs", show_progress=False)))
@@ -113,8 +112,7 @@ def test_killed_worker_resumes_from_checkpoint(docs_config: GenloopConfig):
     while time.time() < deadline and not list(storage.glob("*/checkpoint_manager_snapshot.json")):
         time.sleep(0.2)
     assert list(storage.glob("*/checkpoint_manager_snapshot.json")), "no checkpoint was registered"
-    workers = [p for p in psutil.process_iter(["cmdline"])
-               if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    workers = own_ray_processes("RayTrainWorker")
     assert workers, "no Ray Train worker process found"
     os.kill(workers[0].pid, signal.SIGKILL)
 
