@@ -19,7 +19,7 @@ from typing import Annotated
 import typer
 import yaml
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from services.config import GenloopConfig, load_config
 from services.console import log_path, start_log
@@ -231,21 +231,22 @@ def models_command(
 
     config = _load(config_file)
     if history:
-        table = Table("time", "actor", "action", "from", "to", "outcome", "reason", "report")
+        table = Table(*(Column(name, overflow="fold", no_wrap=name in ("action", "outcome")) for name in (
+            "time", "actor", "action", "from", "to", "outcome", "reason", "report")))
         for entry in AuditLog(config.state_db).history():
             table.add_row(entry.at, entry.actor, entry.action, entry.from_version or "–", entry.to_version or "–",
                           entry.outcome, entry.reason, entry.report_id or "")
         console.print(table)
         return
-    table = Table("version", "aliases", "dataset", "val loss", "val ppl", "verdict", "cost $", "liked", "created")
+    # Seven columns that fold rather than cut: readable at 80 columns (the full record: GET /admin/models).
+    table = Table(*(Column(name, overflow="fold") for name in (
+        "version", "aliases", "dataset", "val loss", "verdict", "cost $", "liked")))
     for row in list_models(config):
         table.add_row(
             f"v{row.version}", ", ".join(row.aliases), row.dataset,
             f"{row.best_val_loss:.3f}" if row.best_val_loss is not None else "–",
-            f"{row.best_val_perplexity:.1f}" if row.best_val_perplexity is not None else "–",
-            row.verdict or "–", f"{row.cost_usd:.6f}" if row.cost_usd is not None else "–",
+            row.verdict or "–", f"{row.cost_usd:.2g}" if row.cost_usd is not None else "–",
             f"{row.positive_share:.0%} of {sum(row.ratings.values())}" if row.positive_share is not None else "–",
-            row.created_at.strftime("%Y-%m-%d %H:%M"),
         )
     console.print(table)
 

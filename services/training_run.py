@@ -217,7 +217,8 @@ def train(
         logger.info("registered %s v%s (%s)", registry.name, version.version, json.dumps(summary))
         return TrainingRun(run_id=run_id, version=str(version.version), metrics=summary, cost=report)
     except BaseException:
-        client.set_terminated(run_id, "FAILED")
+        if client.get_run(run_id).info.status == "RUNNING":  # a stopping service may have closed it as KILLED
+            client.set_terminated(run_id, "FAILED")
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)

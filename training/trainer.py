@@ -27,6 +27,8 @@ from training.errors import UserInputError
 from training.loop import STATE_FILE, train_worker
 from training.models import merge_lora, with_lora
 
+CPU_SETTLE_S = 10.0  # how long a shortage of free CPUs must last before a run is refused
+
 logger = logging.getLogger(__name__)
 
 
@@ -58,6 +60,12 @@ def fit(
     """Train on Ray Train and return the best checkpoint; raises ``TrainingFailed``."""
     reserved = settings.num_workers * settings.cpus_per_worker
     free = ray.available_resources().get("CPU", 0)  # not the total: serving replicas may hold some
+    # Ray's view of free resources lags the tasks that just ended (the ingest before a retrain, the
+    # Serve start beside a bootstrap): a shortage must last a few seconds to be one.
+    deadline = time.monotonic() + CPU_SETTLE_S
+    while not settings.use_gpu and free - reserved < 1 and time.monotonic() < deadline:
+        time.sleep(0.5)
+        free = ray.available_resources().get("CPU", 0)
     if not settings.use_gpu and free - reserved < 1:
         # With every CPU reserved by the workers, Ray Data cannot run the reads that feed them: a hang.
         raise UserInputError(
