@@ -307,6 +307,11 @@ class GenloopScheduler:
             self._lock_file = None
         return left
 
+    def pause(self) -> None:
+        """Fire no new job (``stop`` follows); a running one goes on."""
+        if self.scheduler.running:
+            self.scheduler.pause()
+
     def running_job(self) -> dict | None:
         """The attempt running now (run_id, job, stage, mlflow_run_id), or None."""
         return dict(self._current) or None

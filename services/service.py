@@ -7,10 +7,10 @@ first retrain (ingest → train from scratch → gate → promote), while ``/hea
 "bootstrapping"; the watcher deploys the model once the gate promotes it.
 
 Stopping (Ctrl-C, SIGTERM) goes in the order that loses nothing: mutating admin calls are
-refused and the scheduler fires no new job; a running job gets ``service.shutdown_grace_s`` to
-finish, after which it is recorded as interrupted (and its MLflow run as KILLED) and left to die
-with the process; then the Serve app drains its in-flight requests, and the admin API, the
-exporter and Ray stop. Only one ``genloop up`` may run on a state folder: a lock file in it
+refused and the scheduler fires no new job; the Serve app drains its in-flight requests while a
+running job goes on; the job then gets ``service.shutdown_grace_s`` to finish,
+after which it is recorded as interrupted (and its MLflow run as KILLED) and left to die with the
+process, which exits at once; the admin API and the exporter stop. Only one ``genloop up`` may run on a state folder: a lock file in it
 refuses a second one before anything starts.
 """
 
@@ -167,9 +167,16 @@ class GenloopService:
     # --- stop ----------------------------------------------------------------------------------
     def stop(self) -> dict | None:
         """Drain and stop whatever was started. A job still running after the grace period is left to
-        die with the process: returned (run_id, job, stage), and the caller should exit at once."""
+        die with the process: returned (run_id, job, stage), and the caller must exit at once, before
+        that job's thread touches a Ray that is going away (Ray's core worker exits the process then)."""
         self.stopping.set()
         parts = self.parts
+        if parts.scheduler is not None:
+            parts.scheduler.pause()  # no new job while Serve drains; a running one goes on meanwhile
+        if parts.watcher is not None:
+            parts.watcher.stop()
+            self.console.print("draining in-flight requests…")
+            stop_serving(own_cluster=self.config.ray.address is None)
         left = None
         if parts.scheduler is not None:
             grace = self.config.service.shutdown_grace_s
@@ -179,10 +186,6 @@ class GenloopService:
             if left:
                 self.console.print(f"job run {left['run_id']} ({left['job']}) interrupted during its "
                                    f"{left.get('stage', 'start')} stage; recorded as failed")
-        if parts.watcher is not None:
-            parts.watcher.stop()
-            self.console.print("draining in-flight requests…")
-            stop_serving(own_cluster=self.config.ray.address is None)
         if parts.exporter is not None:
             parts.exporter.close()
         if parts.admin is not None:
@@ -190,8 +193,4 @@ class GenloopService:
             parts.admin_thread.join(timeout=10)
         if parts.lock is not None:
             parts.lock.close()
-        if left and self.config.ray.address is None:
-            import ray
-
-            ray.shutdown()  # the abandoned job's training workers go with our local Ray
         return left
