@@ -24,7 +24,8 @@ Every attempt lands in the ``job_runs`` table next to the job store (job, reason
 start, end, outcome, detail), which ``services.exporter`` turns into ``genloop_scheduler_*`` series
 and ``genloop scheduler status`` prints; the stages it went through (ingest, train, gate, …, with
 the MLflow run and the reports each produced) land in ``job_stages``. A run asked for with
-``run_now`` gets its row at once, as ``queued``, so whoever asked has its id before it starts. Outcomes are few and fixed: a retrain is promoted,
+``run_now`` gets its row at once, as ``queued``, so whoever asked has its id before it starts.
+Outcomes are few and fixed: a retrain is promoted,
 rejected, skipped (too little new data) or deferred (outside the window); a drift check is drift,
 no drift or insufficient data; an ingest is ingested or no new data; anything that raises, or was
 cut off by the process dying (or by ``stop``'s grace period running out), is failed; a due run
