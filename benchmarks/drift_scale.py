@@ -39,12 +39,12 @@ def prepare(home: Path, prompts: int) -> None:
     import pyarrow.parquet as pq
     import pydoc_data.topics
 
-    from services.config import GenloopConfig
-    from services.registry import MODEL_ARTIFACT, Registry
-    from serving.inference_log import InferenceLog, InferenceRecord
-    from training.datasets import MANIFEST_FILE, TRAIN_FILE, VALIDATION_FILE
-    from training.models import build_model
-    from training.tokenizer import train_tokenizer
+    from genloop.services.config import GenloopConfig
+    from genloop.services.registry import MODEL_ARTIFACT, Registry
+    from genloop.serving.inference_log import InferenceLog, InferenceRecord
+    from genloop.training.datasets import MANIFEST_FILE, TRAIN_FILE, VALIDATION_FILE
+    from genloop.training.models import build_model
+    from genloop.training.tokenizer import train_tokenizer
 
     config = GenloopConfig(home=home)
     docs = [p for t in pydoc_data.topics.topics.values() for p in t.split("\n\n") if len(p.split()) >= 8]
@@ -82,8 +82,8 @@ def prepare(home: Path, prompts: int) -> None:
 
 def measure(home: Path, max_samples: int) -> dict:
     """One drift check; runs in its own process so its peak memory is its own."""
-    from services.config import GenloopConfig
-    from services.drift_check import run_drift_check
+    from genloop.services.config import GenloopConfig
+    from genloop.services.drift_check import run_drift_check
 
     config = GenloopConfig(home=home)
     config.monitoring.drift_max_samples = max_samples

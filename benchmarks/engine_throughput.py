@@ -35,10 +35,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config
 
-from serving.engine import GenerationRequest, SamplingParams
-from serving.hf.engine import HFEngine
-from training.models import parameter_count
-from training.tokenizer import train_tokenizer
+from genloop.serving.engine import GenerationRequest, SamplingParams
+from genloop.serving.hf.engine import HFEngine
+from genloop.training.models import parameter_count
+from genloop.training.tokenizer import train_tokenizer
 
 BATCH = 32
 

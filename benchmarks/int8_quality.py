@@ -32,10 +32,10 @@ import torch
 from engine_throughput import BATCH, build, run_engine  # sibling benchmark: same model
 from report import RESULTS, emit  # benchmarks/ is the script's folder, on sys.path
 
-from serving.hf.engine import HFEngine
-from serving.hf.model_prep import quantize_int8
-from training.evaluation import evaluate_model, make_prompts
-from training.models import parameter_count
+from genloop.serving.hf.engine import HFEngine
+from genloop.serving.hf.model_prep import quantize_int8
+from genloop.training.evaluation import evaluate_model, make_prompts
+from genloop.training.models import parameter_count
 
 
 def corpus() -> tuple[list[str], list[str]]:
@@ -115,7 +115,7 @@ def main() -> None:
                         "seconds": time.perf_counter() - started}
             model.save_pretrained(folder)
         else:
-            from training.evaluation import load_for_evaluation
+            from genloop.training.evaluation import load_for_evaluation
 
             model, tokenizer = load_for_evaluation(folder)
             prompt_ids = [tokenizer(t)["input_ids"][:48] for t in held_out[:BATCH]]

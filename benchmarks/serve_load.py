@@ -40,7 +40,7 @@ import torch
 from engine_throughput import build, measure_direct, run_direct  # sibling benchmark: same model and prompts
 from report import RESULTS, emit  # benchmarks/ is the script's folder, on sys.path
 
-from training.models import parameter_count
+from genloop.training.models import parameter_count
 
 SYSTEMS = ("naive", "hf_serve", "genloop")
 
@@ -142,16 +142,16 @@ class Server:
         import ray
         from ray import serve
 
-        from services.cluster import use_fast_serve_data_plane
-        from serving.app import serve_app
-        from serving.hf.engine import HFEngine
+        from genloop.services.cluster import use_fast_serve_data_plane
+        from genloop.serving.app import serve_app
+        from genloop.serving.hf.engine import HFEngine
 
         use_fast_serve_data_plane()  # as `genloop serve` starts its Ray
         ray.init(address="local", num_cpus=os.cpu_count(), logging_level="ERROR", include_dashboard=False,
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": str(self.threads)}})
         serve.start(http_options={"host": "127.0.0.1", "port": self.port})
-        from serving.hf.options import HFEngineOptions
-        from serving.settings import DeploymentOptions, ServerSettings
+        from genloop.serving.hf.options import HFEngineOptions
+        from genloop.serving.settings import DeploymentOptions, ServerSettings
 
         # One load generator is one client: no per-client limit, or concurrency past it would measure 429s.
         settings = ServerSettings(model_path=str(self.model_dir), model_version="1", engine_class=HFEngine,

@@ -24,11 +24,11 @@ import ray.data
 import torch
 from mlflow.tracking import MlflowClient
 
-from training.config import TrainConfig
-from training.loop import TEXT_BATCH_ROWS, make_optimizer, make_schedule, packed_batches, train_step
-from training.models import build_model, parameter_count
-from training.tokenizer import train_tokenizer
-from training.trainer import fit
+from genloop.training.config import TrainConfig
+from genloop.training.loop import TEXT_BATCH_ROWS, make_optimizer, make_schedule, packed_batches, train_step
+from genloop.training.models import build_model, parameter_count
+from genloop.training.tokenizer import train_tokenizer
+from genloop.training.trainer import fit
 
 
 def corpus() -> list[str]:

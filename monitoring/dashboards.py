@@ -1,7 +1,7 @@
 """Grafana dashboards as code (grafana-foundation-sdk): serving, model quality & drift, training & cost,
 scheduler.
 
-``python -m monitoring.dashboards`` writes them to ``deploy/grafana/dashboards/*.json``, the folder
+``python -m genloop.monitoring.dashboards`` writes them to ``deploy/grafana/dashboards/*.json``, the folder
 Grafana's provisioning (``deploy/grafana/provisioning/``) loads. The tests regenerate them and fail
 when the committed JSON is stale or a query names a metric ``monitoring.metrics`` does not define.
 Every series is summed over replicas (each scraped on its own, see ``monitoring.scrape_targets``).

@@ -31,8 +31,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from pydantic import BaseModel, Field  # noqa: E402
 
-from monitoring import metrics  # noqa: E402
-from monitoring.drift_settings import DriftSettings  # noqa: E402
+from genloop.monitoring import metrics  # noqa: E402
+from genloop.monitoring.drift_settings import DriftSettings  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

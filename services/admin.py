@@ -26,17 +26,17 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from monitoring.drift import DriftResult
-from services.audit import AuditLog
-from services.catalog import ModelRow, list_models
-from services.config import GenloopConfig
-from services.drift_check import latest_drift
-from services.lifecycle import PromotionRefused, promote, rollback, set_challenger
-from services.lifecycle import roles as current_roles
-from services.registry import Registry, UnknownVersion
-from services.scheduler import GenloopScheduler, JobRun, JobStage
-from serving.protocol import error_body
-from training.errors import UserInputError
+from genloop.monitoring.drift import DriftResult
+from genloop.services.audit import AuditLog
+from genloop.services.catalog import ModelRow, list_models
+from genloop.services.config import GenloopConfig
+from genloop.services.drift_check import latest_drift
+from genloop.services.lifecycle import PromotionRefused, promote, rollback, set_challenger
+from genloop.services.lifecycle import roles as current_roles
+from genloop.services.registry import Registry, UnknownVersion
+from genloop.services.scheduler import GenloopScheduler, JobRun, JobStage
+from genloop.serving.protocol import error_body
+from genloop.training.errors import UserInputError
 
 ADMIN_TOKEN_ENV = "GENLOOP_ADMIN_TOKEN"
 PREFIX = "/admin"

@@ -10,10 +10,10 @@ from datetime import UTC, datetime
 
 from pydantic import BaseModel, Field
 
-from services.config import GenloopConfig
-from services.registry import Registry
-from serving.inference_log import feedback_by_version
-from training.cost import COST_USD_TAG
+from genloop.services.config import GenloopConfig
+from genloop.services.registry import Registry
+from genloop.serving.inference_log import feedback_by_version
+from genloop.training.cost import COST_USD_TAG
 
 
 class ModelRow(BaseModel):

@@ -21,9 +21,9 @@ import yaml
 from rich.console import Console
 from rich.table import Column, Table
 
-from services.config import GenloopConfig, load_config
-from services.console import log_path, start_log
-from training.errors import UserInputError
+from genloop.services.config import GenloopConfig, load_config
+from genloop.services.console import log_path, start_log
+from genloop.training.errors import UserInputError
 
 app = typer.Typer(help="genloop: keep a generative text model fresh in production.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -85,8 +85,8 @@ def data_ingest(
     config_file: ConfigOption = None,
 ) -> None:
     """Clean, deduplicate and split SOURCES into a new version of dataset NAME."""
-    from services.cluster import connect
-    from training.datasets import check_name, ingest
+    from genloop.services.cluster import connect
+    from genloop.training.datasets import check_name, ingest
 
     config = _load(config_file)
     check_name(name)  # before Ray starts and the sources are read
@@ -102,7 +102,7 @@ def data_ingest(
 @data_app.command("list")
 def data_list(name: Annotated[str, typer.Argument(help="Dataset name.")], config_file: ConfigOption = None) -> None:
     """List the versions of dataset NAME."""
-    from training.datasets import list_versions, resolve_dataset
+    from genloop.training.datasets import list_versions, resolve_dataset
 
     config = _load(config_file)
     resolve_dataset(config.datasets_dir, name)  # an invalid or unknown name is an error, not an empty list
@@ -123,7 +123,7 @@ def train_command(
     config_file: ConfigOption = None,
 ) -> None:
     """Train a model on Ray Train and register it as a new version."""
-    from services.training_run import train
+    from genloop.services.training_run import train
 
     config = _load(config_file)
     if preset is not None and base is not None:
@@ -148,7 +148,7 @@ def evaluate_command(
     config_file: ConfigOption = None,
 ) -> None:
     """Compare CANDIDATE with the champion on the same held-out sets; exit 1 when it fails the gate."""
-    from services.gate import evaluate
+    from genloop.services.gate import evaluate
 
     config = _load(config_file)
     report = evaluate(config, candidate, against=against)
@@ -173,7 +173,7 @@ def promote_command(
     config_file: ConfigOption = None,
 ) -> None:
     """Promote VERSION to champion through the evaluation gate; exit 1 when refused."""
-    from services.lifecycle import PromotionRefused, promote
+    from genloop.services.lifecycle import PromotionRefused, promote
 
     config = _load(config_file)
     try:
@@ -194,7 +194,7 @@ def rollback_command(
     config_file: ConfigOption = None,
 ) -> None:
     """Move the champion back to the previous version."""
-    from services.lifecycle import rollback
+    from genloop.services.lifecycle import rollback
 
     roles = rollback(_load(config_file), reason=reason)
     console.print(f"champion is v{roles.champion} again (previous: v{roles.previous})")
@@ -209,7 +209,7 @@ def challenger_command(
 ) -> None:
     """Name VERSION the challenger: with serving.shadow_percent > 0 it answers a mirrored share of
     traffic into the inference log, never to callers."""
-    from services.lifecycle import set_challenger
+    from genloop.services.lifecycle import set_challenger
 
     if (version is None) == (not clear):
         raise UserInputError("give a VERSION or --clear")
@@ -226,8 +226,8 @@ def models_command(
     config_file: ConfigOption = None,
 ) -> None:
     """Registered versions with aliases, data, metrics, verdict and cost; or the audit log."""
-    from services.audit import AuditLog
-    from services.catalog import list_models
+    from genloop.services.audit import AuditLog
+    from genloop.services.catalog import list_models
 
     config = _load(config_file)
     if history:
@@ -259,8 +259,8 @@ def serve_command(
     """Serve the champion over the OpenAI API and roll to each new champion; Ctrl-C or SIGTERM drains and stops."""
     import time
 
-    from services.exporter import start_exporter
-    from services.serving_control import start_serving, stop_serving
+    from genloop.services.exporter import start_exporter
+    from genloop.services.serving_control import start_serving, stop_serving
 
     config = _load(config_file)
     if address is not None:
@@ -290,7 +290,7 @@ def serve_command(
 def up_command(config_file: ConfigOption = None) -> None:
     """Run genloop as one service: serving, the scheduler, metrics and the admin API; with no champion
     it bootstraps one first. Ctrl-C or SIGTERM drains and stops."""
-    from services.service import GenloopService
+    from genloop.services.service import GenloopService
 
     service = GenloopService(_load(config_file), console)
     _stop_on_signals()
@@ -322,9 +322,9 @@ def generate_command(
     config_file: ConfigOption = None,
 ) -> None:
     """Batch inference: answer every prompt of a JSONL file with the serving engine, on Ray Data."""
-    from services.cluster import connect
-    from services.serving_control import settings_for
-    from serving.batch import generate_file
+    from genloop.services.cluster import connect
+    from genloop.services.serving_control import settings_for
+    from genloop.serving.batch import generate_file
 
     config = _load(config_file)
     if concurrency < 1 or batch_size < 1:
@@ -354,7 +354,7 @@ def drift_command(
     config_file: ConfigOption = None,
 ) -> None:
     """Compare recent prompts with the champion's training data (Evidently); HTML + JSON report."""
-    from services.drift_check import drift_dir, run_drift_check
+    from genloop.services.drift_check import drift_dir, run_drift_check
 
     config = _load(config_file)
     result = run_drift_check(config, _duration(window) if window else None)
@@ -373,7 +373,7 @@ def scheduler_start(config_file: ConfigOption = None) -> None:
     """Run the retrain and drift jobs on their schedule until Ctrl-C or SIGTERM (a running job finishes first)."""
     import time
 
-    from services.scheduler import GenloopScheduler
+    from genloop.services.scheduler import GenloopScheduler
 
     scheduler = GenloopScheduler(_load(config_file))
     _stop_on_signals()
@@ -395,7 +395,7 @@ def scheduler_run(
     config_file: ConfigOption = None,
 ) -> None:
     """Run JOB once now, recorded in the job history; refused while a scheduler runs on the same store."""
-    from services.scheduler import GenloopScheduler
+    from genloop.services.scheduler import GenloopScheduler
 
     scheduler = GenloopScheduler(_load(config_file))
     if job not in scheduler.JOBS:
@@ -410,7 +410,7 @@ def scheduler_run(
 @scheduler_app.command("status")
 def scheduler_status(config_file: ConfigOption = None) -> None:
     """The jobs with their next run, and the latest runs."""
-    from services.scheduler import JobHistory
+    from genloop.services.scheduler import JobHistory
 
     history = JobHistory(_load(config_file).scheduler_db)
     _print_jobs(history)
@@ -443,7 +443,7 @@ def demo(
 ) -> None:
     """The loop on a domain shift: v1 on Python's docs, same-domain traffic (no drift), then traffic and
     new documents from NEW_DOMAIN → drift → retrain with replay → gate → v2 rolled out under traffic."""
-    from services.demo import DemoFailed, run_demo
+    from genloop.services.demo import DemoFailed, run_demo
 
     try:
         run_demo(_load(config_file), max_steps=max_steps, console=console, new_domain=new_domain)

@@ -8,9 +8,9 @@ import os
 import ray
 import ray.data
 
-from services import console
-from services.config import RayConfig
-from services.leftovers import reap_orphaned_ray_agents, watch_local_ray
+from genloop.services import console
+from genloop.services.config import RayConfig
+from genloop.services.leftovers import reap_orphaned_ray_agents, watch_local_ray
 
 logger = logging.getLogger(__name__)
 

@@ -25,11 +25,11 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from monitoring.drift_settings import DriftSettings
-from services.schedule import SchedulerConfig
-from serving.hf.options import HFEngineOptions
-from serving.settings import DeploymentOptions, LogText, ServerSettings
-from training.config import (
+from genloop.monitoring.drift_settings import DriftSettings
+from genloop.services.schedule import SchedulerConfig
+from genloop.serving.hf.options import HFEngineOptions
+from genloop.serving.settings import DeploymentOptions, LogText, ServerSettings
+from genloop.training.config import (
     CostConfig,
     DataConfig,
     EvaluationConfig,
@@ -38,7 +38,7 @@ from training.config import (
     TokenizerConfig,
     TrainConfig,
 )
-from training.errors import UserInputError
+from genloop.training.errors import UserInputError
 
 DEFAULT_CONFIG_FILE = "genloop.yaml"
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TextIO
 
 LOG_DIR = "logs"
-OUR_LOGGERS = ("services", "training", "serving", "monitoring")
+OUR_LOGGER = "genloop"  # every module logs under logging.getLogger(__name__), inside the genloop package
 # Loggers that libraries give a console handler of their own (and stop from propagating).
 LIBRARY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve", "mlflow", "alembic", "transformers",
                    "evidently", "py.warnings")
@@ -44,7 +44,7 @@ class _ConsoleHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            if record.name.split(".")[0] in OUR_LOGGERS:
+            if record.name.split(".")[0] == OUR_LOGGER:
                 self.stream.write(f"{record.levelname.lower()}: {record.getMessage()}\n")
             elif record.levelno >= logging.ERROR:
                 first = (record.getMessage().strip().splitlines() or [""])[0][:200]

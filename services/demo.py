@@ -31,19 +31,19 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from monitoring.traffic import prompt_prefixes
-from services.cluster import connect
-from services.config import GenloopConfig
-from services.console import log_path
-from services.retrain import RetrainResult, retrain
-from services.scheduler import GenloopScheduler, JobRun
-from services.serving_control import start_serving, stop_serving
-from serving.inference_log import read_inference_log
-from serving.protocol import VERSION_HEADER
-from training.cleaning import VALIDATION, clean, content_hash, split_of
-from training.datasets import ingest
-from training.errors import UserInputError
-from training.sources import resolve_source
+from genloop.monitoring.traffic import prompt_prefixes
+from genloop.services.cluster import connect
+from genloop.services.config import GenloopConfig
+from genloop.services.console import log_path
+from genloop.services.retrain import RetrainResult, retrain
+from genloop.services.scheduler import GenloopScheduler, JobRun
+from genloop.services.serving_control import start_serving, stop_serving
+from genloop.serving.inference_log import read_inference_log
+from genloop.serving.protocol import VERSION_HEADER
+from genloop.training.cleaning import VALIDATION, clean, content_hash, split_of
+from genloop.training.datasets import ingest
+from genloop.training.errors import UserInputError
+from genloop.training.sources import resolve_source
 
 DEMO_DATASET = "python-docs"
 DEMO_SOURCES = ["builtin:python-docs"]

@@ -21,15 +21,15 @@ from pathlib import Path
 
 from mlflow.entities import Metric
 
-from monitoring.drift import DriftResult, detect_drift, read_latest
-from monitoring.traffic import prompt_prefixes
-from services.config import GenloopConfig
-from services.registry import Registry
-from serving.inference_log import caller_prompts
-from training.cleaning import TRAIN
-from training.datasets import resolve_dataset
-from training.errors import UserInputError
-from training.evaluation import load_for_evaluation
+from genloop.monitoring.drift import DriftResult, detect_drift, read_latest
+from genloop.monitoring.traffic import prompt_prefixes
+from genloop.services.config import GenloopConfig
+from genloop.services.registry import Registry
+from genloop.serving.inference_log import caller_prompts
+from genloop.training.cleaning import TRAIN
+from genloop.training.datasets import resolve_dataset
+from genloop.training.errors import UserInputError
+from genloop.training.evaluation import load_for_evaluation
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from jinja2 import Environment, select_autoescape
 from pydantic import BaseModel, Field
 
-from training.evaluation import BETTER, SetMetrics
+from genloop.training.evaluation import BETTER, SetMetrics
 
 
 class RuleResult(BaseModel):

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from monitoring.drift import publish
-from monitoring.metrics import (
+from genloop.monitoring.drift import publish
+from genloop.monitoring.metrics import (
     DRIFT_DETECTED,
     DRIFT_LAST_RUN,
     DRIFT_SAMPLES,
@@ -32,15 +32,15 @@ from monitoring.metrics import (
     ControlPlaneState,
     VersionState,
 )
-from monitoring.scrape_targets import ScrapeTarget
-from services.audit import AuditLog
-from services.config import GenloopConfig
-from services.drift_check import latest_drift
-from services.evaluation_report import EvaluationReport
-from services.registry import Registry
-from services.scheduler import JobHistory
-from serving.inference_log import feedback_by_version
-from training.cost import logged_cost
+from genloop.monitoring.scrape_targets import ScrapeTarget
+from genloop.services.audit import AuditLog
+from genloop.services.config import GenloopConfig
+from genloop.services.drift_check import latest_drift
+from genloop.services.evaluation_report import EvaluationReport
+from genloop.services.registry import Registry
+from genloop.services.scheduler import JobHistory
+from genloop.serving.inference_log import feedback_by_version
+from genloop.training.cost import logged_cost
 
 logger = logging.getLogger(__name__)
 

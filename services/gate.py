@@ -29,14 +29,14 @@ from pathlib import Path
 
 from mlflow.entities.model_registry import ModelVersion
 
-from monitoring.traffic import traffic_shares
-from services.config import GateConfig, GenloopConfig
-from services.evaluation_report import EvaluationReport, ModelSummary, RuleResult, Sample, render_html
-from services.registry import Registry
-from serving.inference_log import caller_prompts
-from training.datasets import resolve_dataset
-from training.errors import UserInputError
-from training.evaluation import (
+from genloop.monitoring.traffic import traffic_shares
+from genloop.services.config import GateConfig, GenloopConfig
+from genloop.services.evaluation_report import EvaluationReport, ModelSummary, RuleResult, Sample, render_html
+from genloop.services.registry import Registry
+from genloop.serving.inference_log import caller_prompts
+from genloop.training.datasets import resolve_dataset
+from genloop.training.errors import UserInputError
+from genloop.training.evaluation import (
     BETTER,
     SetMetrics,
     evaluate_model,
@@ -209,7 +209,7 @@ def evaluate(config: GenloopConfig, candidate_ref: str, against: str = "champion
 
 
 def _context(model) -> int:
-    from training.models import context_length
+    from genloop.training.models import context_length
 
     return context_length(model.config)
 

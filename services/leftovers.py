@@ -107,7 +107,7 @@ def watch_local_ray() -> None:
     kills the raylet's agents that Ray itself would leave behind."""
     raylets = [child.pid for child in psutil.Process().children() if child.name() == "raylet"]
     if raylets:
-        _watchdogs.append(subprocess.Popen([sys.executable, "-m", "services.leftovers", str(raylets[0])],
+        _watchdogs.append(subprocess.Popen([sys.executable, "-m", "genloop.services.leftovers", str(raylets[0])],
                                            stdin=subprocess.PIPE, start_new_session=True))
 
 

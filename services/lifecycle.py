@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 from mlflow.entities.model_registry import ModelVersion
 
-from services.audit import AuditLog
-from services.config import GenloopConfig
-from services.evaluation_report import EvaluationReport
-from services.gate import evaluate
-from services.registry import Registry
-from training.errors import UserInputError
+from genloop.services.audit import AuditLog
+from genloop.services.config import GenloopConfig
+from genloop.services.evaluation_report import EvaluationReport
+from genloop.services.gate import evaluate
+from genloop.services.registry import Registry
+from genloop.training.errors import UserInputError
 
 logger = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from services.config import GenloopConfig
-from training.errors import UserInputError
+from genloop.services.config import GenloopConfig
+from genloop.training.errors import UserInputError
 
 logger = logging.getLogger(__name__)
 

@@ -27,19 +27,19 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from services.cluster import connect
-from services.config import GenloopConfig
-from services.evaluation_report import EvaluationReport
-from services.lifecycle import PromotionRefused, promote
-from services.registry import Registry
-from services.training_run import TrainingRun, initial_compute, train
-from serving.inference_log import rated_completions
-from training.config import TrainConfig
-from training.datasets import DatasetVersion, ingest, list_versions, resolve_dataset
-from training.errors import UserInputError
-from training.incoming import ingest_incoming
-from training.replay import build_mix, new_documents
-from training.sources import Source
+from genloop.services.cluster import connect
+from genloop.services.config import GenloopConfig
+from genloop.services.evaluation_report import EvaluationReport
+from genloop.services.lifecycle import PromotionRefused, promote
+from genloop.services.registry import Registry
+from genloop.services.training_run import TrainingRun, initial_compute, train
+from genloop.serving.inference_log import rated_completions
+from genloop.training.config import TrainConfig
+from genloop.training.datasets import DatasetVersion, ingest, list_versions, resolve_dataset
+from genloop.training.errors import UserInputError
+from genloop.training.incoming import ingest_incoming
+from genloop.training.replay import build_mix, new_documents
+from genloop.training.sources import Source
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Literal
 from apscheduler.triggers.cron import CronTrigger
 from pydantic import Field, field_validator
 
-from training.config import Section
+from genloop.training.config import Section
 
 
 class SchedulerConfig(Section):

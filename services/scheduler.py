@@ -52,11 +52,11 @@ from apscheduler.triggers.interval import IntervalTrigger
 from pydantic import BaseModel, Field
 from sqlalchemy import Column, Float, Integer, MetaData, String, Table, create_engine, func, insert, select, update
 
-from monitoring.metrics import JobState
-from services.config import GenloopConfig
-from services.schedule import cron_trigger, window_wait
-from training.datasets import list_versions
-from training.errors import UserInputError
+from genloop.monitoring.metrics import JobState
+from genloop.services.config import GenloopConfig
+from genloop.services.schedule import cron_trigger, window_wait
+from genloop.training.datasets import list_versions
+from genloop.training.errors import UserInputError
 
 logger = logging.getLogger(__name__)
 
@@ -325,7 +325,7 @@ class GenloopScheduler:
         self.history.finished(current["run_id"], "failed", f"interrupted: genloop stopped during its {stage} "
                               f"stage and it did not end within the {grace_s:g} s grace period")
         if run := current.get("mlflow_run_id"):
-            from services.registry import Registry
+            from genloop.services.registry import Registry
 
             client = Registry(self.config).client
             client.set_tag(run, "genloop.failure", f"genloop stopped during the {stage} stage")
@@ -416,13 +416,13 @@ class GenloopScheduler:
         return "deferred"
 
     def _retrain(self, reason: str, show_progress: bool, stage: StageReporter) -> tuple[str, str]:
-        from services.retrain import retrain  # heavy (torch, Ray): only where a job really runs
+        from genloop.services.retrain import retrain  # heavy (torch, Ray): only where a job really runs
 
         result = retrain(self.config, reason, show_progress, stage=stage)
         return result.outcome, result.detail
 
     def _drift(self, stage: StageReporter) -> tuple[str, str]:
-        from services.drift_check import run_drift_check
+        from genloop.services.drift_check import run_drift_check
 
         stage("drift")
         result = run_drift_check(self.config)
@@ -433,7 +433,7 @@ class GenloopScheduler:
                                 f"drifted: {drifted} ({result.drifted_share:.0%}); report {result.id}")
 
     def _ingest(self, stage: StageReporter) -> tuple[str, str]:
-        from services.retrain import ingest_new_data, unseen
+        from genloop.services.retrain import ingest_new_data, unseen
 
         stage("ingest")
         settings = self.config.scheduler

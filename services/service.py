@@ -27,14 +27,14 @@ from dataclasses import dataclass
 import uvicorn
 from rich.console import Console
 
-from services.admin import admin_tokens, build_admin_api, is_loopback
-from services.cluster import connect
-from services.config import GenloopConfig
-from services.exporter import start_exporter
-from services.retrain import BOOTSTRAP
-from services.scheduler import ACTIVE, GenloopScheduler
-from services.serving_control import ChampionWatcher, current_target, start_serving, stop_serving
-from training.errors import UserInputError
+from genloop.services.admin import admin_tokens, build_admin_api, is_loopback
+from genloop.services.cluster import connect
+from genloop.services.config import GenloopConfig
+from genloop.services.exporter import start_exporter
+from genloop.services.retrain import BOOTSTRAP
+from genloop.services.scheduler import ACTIVE, GenloopScheduler
+from genloop.services.serving_control import ChampionWatcher, current_target, start_serving, stop_serving
+from genloop.training.errors import UserInputError
 
 logger = logging.getLogger(__name__)
 

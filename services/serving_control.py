@@ -18,14 +18,14 @@ from dataclasses import dataclass
 
 from ray import serve
 
-from monitoring import metrics
-from services.cluster import connect
-from services.config import GenloopConfig
-from services.registry import Registry
-from serving.app import announce_waiting, delete_app, serve_app
-from serving.settings import ServerSettings
-from training.errors import UserInputError
-from training.models import check_weights
+from genloop.monitoring import metrics
+from genloop.services.cluster import connect
+from genloop.services.config import GenloopConfig
+from genloop.services.registry import Registry
+from genloop.serving.app import announce_waiting, delete_app, serve_app
+from genloop.serving.settings import ServerSettings
+from genloop.training.errors import UserInputError
+from genloop.training.models import check_weights
 
 logger = logging.getLogger(__name__)
 
@@ -81,11 +81,11 @@ def settings_for(config: GenloopConfig, version: str) -> ServerSettings:
     check_weights(registry.local_path(model_version))
     serving = config.serving
     if serving.engine == "vllm":
-        from serving.vllm_engine import VLLMEngine as engine_class
+        from genloop.serving.vllm_engine import VLLMEngine as engine_class
 
         options = None
     else:
-        from serving.hf.engine import HFEngine as engine_class
+        from genloop.serving.hf.engine import HFEngine as engine_class
 
         options = serving.hf_options()
     keys = [key.strip() for key in os.environ.get(API_KEYS_ENV, "").split(",") if key.strip()]

@@ -22,17 +22,17 @@ from mlflow.entities import Metric, Param
 from mlflow.entities.model_registry import ModelVersion
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from services.cluster import connect
-from services.config import GenloopConfig, config_hash
-from services.leftovers import close_orphaned_runs, owner_tags, sweep_work_dirs, work_dir_prefix
-from services.registry import MODEL_ARTIFACT, Registry
-from training.config import TrainConfig
-from training.cost import COST_USD_TAG, CostReport, cost_report, logged_cost
-from training.datasets import DatasetVersion, resolve_dataset
-from training.errors import UserInputError
-from training.models import build_model, context_length, load_model, parameter_count
-from training.tokenizer import train_tokenizer
-from training.trainer import export_checkpoint, fit
+from genloop.services.cluster import connect
+from genloop.services.config import GenloopConfig, config_hash
+from genloop.services.leftovers import close_orphaned_runs, owner_tags, sweep_work_dirs, work_dir_prefix
+from genloop.services.registry import MODEL_ARTIFACT, Registry
+from genloop.training.config import TrainConfig
+from genloop.training.cost import COST_USD_TAG, CostReport, cost_report, logged_cost
+from genloop.training.datasets import DatasetVersion, resolve_dataset
+from genloop.training.errors import UserInputError
+from genloop.training.models import build_model, context_length, load_model, parameter_count
+from genloop.training.tokenizer import train_tokenizer
+from genloop.training.trainer import export_checkpoint, fit
 
 logger = logging.getLogger(__name__)
 

@@ -19,16 +19,16 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving.engine import EngineError, EngineOverloaded, InvalidRequestError
-from serving.guard import GuardSettings, RequestGuard
-from serving.protocol import (
+from genloop.serving.engine import EngineError, EngineOverloaded, InvalidRequestError
+from genloop.serving.guard import GuardSettings, RequestGuard
+from genloop.serving.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     FeedbackRequest,
     error_body,
 )
-from serving.settings import ServerSettings
-from training.errors import echo
+from genloop.serving.settings import ServerSettings
+from genloop.training.errors import echo
 
 # Route label of the request metrics and the inference log: the API's own routes by name, anything
 # else as "other", so that requests to made-up paths cannot grow the metric's label set without end.

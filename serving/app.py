@@ -21,13 +21,13 @@ from ray import serve
 from ray.serve.config import BackpressureConfig
 from ray.serve.handle import DeploymentHandle
 
-from monitoring import metrics
-from monitoring.scrape_targets import ScrapeTarget
-from serving.api import APIError, build_api, engine_error, route_of
-from serving.engine import Engine, EngineError, GenerationRequest, GenerationResult, InvalidRequestError, wrap_seed
-from serving.health import health_app, health_route
-from serving.inference_log import InferenceLog, InferenceRecord, hash_client
-from serving.protocol import (
+from genloop.monitoring import metrics
+from genloop.monitoring.scrape_targets import ScrapeTarget
+from genloop.serving.api import APIError, build_api, engine_error, route_of
+from genloop.serving.engine import Engine, EngineError, GenerationRequest, GenerationResult, InvalidRequestError, wrap_seed
+from genloop.serving.health import health_app, health_route
+from genloop.serving.inference_log import InferenceLog, InferenceRecord, hash_client
+from genloop.serving.protocol import (
     MAX_PROMPTS,
     VERSION_HEADER,
     ChatChoice,
@@ -43,9 +43,9 @@ from serving.protocol import (
     new_id,
     now,
 )
-from serving.settings import DeploymentOptions, ServerSettings
-from serving.sse import chat_events, completion_events, sse_response
-from training.errors import echo
+from genloop.serving.settings import DeploymentOptions, ServerSettings
+from genloop.serving.sse import chat_events, completion_events, sse_response
+from genloop.training.errors import echo
 
 logger = logging.getLogger(__name__)
 

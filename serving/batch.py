@@ -22,9 +22,9 @@ import ray.data
 from pydantic import ValidationError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from serving.engine import EngineError, GenerationRequest, SamplingParams
-from serving.settings import ServerSettings
-from training.errors import UserInputError
+from genloop.serving.engine import EngineError, GenerationRequest, SamplingParams
+from genloop.serving.settings import ServerSettings
+from genloop.training.errors import UserInputError
 
 
 def read_prompts(path: Path, defaults: dict[str, Any]) -> list[dict[str, Any]]:

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from serving.protocol import error_body
+from genloop.serving.protocol import error_body
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from serving.protocol import VERSION_HEADER
+from genloop.serving.protocol import VERSION_HEADER
 
 logger = logging.getLogger(__name__)
 

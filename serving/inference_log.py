@@ -32,8 +32,8 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
-from serving.settings import LogText
-from training.cleaning import scrub_pii
+from genloop.serving.settings import LogText
+from genloop.training.cleaning import scrub_pii
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from serving.engine import MAX_COUNT, MAX_N, SEED_MAX, SEED_MIN, SamplingParams
+from genloop.serving.engine import MAX_COUNT, MAX_N, SEED_MAX, SEED_MIN, SamplingParams
 
 # Every response of the API, /health's too, names the registry version that answered in this header.
 VERSION_HEADER = "x-genloop-model-version"

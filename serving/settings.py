@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from serving.engine import Engine, EngineOptions
+from genloop.serving.engine import Engine, EngineOptions
 
 # What the inference log keeps of prompts and outputs (monitoring.log_text).
 LogText = Literal["full", "redacted", "hashed"]

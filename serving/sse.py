@@ -17,8 +17,8 @@ from typing import Any
 
 from fastapi.responses import StreamingResponse
 
-from serving.api import APIError, stream_error
-from serving.protocol import (
+from genloop.serving.api import APIError, stream_error
+from genloop.serving.protocol import (
     ChatChunkChoice,
     ChatCompletionChunk,
     ChatDelta,

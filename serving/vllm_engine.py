@@ -20,7 +20,7 @@ from typing import Any
 from pydantic import Field
 from transformers import AutoTokenizer
 
-from serving.engine import (
+from genloop.serving.engine import (
     Engine,
     EngineError,
     EngineOptions,

@@ -22,7 +22,7 @@ def ray_cluster():
     import ray
     import ray.data
 
-    from services.cluster import use_fast_serve_data_plane
+    from genloop.services.cluster import use_fast_serve_data_plane
 
     if not ray.is_initialized():
         use_fast_serve_data_plane()
@@ -35,7 +35,7 @@ def ray_cluster():
 @pytest.fixture
 def genloop_config(tmp_path: Path):
     """A config whose whole state (datasets, MLflow SQLite, Ray storage) lives in ``tmp_path``."""
-    from services.config import GenloopConfig
+    from genloop.services.config import GenloopConfig
 
     return GenloopConfig(home=tmp_path / "home")
 
@@ -53,10 +53,10 @@ def train_tiny():
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from training.config import TrainConfig
-    from training.loop import make_schedule
-    from training.models import build_model
-    from training.tokenizer import train_tokenizer
+    from genloop.training.config import TrainConfig
+    from genloop.training.loop import make_schedule
+    from genloop.training.models import build_model
+    from genloop.training.tokenizer import train_tokenizer
 
     def train(texts: list[str], steps: int, folder: Path, *, base: Path | None = None, tokenizer=None,
               vocab_size: int = 512, block_size: int = 64, seed: int = 0, lr: float = 3e-3,
@@ -91,7 +91,7 @@ def make_tiny_model(train_tiny):
     """A tiny GPT-2 (64-token context) with its tokenizer, 20 steps into learning the pydoc topics."""
     import pydoc_data.topics
 
-    from training.tokenizer import train_tokenizer
+    from genloop.training.tokenizer import train_tokenizer
 
     texts = [p for t in pydoc_data.topics.topics.values() for p in t.split("\n\n") if len(p) > 80][:400]
     tokenizer = train_tokenizer(texts, vocab_size=512)
@@ -114,7 +114,7 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def register_model():
     """Register a model folder as a new version in the config's MLflow registry (no Ray Train run)."""
-    from services.registry import MODEL_ARTIFACT, Registry
+    from genloop.services.registry import MODEL_ARTIFACT, Registry
 
     def register(config, folder: Path, tags: dict[str, str] | None = None) -> str:
         registry = Registry(config)
@@ -139,7 +139,7 @@ def make_docs_dataset():
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from training.datasets import MANIFEST_FILE, TRAIN_FILE, VALIDATION_FILE
+    from genloop.training.datasets import MANIFEST_FILE, TRAIN_FILE, VALIDATION_FILE
 
     def make(config) -> list[str]:
         docs = [p for t in pydoc_data.topics.topics.values() for p in t.split("\n\n") if len(p.split()) >= 8]

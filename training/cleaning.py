@@ -19,7 +19,7 @@ from typing import Literal
 import numpy as np
 from datasketch import LeanMinHash, MinHash, MinHashLSH
 
-from training.config import DataConfig
+from genloop.training.config import DataConfig
 
 TOO_SHORT = "too_short"
 TOO_LONG = "too_long"

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 from pydantic import BaseModel, Field, create_model
 
-from training.config import CostConfig
+from genloop.training.config import CostConfig
 
 _METRIC_PREFIX = "cost_"  # a field's MLflow run metric is cost_<field>
 

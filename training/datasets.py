@@ -34,7 +34,7 @@ import ray
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from training.cleaning import (
+from genloop.training.cleaning import (
     DROP_REASONS,
     VALIDATION,
     DuplicateIndex,
@@ -43,9 +43,9 @@ from training.cleaning import (
     minhash_signatures,
     split_of,
 )
-from training.config import DataConfig
-from training.errors import UserInputError, echo
-from training.sources import Source, resolve_source
+from genloop.training.config import DataConfig
+from genloop.training.errors import UserInputError, echo
+from genloop.training.sources import Source, resolve_source
 
 logger = logging.getLogger(__name__)
 

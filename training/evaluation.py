@@ -26,8 +26,8 @@ from pydantic import BaseModel, Field
 from rouge_score import rouge_scorer
 from transformers import AutoTokenizer
 
-from training.errors import UserInputError
-from training.models import load_model, parameter_count
+from genloop.training.errors import UserInputError
+from genloop.training.models import load_model, parameter_count
 
 logger = logging.getLogger(__name__)
 

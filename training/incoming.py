@@ -22,10 +22,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from training.config import DataConfig
-from training.datasets import IngestResult, ingest, list_versions
-from training.errors import UserInputError
-from training.sources import SUPPORTED_EXTENSIONS, Source
+from genloop.training.config import DataConfig
+from genloop.training.datasets import IngestResult, ingest, list_versions
+from genloop.training.errors import UserInputError
+from genloop.training.sources import SUPPORTED_EXTENSIONS, Source
 
 
 @dataclass(frozen=True)

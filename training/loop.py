@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from training.config import TrainConfig
+from genloop.training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def train_worker(config: dict[str, Any]) -> None:
     from mlflow.tracking import MlflowClient
     from transformers import AutoTokenizer
 
-    from training.models import load_model, with_lora
+    from genloop.training.models import load_model, with_lora
 
     settings = TrainConfig.model_validate(config["train"])
     data_context = ray.data.DataContext.get_current()

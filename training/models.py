@@ -16,8 +16,8 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PretrainedConfig, PreTrainedTokenizerBase
 
-from training.config import LoraConfig
-from training.errors import UserInputError
+from genloop.training.config import LoraConfig
+from genloop.training.errors import UserInputError
 
 # A preset maker takes the vocabulary size and the special token ids of the paired tokenizer.
 PresetMaker = Callable[..., PretrainedConfig]

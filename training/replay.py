@@ -22,7 +22,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from training.datasets import DatasetVersion, list_versions, read_split, write_version
+from genloop.training.datasets import DatasetVersion, list_versions, read_split, write_version
 
 MIX_SUFFIX = "-mix"
 

@@ -30,8 +30,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from training.config import DataConfig
-from training.errors import UserInputError
+from genloop.training.config import DataConfig
+from genloop.training.errors import UserInputError
 
 logger = logging.getLogger(__name__)
 

@@ -22,10 +22,10 @@ from ray.train.torch import TorchTrainer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from training.config import TrainConfig
-from training.errors import UserInputError
-from training.loop import STATE_FILE, train_worker
-from training.models import merge_lora, with_lora
+from genloop.training.config import TrainConfig
+from genloop.training.errors import UserInputError
+from genloop.training.loop import STATE_FILE, train_worker
+from genloop.training.models import merge_lora, with_lora
 
 CPU_SETTLE_S = 10.0  # how long a shortage of free CPUs must last before a run is refused
 

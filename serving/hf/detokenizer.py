@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from serving.hf.sequence import Sequence
+from genloop.serving.hf.sequence import Sequence
 
 
 def advance_text(tokenizer: Any, seq: Sequence, final: bool) -> str:

@@ -44,8 +44,8 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, DynamicCache
 
-from monitoring import metrics
-from serving.engine import (
+from genloop.monitoring import metrics
+from genloop.serving.engine import (
     Engine,
     EngineError,
     GenerationChunk,
@@ -54,15 +54,15 @@ from serving.engine import (
     InvalidRequestError,
     render_chat_template,
 )
-from serving.hf.detokenizer import advance_text
-from serving.hf.kv_batch import Rows, compact, join
-from serving.hf.model_prep import fuse_activations, quantize_int8
-from serving.hf.options import HFEngineOptions
-from serving.hf.sampler import sample
-from serving.hf.scheduler import Scheduler, prefill_groups, rows_to_keep
-from serving.hf.sequence import Sequence
-from training.errors import UserInputError
-from training.models import context_length, load_model
+from genloop.serving.hf.detokenizer import advance_text
+from genloop.serving.hf.kv_batch import Rows, compact, join
+from genloop.serving.hf.model_prep import fuse_activations, quantize_int8
+from genloop.serving.hf.options import HFEngineOptions
+from genloop.serving.hf.sampler import sample
+from genloop.serving.hf.scheduler import Scheduler, prefill_groups, rows_to_keep
+from genloop.serving.hf.sequence import Sequence
+from genloop.training.errors import UserInputError
+from genloop.training.models import context_length, load_model
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from serving.hf.sequence import Sequence
+from genloop.serving.hf.sequence import Sequence
 
 
 class Rows(NamedTuple):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from serving.engine import EngineOptions
+from genloop.serving.engine import EngineOptions
 
 
 class HFEngineOptions(EngineOptions):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from serving.hf.sequence import Sequence
+from genloop.serving.hf.sequence import Sequence
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:

@@ -21,9 +21,9 @@ import threading
 import time
 from collections import deque
 
-from serving.engine import EngineError, EngineOverloaded
-from serving.hf.options import HFEngineOptions
-from serving.hf.sequence import Sequence
+from genloop.serving.engine import EngineError, EngineOverloaded
+from genloop.serving.hf.options import HFEngineOptions
+from genloop.serving.hf.sequence import Sequence
 
 
 class Scheduler:

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from serving.engine import GenerationRequest
+from genloop.serving.engine import GenerationRequest
 
 
 class Sequence:

@@ -16,14 +16,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from services.config import GenloopConfig
-from services.evaluation_report import EvaluationReport
-from services.lifecycle import roles
-from services.registry import Registry
-from services.scheduler import JobHistory
-from serving.inference_log import read_inference_log
-from training.cost import logged_cost
-from training.datasets import resolve_dataset
+from genloop.services.config import GenloopConfig
+from genloop.services.evaluation_report import EvaluationReport
+from genloop.services.lifecycle import roles
+from genloop.services.registry import Registry
+from genloop.services.scheduler import JobHistory
+from genloop.serving.inference_log import read_inference_log
+from genloop.training.cost import logged_cost
+from genloop.training.datasets import resolve_dataset
 
 # What the libraries and Ray's processes printed on a newcomer's console before it went to the log.
 LIBRARY_NOISE = ("(raylet)", "pid=", "TrainingReport", "Creating initial MLflow", "Execution plan",
@@ -37,7 +37,7 @@ def test_demo_adapts_to_a_domain_shift(tmp_path: Path):
         port = sock.getsockname()[1]
     env = {**os.environ, "GENLOOP_HOME": "state", "GENLOOP_RAY__NUM_CPUS": "2", "COLUMNS": "160",
            "GENLOOP_SERVING__PORT": str(port)}
-    result = subprocess.run([sys.executable, "-m", "services.cli", "demo"], cwd=tmp_path, env=env,
+    result = subprocess.run([sys.executable, "-m", "genloop.services.cli", "demo"], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=2400)
     failure = [line for line in result.stderr.splitlines() if "demo failed" in line]
     assert result.returncode == 0, failure or result.stderr[-3000:]

@@ -27,9 +27,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.audit import AuditLog
-from services.config import GenloopConfig
-from services.registry import Registry
+from genloop.services.audit import AuditLog
+from genloop.services.config import GenloopConfig
+from genloop.services.registry import Registry
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +47,7 @@ class Up:
 
     def __init__(self, env: dict[str, str], cwd: Path):
         self.started = time.monotonic()
-        self.process = subprocess.Popen([sys.executable, "-m", "services.cli", "up"], env=env, cwd=cwd,
+        self.process = subprocess.Popen([sys.executable, "-m", "genloop.services.cli", "up"], env=env, cwd=cwd,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
         self._reader = threading.Thread(target=lambda: self.lines.extend(self.process.stdout), daemon=True)
@@ -175,7 +175,7 @@ def test_up_bootstraps_serves_is_steered_and_stops_cleanly(tmp_path: Path, make_
         bootstrap = jobs[0]
         assert (bootstrap["job"], bootstrap["reason"]) == ("retrain", "bootstrap")
 
-        second = subprocess.run([sys.executable, "-m", "services.cli", "up"], env=env, cwd=tmp_path,
+        second = subprocess.run([sys.executable, "-m", "genloop.services.cli", "up"], env=env, cwd=tmp_path,
                                 capture_output=True, text=True, timeout=120)
         assert second.returncode == 2 and "genloop up already runs on" in second.stderr, second.stderr
         assert "Traceback" not in second.stderr

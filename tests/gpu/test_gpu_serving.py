@@ -13,11 +13,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from serving.app import serve_app
-from serving.engine import GenerationRequest, SamplingParams
-from serving.hf.engine import HFEngine
-from serving.hf.options import HFEngineOptions
-from serving.settings import DeploymentOptions, ServerSettings
+from genloop.serving.app import serve_app
+from genloop.serving.engine import GenerationRequest, SamplingParams
+from genloop.serving.hf.engine import HFEngine
+from genloop.serving.hf.options import HFEngineOptions
+from genloop.serving.settings import DeploymentOptions, ServerSettings
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

@@ -9,8 +9,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def test_training_on_one_gpu_reports_mfu(genloop_config, ray_cluster):
-    from services.training_run import train
-    from training.datasets import ingest
+    from genloop.services.training_run import train
+    from genloop.training.datasets import ingest
 
     config = genloop_config
     config.data.max_documents_per_source = 3000

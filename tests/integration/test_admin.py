@@ -13,9 +13,9 @@ import threading
 import pytest
 from fastapi.testclient import TestClient
 
-from services.admin import admin_tokens, build_admin_api, is_loopback
-from services.audit import AuditLog
-from services.scheduler import GenloopScheduler, JobHistory
+from genloop.services.admin import admin_tokens, build_admin_api, is_loopback
+from genloop.services.audit import AuditLog
+from genloop.services.scheduler import GenloopScheduler, JobHistory
 
 
 def test_tokens_are_named_and_bare_ones_are_admin():

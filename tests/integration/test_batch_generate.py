@@ -7,11 +7,11 @@ import json
 
 from typer.testing import CliRunner
 
-from services.cli import app
-from services.registry import Registry
-from serving.engine import GenerationRequest, SamplingParams
-from serving.hf.engine import HFEngine
-from training.errors import UserInputError
+from genloop.services.cli import app
+from genloop.services.registry import Registry
+from genloop.serving.engine import GenerationRequest, SamplingParams
+from genloop.serving.hf.engine import HFEngine
+from genloop.training.errors import UserInputError
 
 
 def _champion(config, folder, register_model) -> str:

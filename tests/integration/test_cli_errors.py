@@ -9,13 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from services.config import GenloopConfig
-from services.registry import Registry
+from genloop.services.config import GenloopConfig
+from genloop.services.registry import Registry
 
 
 def genloop(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "GENLOOP_HOME": str(cwd / "home"), "COLUMNS": "80"}
-    return subprocess.run([sys.executable, "-m", "services.cli", *args], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "genloop.services.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300)
 
 

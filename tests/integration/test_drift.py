@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
-from services.drift_check import latest_drift, run_drift_check
-from services.registry import Registry
-from serving.inference_log import InferenceLog, InferenceRecord
+from genloop.services.drift_check import latest_drift, run_drift_check
+from genloop.services.registry import Registry
+from genloop.serving.inference_log import InferenceLog, InferenceRecord
 
 WORDS = (8, 48)
 

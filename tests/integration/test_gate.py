@@ -16,14 +16,14 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from services.audit import AuditLog
-from services.config import GenloopConfig
-from services.gate import evaluate
-from services.lifecycle import PromotionRefused, promote, roles, rollback
-from services.registry import Registry
-from training.datasets import ingest, resolve_dataset
-from training.errors import UserInputError
-from training.replay import build_mix
+from genloop.services.audit import AuditLog
+from genloop.services.config import GenloopConfig
+from genloop.services.gate import evaluate
+from genloop.services.lifecycle import PromotionRefused, promote, roles, rollback
+from genloop.services.registry import Registry
+from genloop.training.datasets import ingest, resolve_dataset
+from genloop.training.errors import UserInputError
+from genloop.training.replay import build_mix
 
 
 def reset_aliases(config: GenloopConfig, champion: str | None, previous: str | None = None) -> None:
@@ -246,7 +246,7 @@ def test_cli_exit_codes_and_tables(world):
 
     from typer.testing import CliRunner
 
-    from services.cli import app
+    from genloop.services.cli import app
 
     config, v = world
     reset_aliases(config, v["champion"], v["better"])
@@ -256,7 +256,7 @@ def test_cli_exit_codes_and_tables(world):
         return CliRunner().invoke(app, list(args), env=env)
 
     # One real process for what only a process shows: the exit code and a one-line error, no traceback.
-    unknown = subprocess.run([sys.executable, "-m", "services.cli", "promote", "99"], capture_output=True, text=True,
+    unknown = subprocess.run([sys.executable, "-m", "genloop.services.cli", "promote", "99"], capture_output=True, text=True,
                              env={**os.environ, **env}, timeout=300)
     assert unknown.returncode == 2 and "unknown model version" in unknown.stderr
     assert "Traceback" not in unknown.stderr

@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from training.cleaning import split_of
-from training.config import DataConfig
-from training.datasets import (
+from genloop.training.cleaning import split_of
+from genloop.training.config import DataConfig
+from genloop.training.datasets import (
     MANIFEST_FILE,
     IngestResult,
     _deterministic_ray_data,
@@ -22,7 +22,7 @@ from training.datasets import (
     list_versions,
     resolve_dataset,
 )
-from training.errors import UserInputError
+from genloop.training.errors import UserInputError
 
 VOCAB = (
     "river stone window garden letter morning silver engine harbour market candle forest paper "

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import psutil
 
-from services.config import GenloopConfig
-from services.leftovers import (
+from genloop.services.config import GenloopConfig
+from genloop.services.leftovers import (
     PID_TAG,
     RAY_AGENTS,
     close_orphaned_runs,
@@ -21,7 +21,7 @@ from services.leftovers import (
     sweep_work_dirs,
     work_dir_prefix,
 )
-from services.registry import Registry
+from genloop.services.registry import Registry
 
 
 def dead_pid() -> int:

@@ -15,15 +15,15 @@ import httpx
 import openai
 import pytest
 
-from monitoring import dashboards
-from services.exporter import start_exporter
-from services.gate import evaluate
-from services.lifecycle import promote
-from services.registry import Registry
-from services.scheduler import ACTIVE, GenloopScheduler
-from services.serving_control import start_serving, stop_serving
-from serving.inference_log import read_inference_log
-from training.cost import cost_report
+from genloop.monitoring import dashboards
+from genloop.services.exporter import start_exporter
+from genloop.services.gate import evaluate
+from genloop.services.lifecycle import promote
+from genloop.services.registry import Registry
+from genloop.services.scheduler import ACTIVE, GenloopScheduler
+from genloop.services.serving_control import start_serving, stop_serving
+from genloop.serving.inference_log import read_inference_log
+from genloop.training.cost import cost_report
 
 pytestmark = pytest.mark.slow
 

@@ -15,9 +15,9 @@ import httpx
 import pytest
 from ray import serve
 
-from services.registry import Registry
-from services.serving_control import APP_NAME, start_serving
-from serving.protocol import VERSION_HEADER
+from genloop.services.registry import Registry
+from genloop.services.serving_control import APP_NAME, start_serving
+from genloop.serving.protocol import VERSION_HEADER
 
 
 @pytest.fixture
@@ -85,8 +85,8 @@ def test_champion_swap_under_load_fails_no_request(ray_cluster, two_versions, fr
 
 
 def test_challenger_in_shadow_answers_a_mirrored_share_into_the_log_only(ray_cluster, two_versions, free_port):
-    from services.lifecycle import set_challenger
-    from serving.inference_log import read_inference_log
+    from genloop.services.lifecycle import set_challenger
+    from genloop.serving.inference_log import read_inference_log
 
     config, champion, challenger = two_versions
     config.serving.watch_interval_s = 3600  # rolled by hand below

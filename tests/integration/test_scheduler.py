@@ -14,17 +14,17 @@ import pyarrow as pa
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from monitoring.metrics import ControlPlaneCollector
-from services.config import GenloopConfig
-from services.exporter import read_state
-from services.registry import Registry
-from services.retrain import ingest_new_data
-from services.schedule import window_wait
-from services.scheduler import ACTIVE, DEFERRED, GenloopScheduler, JobHistory
-from serving.inference_log import InferenceLog, InferenceRecord
-from training.cleaning import TRAIN, VALIDATION
-from training.datasets import list_versions, resolve_dataset, write_version
-from training.errors import UserInputError
+from genloop.monitoring.metrics import ControlPlaneCollector
+from genloop.services.config import GenloopConfig
+from genloop.services.exporter import read_state
+from genloop.services.registry import Registry
+from genloop.services.retrain import ingest_new_data
+from genloop.services.schedule import window_wait
+from genloop.services.scheduler import ACTIVE, DEFERRED, GenloopScheduler, JobHistory
+from genloop.serving.inference_log import InferenceLog, InferenceRecord
+from genloop.training.cleaning import TRAIN, VALIDATION
+from genloop.training.datasets import list_versions, resolve_dataset, write_version
+from genloop.training.errors import UserInputError
 
 
 def next_runs(config) -> dict[str, float | None]:
@@ -160,7 +160,7 @@ def test_retrain_promotes_new_data_skips_old_data_and_drift_starts_it(genloop_co
 
 def test_a_round_the_gate_already_refused_is_not_trained_again(genloop_config, make_docs_dataset,
                                                               make_tiny_model, register_model, tmp_path):
-    from services.retrain import retrain
+    from genloop.services.retrain import retrain
 
     config = genloop_config
     config.scheduler.dataset = "docs"
@@ -175,7 +175,7 @@ def test_a_round_the_gate_already_refused_is_not_trained_again(genloop_config, m
 def test_cli_runs_a_job_once_and_shows_the_history(tmp_path):
     from typer.testing import CliRunner
 
-    from services.cli import app
+    from genloop.services.cli import app
 
     env = {"GENLOOP_HOME": str(tmp_path / "home")}
     result = CliRunner().invoke(app, ["scheduler", "run", "retrain"], env=env)
@@ -193,7 +193,7 @@ def test_cli_runs_a_job_once_and_shows_the_history(tmp_path):
 def test_scheduler_start_stops_cleanly_on_sigterm(tmp_path):
     """As under systemd or Kubernetes: SIGTERM stops `genloop scheduler start` like Ctrl-C, exit 0."""
     env = {**os.environ, "GENLOOP_HOME": str(tmp_path / "home"), "COLUMNS": "200"}
-    process = subprocess.Popen([sys.executable, "-m", "services.cli", "scheduler", "start"], env=env,
+    process = subprocess.Popen([sys.executable, "-m", "genloop.services.cli", "scheduler", "start"], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         lines = []

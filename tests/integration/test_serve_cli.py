@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.registry import Registry
+from genloop.services.registry import Registry
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +57,7 @@ def test_serve_onto_existing_cluster_and_ctrl_c_drains(genloop_config, make_tiny
         time.sleep(1)
     # PYTHONFAULTHANDLER: should it hang, SIGABRT makes it print every thread's stack (see below).
     # Started with SIGINT ignored, as a background job of a non-interactive shell is: Ctrl-C must still drain.
-    server = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "--address", address],
+    server = subprocess.Popen([sys.executable, "-m", "genloop.services.cli", "serve", "--address", address],
                               env={**env, "PYTHONFAULTHANDLER": "1"}, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True,
                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))

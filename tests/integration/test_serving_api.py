@@ -12,12 +12,12 @@ import httpx
 import openai
 import pytest
 
-from serving.app import build_app, serve_app
-from serving.hf.engine import HFEngine
-from serving.hf.options import HFEngineOptions
-from serving.inference_log import feedback_by_version, read_inference_log
-from serving.protocol import VERSION_HEADER
-from serving.settings import DeploymentOptions, ServerSettings
+from genloop.serving.app import build_app, serve_app
+from genloop.serving.hf.engine import HFEngine
+from genloop.serving.hf.options import HFEngineOptions
+from genloop.serving.inference_log import feedback_by_version, read_inference_log
+from genloop.serving.protocol import VERSION_HEADER
+from genloop.serving.settings import DeploymentOptions, ServerSettings
 
 API_KEY = "sk-test-key"
 FLOOD_KEY, STREAMS_KEY = "sk-flood-key", "sk-streams-key"  # clients of the tests of what one client may take

@@ -15,12 +15,12 @@ import torch
 from mlflow.tracking import MlflowClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from services.config import GenloopConfig
-from services.registry import Registry
-from services.training_run import train
-from training.cost import logged_cost
-from training.datasets import ingest
-from training.errors import UserInputError
+from genloop.services.config import GenloopConfig
+from genloop.services.registry import Registry
+from genloop.services.training_run import train
+from genloop.training.cost import logged_cost
+from genloop.training.datasets import ingest
+from genloop.training.errors import UserInputError
 
 
 def small_training(config: GenloopConfig, max_steps: int = 40, eval_every: int = 10) -> GenloopConfig:
@@ -126,7 +126,7 @@ def test_killed_worker_resumes_from_checkpoint(docs_config: GenloopConfig, own_r
 def test_bad_training_input_is_a_user_error_and_leaves_nothing(tmp_path: Path, ray_cluster):
     from typer.testing import CliRunner
 
-    from services.cli import app
+    from genloop.services.cli import app
 
     home = tmp_path / "home"
     env = {"GENLOOP_HOME": str(home), "GENLOOP_DATA__MAX_DOCUMENTS_PER_SOURCE": "300"}
@@ -147,7 +147,7 @@ def test_bad_training_input_is_a_user_error_and_leaves_nothing(tmp_path: Path, r
         assert isinstance(result.exception, UserInputError), (args, result.output, result.exception)
         assert message in str(result.exception), (args, str(result.exception))
 
-    process = subprocess.run([sys.executable, "-m", "services.cli", "train", "--dataset", "missing"],
+    process = subprocess.run([sys.executable, "-m", "genloop.services.cli", "train", "--dataset", "missing"],
                              capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
     assert process.returncode == 2 and "missing" in process.stderr and "Traceback" not in process.stderr
 

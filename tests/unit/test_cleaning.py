@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from training.cleaning import (
+from genloop.training.cleaning import (
     EXACT_DUPLICATE,
     NEAR_DUPLICATE,
     REPEATED_LINES,
@@ -27,7 +27,7 @@ from training.cleaning import (
     split_of,
     symbol_share,
 )
-from training.config import DataConfig
+from genloop.training.config import DataConfig
 
 VOCAB = (
     "river stone window garden letter morning silver engine harbour market candle forest paper "

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from services.config import ConfigError, GenloopConfig, load_config
+from genloop.services.config import ConfigError, GenloopConfig, load_config
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -61,7 +61,7 @@ def test_home_is_absolute_for_ray_workers(tmp_path: Path, monkeypatch):
     ("0 3 * * *", "*"),
 ])
 def test_retrain_cron_reads_weekdays_as_crontab_does(expression, weekdays):
-    from services.schedule import cron_trigger
+    from genloop.services.schedule import cron_trigger
 
     assert f"day_of_week='{weekdays}'" in str(cron_trigger(expression))
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from training.config import CostConfig
-from training.cost import CostReport, cost_report, logged_cost
+from genloop.training.config import CostConfig
+from genloop.training.cost import CostReport, cost_report, logged_cost
 
 
 def _report() -> CostReport:

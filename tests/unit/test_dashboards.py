@@ -7,8 +7,8 @@ import re
 
 from prometheus_client.registry import REGISTRY
 
-from monitoring import dashboards, metrics
-from monitoring.metrics import ControlPlaneCollector, ControlPlaneState
+from genloop.monitoring import dashboards, metrics
+from genloop.monitoring.metrics import ControlPlaneCollector, ControlPlaneState
 
 
 def _exposed_names() -> set[str]:
@@ -27,7 +27,7 @@ def _expressions(dashboard: dict) -> list[str]:
 def test_committed_dashboards_are_up_to_date():
     rendered = dashboards.render()
     committed = {p.name: p.read_text(encoding="utf-8") for p in dashboards.OUT_DIR.glob("*.json")}
-    assert committed == rendered, "stale dashboards: run `python -m monitoring.dashboards` and commit the result"
+    assert committed == rendered, "stale dashboards: run `python -m genloop.monitoring.dashboards` and commit the result"
 
 
 def test_every_panel_queries_metrics_the_code_defines():

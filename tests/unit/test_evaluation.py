@@ -11,9 +11,9 @@ from typing import get_args
 import pytest
 import torch
 
-from training.config import GateMetric
-from training.errors import UserInputError
-from training.evaluation import (
+from genloop.training.config import GateMetric
+from genloop.training.errors import UserInputError
+from genloop.training.evaluation import (
     BETTER,
     Prompt,
     SetMetrics,
@@ -23,8 +23,8 @@ from training.evaluation import (
     make_prompts,
     model_size,
 )
-from training.models import build_model, parameter_count
-from training.tokenizer import train_tokenizer
+from genloop.training.models import build_model, parameter_count
+from genloop.training.tokenizer import train_tokenizer
 
 BLOCK = 64
 

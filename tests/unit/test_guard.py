@@ -9,7 +9,7 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from serving.guard import REQUEST_ID_HEADER, GuardSettings, RequestGuard, key_matches
+from genloop.serving.guard import REQUEST_ID_HEADER, GuardSettings, RequestGuard, key_matches
 
 
 @pytest.fixture

@@ -23,21 +23,21 @@ from pydantic import ValidationError
 from transformers import DynamicCache
 from transformers.activations import NewGELUActivation
 
-from serving.engine import (
+from genloop.serving.engine import (
     EngineError,
     EngineOverloaded,
     GenerationRequest,
     InvalidRequestError,
     SamplingParams,
 )
-from serving.hf.engine import HFEngine
-from serving.hf.options import HFEngineOptions
-from serving.hf.detokenizer import advance_text
-from serving.hf.kv_batch import Rows, compact, join
-from serving.hf.scheduler import Scheduler, prefill_groups, rows_to_keep
-from serving.hf.sequence import Sequence
-from training.models import build_model
-from training.tokenizer import train_tokenizer
+from genloop.serving.hf.engine import HFEngine
+from genloop.serving.hf.options import HFEngineOptions
+from genloop.serving.hf.detokenizer import advance_text
+from genloop.serving.hf.kv_batch import Rows, compact, join
+from genloop.serving.hf.scheduler import Scheduler, prefill_groups, rows_to_keep
+from genloop.serving.hf.sequence import Sequence
+from genloop.training.models import build_model
+from genloop.training.tokenizer import train_tokenizer
 
 GREEDY = {"temperature": 0.0}
 

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from training.errors import UserInputError
-from training.incoming import landed_files
+from genloop.training.errors import UserInputError
+from genloop.training.incoming import landed_files
 
 
 def settled(path, text: str):

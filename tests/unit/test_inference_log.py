@@ -6,7 +6,7 @@ import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from serving.inference_log import InferenceLog, InferenceRecord, hash_client, read_inference_log, recover_spools
+from genloop.serving.inference_log import InferenceLog, InferenceRecord, hash_client, read_inference_log, recover_spools
 
 
 def record(i: int, when: datetime | None = None, prompt: str = "hello", output: str = "world") -> InferenceRecord:
@@ -41,7 +41,7 @@ def test_full_buffer_drops_and_counts_instead_of_growing(tmp_path: Path):
 
 
 def test_log_text_covers_prompts_and_outputs(tmp_path: Path):
-    from serving.inference_log import caller_prompts
+    from genloop.serving.inference_log import caller_prompts
 
     texts = {}
     for mode in ("full", "redacted", "hashed"):
@@ -80,7 +80,7 @@ def test_empty_log_reads_as_empty_table(tmp_path: Path):
 def test_the_client_salt_is_a_private_secret_of_the_installation(genloop_config):
     import stat
 
-    from services.serving_control import SALT_FILE, client_salt
+    from genloop.services.serving_control import SALT_FILE, client_salt
 
     salt = client_salt(genloop_config)
     assert len(salt) == 64 and client_salt(genloop_config) == salt
@@ -139,7 +139,7 @@ def _rating(response_id: str, rating: int, when: datetime) -> InferenceRecord:
 
 
 def test_feedback_joins_each_responses_latest_rating_to_the_version_that_answered(tmp_path: Path):
-    from serving.inference_log import caller_prompts, feedback_by_version
+    from genloop.serving.inference_log import caller_prompts, feedback_by_version
 
     start = datetime.now(UTC) - timedelta(minutes=10)
     log = InferenceLog(tmp_path)
@@ -163,7 +163,7 @@ def test_a_log_written_before_ratings_existed_still_reads(tmp_path: Path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from serving.inference_log import SCHEMA, feedback_by_version, rated_completions
+    from genloop.serving.inference_log import SCHEMA, feedback_by_version, rated_completions
 
     old = pa.schema([field for field in SCHEMA if field.name not in ("rating", "text_mode")])
     folder = tmp_path / f"date={datetime.now(UTC).date()}"
@@ -179,7 +179,7 @@ def test_a_log_written_before_ratings_existed_still_reads(tmp_path: Path):
 
 
 def test_rated_completions_are_training_texts_of_answers_rated_well_enough(tmp_path: Path):
-    from serving.inference_log import rated_completions
+    from genloop.serving.inference_log import rated_completions
 
     start = datetime.now(UTC) - timedelta(minutes=10)
     log = InferenceLog(tmp_path / "full")

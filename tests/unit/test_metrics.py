@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from monitoring.metrics import ControlPlaneCollector, ControlPlaneState
+from genloop.monitoring.metrics import ControlPlaneCollector, ControlPlaneState
 
 
 def _samples(state: ControlPlaneState, family: str) -> dict[tuple, float]:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from training.cleaning import content_hash
-from training.datasets import OUTPUT_SCHEMA, DatasetVersion, write_version
-from training.replay import build_mix, new_documents
+from genloop.training.cleaning import content_hash
+from genloop.training.datasets import OUTPUT_SCHEMA, DatasetVersion, write_version
+from genloop.training.replay import build_mix, new_documents
 
 
 def version(root, name: str, number: int, train: list[str], validation: list[str]) -> DatasetVersion:

@@ -6,10 +6,10 @@ from datetime import UTC, datetime
 
 import pytest
 
-from services.config import ConfigError, GateConfig, load_config
-from services.gate import apply_policy
-from services.schedule import SchedulerConfig, window_wait
-from training.evaluation import SetMetrics
+from genloop.services.config import ConfigError, GateConfig, load_config
+from genloop.services.gate import apply_policy
+from genloop.services.schedule import SchedulerConfig, window_wait
+from genloop.training.evaluation import SetMetrics
 
 
 def at(hour: int, minute: int = 0) -> datetime:

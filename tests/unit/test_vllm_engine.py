@@ -11,8 +11,8 @@ import importlib.util
 
 import pytest
 
-from serving.engine import EngineError, GenerationRequest
-from serving.vllm_engine import VLLMEngine
+from genloop.serving.engine import EngineError, GenerationRequest
+from genloop.serving.vllm_engine import VLLMEngine
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed")
 
