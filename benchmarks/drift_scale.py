@@ -32,12 +32,12 @@ from pathlib import Path
 from report import RESULTS, emit  # benchmarks/ is the script's folder, on sys.path
 
 
-
 def prepare(home: Path, prompts: int) -> None:
     """Champion, its dataset and ``prompts`` logged prompts under ``home``."""
+    import pydoc_data.topics
+
     import pyarrow as pa
     import pyarrow.parquet as pq
-    import pydoc_data.topics
 
     from genloop.services.config import GenloopConfig
     from genloop.services.registry import MODEL_ARTIFACT, Registry

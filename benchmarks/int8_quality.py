@@ -77,7 +77,7 @@ def linear_bytes(model: torch.nn.Module) -> int:
 
 
 def agreement(a: list[str], b: list[str]) -> float:
-    return sum(x == y for x, y in zip(a, b)) / len(a)
+    return sum(x == y for x, y in zip(a, b, strict=True)) / len(a)
 
 
 async def speed(folder: Path, prompts: list[list[int]], new_tokens: int, int8: bool) -> dict:

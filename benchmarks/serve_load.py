@@ -239,7 +239,8 @@ def plot(report: dict, path: Path) -> None:
     limit = statistics.mean(direct["tokens_per_s"] for direct in report["direct"].values())
     throughput.axhline(limit, color="grey", linestyle="--", label="one generate (32), mean")
     throughput.set(xlabel="concurrent requests", ylabel="generated tokens/s", xscale="log", title="throughput")
-    ttft.set(xlabel="concurrent requests", ylabel="seconds", xscale="log", yscale="log", title="p95 time to first token")
+    ttft.set(xlabel="concurrent requests", ylabel="seconds", xscale="log", yscale="log",
+             title="p95 time to first token")
     for axis in (throughput, ttft):
         axis.set_xticks(levels, [str(c) for c in levels])
         axis.legend()

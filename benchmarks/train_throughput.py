@@ -56,7 +56,7 @@ def bare_loop(parquet: Path, init_dir: Path, settings: TrainConfig, threads: int
         batches = packed_batches(rows, tokenizer, settings.block_size, settings.micro_batch_size)
         while steps < settings.max_steps:
             started = time.perf_counter()
-            micro = [b for _, b in zip(range(settings.grad_accum_steps), batches)]
+            micro = [b for _, b in zip(range(settings.grad_accum_steps), batches, strict=False)]
             if len(micro) < settings.grad_accum_steps:
                 break
             train_step(model, micro, optimizer, schedule, settings, device)

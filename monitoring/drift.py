@@ -26,13 +26,13 @@ from typing import Any, Literal
 
 os.environ.setdefault("DO_NOT_TRACK", "1")  # Evidently's (UI-only) telemetry stays off
 
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from pydantic import BaseModel, Field  # noqa: E402
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, Field
 
-from genloop.monitoring import metrics  # noqa: E402
-from genloop.monitoring.drift_settings import DriftSettings  # noqa: E402
+from genloop.monitoring import metrics
+from genloop.monitoring.drift_settings import DriftSettings
 
 logger = logging.getLogger(__name__)
 

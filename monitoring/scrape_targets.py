@@ -17,6 +17,7 @@ import os
 import re
 import socket
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
 
@@ -29,7 +30,7 @@ class ScrapeTarget:
     def __init__(self, directory: str | Path, name: str, labels: dict[str, str],
                  registry: CollectorRegistry | None = None, host: str | None = None, port: int = 0):
         self.file = Path(directory) / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.json"
-        kwargs = {"registry": registry} if registry is not None else {}
+        kwargs: dict[str, Any] = {"registry": registry} if registry is not None else {}
         self._server, self._thread = start_http_server(port, addr="0.0.0.0", **kwargs)
         self.address = f"{host or _node_ip()}:{self._server.server_port}"
         self.file.parent.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ import hmac
 import os
 import threading
 from collections.abc import Callable
+from typing import TypeVar
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -42,6 +43,8 @@ ADMIN_TOKEN_ENV = "GENLOOP_ADMIN_TOKEN"
 PREFIX = "/admin"
 REPORT_TYPES = {".html", ".json", ".png", ".svg"}
 NO_TOKEN_ACTOR = "admin-api"  # who the audit log names when no token is configured (loopback only)
+
+T = TypeVar("T")
 
 
 def admin_tokens(value: str | None = None) -> dict[str, str]:
@@ -145,7 +148,7 @@ def build_admin_api(config: GenloopConfig, scheduler: GenloopScheduler, aliases_
     async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse(error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code)
 
-    def lifecycle_call(call: Callable[[], object]) -> object:
+    def lifecycle_call(call: Callable[[], T]) -> T:
         try:
             return call()
         except UnknownVersion as exc:

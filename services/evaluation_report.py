@@ -67,7 +67,8 @@ pre{white-space:pre-wrap;margin:0;font:12px/1.3 ui-monospace,monospace;max-width
 {% if r.champion %}champion <b id="champion">v{{ r.champion.version }}</b> ({{ r.champion.dataset }}){% else %}
 no champion (first model: judged by the absolute bounds alone){% endif %} · {{ r.created_at }}</p>
 <p>Verdict: <span id="verdict" class="{{ r.verdict }}">{{ r.verdict | upper }}</span></p>
-<p id="traffic">Weights: {% for name, w in r.weights.items() %}{{ name }} {{ '%.0f%%' % (100 * w) }}{{ ', ' if not loop.last }}{% endfor %}
+<p id="traffic">Weights: {% for name, w in r.weights.items() %}{{ name }} {{ '%.0f%%' % (100 * w) }}{{
+', ' if not loop.last }}{% endfor %}
 · {{ r.traffic }}</p>
 <h2>Rules</h2>
 <table id="rules"><tr><th>rule</th><th>result</th><th>reason</th></tr>
@@ -89,7 +90,8 @@ no champion (first model: judged by the absolute bounds alone){% endif %} · {{ 
 </table>
 <h2>Samples</h2>
 <table id="samples"><tr><th>set</th><th>prompt</th><th>reference continuation</th>
-<th>champion{% if r.champion %} v{{ r.champion.version }}{% endif %}</th><th>candidate v{{ r.candidate.version }}</th></tr>
+<th>champion{% if r.champion %} v{{ r.champion.version }}{% endif %}</th>
+<th>candidate v{{ r.candidate.version }}</th></tr>
 {% for s in r.samples %}<tr class="sample"><td>{{ s.set }}</td><td><pre>{{ s.prompt }}</pre></td>
 <td><pre>{{ s.reference }}</pre></td><td><pre>{{ s.champion if s.champion is not none else '–' }}</pre></td>
 <td><pre>{{ s.candidate }}</pre></td></tr>{% endfor %}

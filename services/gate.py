@@ -185,7 +185,7 @@ def evaluate(config: GenloopConfig, candidate_ref: str, against: str = "champion
         if champion_model is not None:
             metrics[set_name]["champion"], champion_outputs = evaluate_model(
                 champion_model, champion_tokenizer, texts, prompts, block_size=_context(champion_model), **kwargs)
-        for prompt, cand_out, champ_out in list(zip(prompts, candidate_outputs, champion_outputs))[
+        for prompt, cand_out, champ_out in list(zip(prompts, candidate_outputs, champion_outputs, strict=True))[
                 : settings.samples_in_report]:
             samples.append(Sample(set=set_name, prompt=prompt.prompt, reference=prompt.reference,
                                   champion=champ_out, candidate=cand_out))

@@ -12,6 +12,7 @@ a folder whose recorded process, on this host, no longer exists; a Ray agent who
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -123,10 +124,8 @@ def _watch(raylet_pid: int) -> None:
             pass
     sys.stdin.read()  # the driver never writes: this returns at end of file
     for agent in agents.values():
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             agent.kill()  # psutil checks it is still the process it noted, not a reused pid
-        except psutil.NoSuchProcess:
-            pass
 
 
 if __name__ == "__main__":

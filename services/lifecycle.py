@@ -103,6 +103,7 @@ def promote(
         audit.record(connection, actor=who, action=action, from_version=current, to_version=candidate_version,
                      outcome=outcome, reason=reason, report_id=report.id if report else None)
     if outcome == "rejected":
+        assert report is not None, "only a gate report rejects"
         failed = "; ".join(f"{rule.rule}: {rule.reason}" for rule in report.rules if not rule.passed)
         raise PromotionRefused(f"v{candidate_version} rejected by the gate: {failed}", report)
     if outcome == "conflict":

@@ -42,6 +42,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import IO
 
 from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED, JobEvent
 from apscheduler.executors.pool import ThreadPoolExecutor
@@ -50,7 +51,20 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 from pydantic import BaseModel, Field
-from sqlalchemy import Column, Float, Integer, MetaData, String, Table, create_engine, func, insert, select, update
+from sqlalchemy import (
+    Column,
+    CursorResult,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    create_engine,
+    func,
+    insert,
+    select,
+    update,
+)
 
 from genloop.monitoring.metrics import JobState
 from genloop.services.config import GenloopConfig
@@ -112,6 +126,13 @@ class JobStage(BaseModel):
 StageReporter = Callable[..., None]
 
 
+def _new_id(result: CursorResult) -> int:
+    """The primary key an INSERT just gave its row."""
+    key = result.inserted_primary_key
+    assert key is not None, "an INSERT of one row"
+    return int(key[0])
+
+
 class JobHistory:
     """The ``job_runs`` table and the job store's next run times, readable from any process."""
 
@@ -125,8 +146,8 @@ class JobHistory:
 
     def queued(self, job: str, reason: str) -> int:
         with self.engine.begin() as connection:
-            return connection.execute(insert(job_runs).values(
-                job=job, reason=reason, started_at=time.time(), outcome="queued")).inserted_primary_key[0]
+            return _new_id(connection.execute(insert(job_runs).values(
+                job=job, reason=reason, started_at=time.time(), outcome="queued")))
 
     def started(self, job: str, reason: str, run_id: int | None = None) -> int:
         """A new running row, or the queued row ``run_id`` now running."""
@@ -135,8 +156,8 @@ class JobHistory:
                     update(job_runs).where((job_runs.c.id == run_id) & (job_runs.c.outcome == "queued"))
                     .values(started_at=time.time(), outcome="running")).rowcount:
                 return run_id
-            return connection.execute(insert(job_runs).values(
-                job=job, reason=reason, started_at=time.time(), outcome="running")).inserted_primary_key[0]
+            return _new_id(connection.execute(insert(job_runs).values(
+                job=job, reason=reason, started_at=time.time(), outcome="running")))
 
     def finished(self, run_id: int, outcome: str, detail: str) -> bool:
         """Close a run that has not ended; False when something else (``stop``'s grace period) closed it."""
@@ -185,7 +206,7 @@ class JobHistory:
             counts = connection.execute(
                 select(job_runs.c.job, job_runs.c.outcome, func.count(), func.max(job_runs.c.started_at))
                 .group_by(job_runs.c.job, job_runs.c.outcome)).all()
-            upcoming = dict(connection.execute(
+            upcoming: dict[str, float | None] = dict(connection.execute(
                 select(self._jobs.c.id, self._jobs.c.next_run_time).where(~self._jobs.c.id.contains(_ONE_OFF))
             ).all()) if self._has_job_table(connection) else {}
         jobs: dict[str, JobState] = {}
@@ -223,7 +244,7 @@ class GenloopScheduler:
         self.config = config
         self.show_progress = show_progress
         self.history = JobHistory(config.scheduler_db)
-        self._lock_file = None
+        self._lock_file: IO[str] | None = None
         self.scheduler = BackgroundScheduler(
             jobstores={"default": SQLAlchemyJobStore(engine=self.history.engine, tablename=JOBS_TABLE)},
             executors={"default": ThreadPoolExecutor(max_workers=1)},
@@ -393,7 +414,7 @@ class GenloopScheduler:
             except UserInputError as exc:  # the state or config is not ready (no champion, no data): no bug
                 logger.warning("job %s failed: %s", job, exc)
                 outcome, detail = "failed", str(exc)
-            except Exception as exc:  # noqa: BLE001 - a failed run is recorded; the scheduler keeps going
+            except Exception as exc:
                 logger.exception("job %s failed", job)
                 outcome, detail, retry = "failed", f"{type(exc).__name__}: {exc}", True
             self._current = {}
@@ -462,7 +483,8 @@ class GenloopScheduler:
         try:
             yield
         finally:
-            self._lock_file.close()
+            if self._lock_file is not None:
+                self._lock_file.close()
             self._lock_file = None
 
     def _take_store_lock(self) -> None:

@@ -10,8 +10,8 @@ Stopping (Ctrl-C, SIGTERM) goes in the order that loses nothing: mutating admin 
 refused and the scheduler fires no new job; the Serve app drains its in-flight requests while a
 running job goes on; the job then gets ``service.shutdown_grace_s`` to finish,
 after which it is recorded as interrupted (and its MLflow run as KILLED) and left to die with the
-process, which exits at once; the admin API and the exporter stop. Only one ``genloop up`` may run on a state folder: a lock file in it
-refuses a second one before anything starts.
+process, which exits at once; the admin API and the exporter stop. Only one ``genloop up`` may run on
+a state folder: a lock file in it refuses a second one before anything starts.
 """
 
 from __future__ import annotations
@@ -23,10 +23,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import IO
 
 import uvicorn
 from rich.console import Console
 
+from genloop.monitoring.scrape_targets import ScrapeTarget
 from genloop.services.admin import admin_tokens, build_admin_api, is_loopback
 from genloop.services.cluster import connect
 from genloop.services.config import GenloopConfig
@@ -45,10 +47,10 @@ LOCK_FILE = "up.lock"
 class _Parts:
     """What has been started, so that ``stop`` stops exactly that, in reverse."""
 
-    lock: object | None = None
+    lock: IO[str] | None = None
     scheduler: GenloopScheduler | None = None
     watcher: ChampionWatcher | None = None
-    exporter: object | None = None
+    exporter: ScrapeTarget | None = None
     admin: uvicorn.Server | None = None
     admin_thread: threading.Thread | None = None
 
@@ -82,8 +84,8 @@ class GenloopService:
         if bootstrapping:
             self.bootstrap_run = scheduler.run_now("retrain", BOOTSTRAP)
         self._start_admin(scheduler, tokens)
-        self.console.print(f"admin API at {self.admin_url} "
-                           f"({'bearer tokens: ' + ', '.join(sorted(set(tokens.values()))) if tokens else 'no token: loopback only'})")
+        access = f"bearer tokens: {', '.join(sorted(set(tokens.values())))}" if tokens else "no token: loopback only"
+        self.console.print(f"admin API at {self.admin_url} ({access})")
         if bootstrapping:
             self.console.print(f"no champion yet: bootstrapping one (job run {self.bootstrap_run}: ingest → train → "
                                "gate → promote); /health says \"bootstrapping\" until it serves")
@@ -137,21 +139,25 @@ class GenloopService:
     # --- run -----------------------------------------------------------------------------------
     def wait(self) -> None:
         """Until interrupted: say what running jobs do and when the bootstrapped model serves."""
-        announced = self.parts.watcher.serving is not None
+        watcher = self.parts.watcher
+        assert watcher is not None, "wait() follows start()"
+        announced = watcher.serving is not None
         while True:
             time.sleep(0.5)
             self._report_stages()
-            if not announced and self.parts.watcher.serving is not None:
+            if not announced and watcher.serving is not None:
                 announced = True
-                self.console.print(f"serving v{self.parts.watcher.serving.champion} at http://"
+                self.console.print(f"serving v{watcher.serving.champion} at http://"
                                    f"{self.config.serving.host}:{self.config.serving.port}/v1")
 
     def _report_stages(self) -> None:
         """One console line per stage a job reaches, and one when it ends (training draws its progress
         bar in between)."""
-        current = self.parts.scheduler.running_job()
+        scheduler = self.parts.scheduler
+        assert scheduler is not None, "stages are reported after start()"
+        current = scheduler.running_job()
         for run_id in {*self._stages_told, *([current["run_id"]] if current else [])}:
-            found = self.parts.scheduler.history.get(run_id)
+            found = scheduler.history.get(run_id)
             if found is None:
                 continue
             run, stages = found
@@ -188,7 +194,7 @@ class GenloopService:
                                    f"{left.get('stage', 'start')} stage; recorded as failed")
         if parts.exporter is not None:
             parts.exporter.close()
-        if parts.admin is not None:
+        if parts.admin is not None and parts.admin_thread is not None:
             parts.admin.should_exit = True
             parts.admin_thread.join(timeout=10)
         if parts.lock is not None:

@@ -30,8 +30,8 @@ NEAR_DUPLICATE = "near_duplicate"
 #: Every reason a document can be dropped for, in the order the checks run.
 DROP_REASONS = (TOO_SHORT, TOO_LONG, TOO_MANY_SYMBOLS, REPEATED_LINES, EXACT_DUPLICATE, NEAR_DUPLICATE)
 
-TRAIN = "train"
-VALIDATION = "validation"
+TRAIN: Literal["train"] = "train"
+VALIDATION: Literal["validation"] = "validation"
 
 # Fixed so that signatures computed in different worker processes, on different days, compare.
 MINHASH_SEED = 1

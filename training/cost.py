@@ -8,6 +8,7 @@ in the time spent training.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from pydantic import BaseModel, Field, create_model
 
@@ -50,11 +51,10 @@ class CostReport(BaseModel):
 
 # What a run's MLflow metrics hold of its CostReport: the numeric fields, each None where the run logged
 # none (a model registered from outside genloop logs none). Derived from CostReport, so the two cannot drift.
-LoggedCost = create_model(
-    "LoggedCost",
-    **{name: (field.annotation | None, None) for name, field in CostReport.model_fields.items()
-       if field.annotation in (int, float)},
-)
+_LOGGED_FIELDS: dict[str, Any] = {name: (field.annotation | None, None)
+                                   for name, field in CostReport.model_fields.items()
+                                   if field.annotation in (int, float)}
+LoggedCost = create_model("LoggedCost", **_LOGGED_FIELDS)
 
 
 def logged_cost(metrics: Mapping[str, float]) -> LoggedCost:

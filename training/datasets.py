@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -203,7 +203,7 @@ def ingest(sources: list[str | Source], name: str, data: DataConfig, datasets_di
     table = table.sort_by("content_hash")
     hashes = table.column("content_hash").to_pylist()
     splits = [split_of(h, data.validation_fraction) for h in hashes]
-    digest = hashlib.sha256("".join(f"{h} {s}\n" for h, s in zip(hashes, splits)).encode()
+    digest = hashlib.sha256("".join(f"{h} {s}\n" for h, s in zip(hashes, splits, strict=True)).encode()
                             + (json.dumps(manifest_extra, sort_keys=True).encode() if manifest_extra else b"")
                             ).hexdigest()
 
@@ -223,7 +223,7 @@ def ingest(sources: list[str | Source], name: str, data: DataConfig, datasets_di
     manifest = {
         "name": name,
         "version": version,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "sources": source_stats,
         "counts": {
             "read": read,
@@ -298,7 +298,7 @@ def _read_and_clean(
         earlier = pa.concat_tables([read_split(path) for path in (extend.train_path, extend.validation_path)])
         texts = earlier.column("text").to_pylist()
         signatures = minhash_signatures(texts, data.minhash_num_perm, data.shingle_words) if texts else []
-        for doc_hash, signature in zip(earlier.column("content_hash").to_pylist(), signatures):
+        for doc_hash, signature in zip(earlier.column("content_hash").to_pylist(), signatures, strict=True):
             index.add(doc_hash, signature)
         for column in OUTPUT_SCHEMA.names:
             kept[column].extend(earlier.column(column).to_pylist())
@@ -329,6 +329,7 @@ def _read_and_clean(
                     batch.column("drop_reason").to_pylist(),
                     batch.column("content_hash").to_pylist(),
                     signatures,
+                    strict=True,
                 )
                 for text, origin, reason, doc_hash, signature in rows:
                     reason = reason or index.add(doc_hash, signature)

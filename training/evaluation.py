@@ -17,7 +17,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import sacrebleu
 import torch
@@ -79,7 +79,7 @@ class SetMetrics(BaseModel):
 
 # Gate metric → "lower" or "higher", whichever is better: read off SetMetrics' fields, in their order.
 BETTER: dict[str, Better] = {
-    name: field.json_schema_extra["better"]
+    name: cast(Better, field.json_schema_extra["better"])
     for name, field in SetMetrics.model_fields.items()
     if isinstance(field.json_schema_extra, dict) and "better" in field.json_schema_extra
 }
@@ -123,7 +123,7 @@ def continuation_scores(hypotheses: list[str], references: list[str]) -> dict[st
     if not hypotheses:
         return {"bleu": 0.0, "chrf": 0.0, "rouge_l": 0.0}
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    rouge = [scorer.score(ref, hyp)["rougeL"].fmeasure for hyp, ref in zip(hypotheses, references)]
+    rouge = [scorer.score(ref, hyp)["rougeL"].fmeasure for hyp, ref in zip(hypotheses, references, strict=True)]
     return {
         "bleu": float(sacrebleu.corpus_bleu(hypotheses, [references]).score),
         "chrf": float(sacrebleu.corpus_chrf(hypotheses, [references]).score),

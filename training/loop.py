@@ -10,6 +10,7 @@ runs exactly the same work without Ray.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import tempfile
@@ -218,10 +219,9 @@ def train_worker(config: dict[str, Any]) -> None:
         now = int(time.time() * 1000)
         mlflow.log_batch(config["run_id"], metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
         if progress is not None:
-            try:
+            # A full or gone progress queue must never stop training.
+            with contextlib.suppress(Exception):
                 progress.put_nowait({"step": step, **metrics})
-            except Exception:  # a full or gone progress queue must never stop training
-                pass
 
     def report(val_loss: float) -> None:
         """Checkpoint after each validation; the loop always ends on one, so the last report is final."""
@@ -238,8 +238,9 @@ def train_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if rank == 0 else None)
 
     if state["initial_val"] is None:
-        state["initial_val"] = evaluate(model, val_blocks_local, settings.micro_batch_size, device)
-        log({"val_loss": state["initial_val"], "val_perplexity": math.exp(state["initial_val"])}, 0)
+        initial_val = evaluate(model, val_blocks_local, settings.micro_batch_size, device)
+        state["initial_val"] = initial_val
+        log({"val_loss": initial_val, "val_perplexity": math.exp(initial_val)}, 0)
 
     # The first step after a (re)start waits for Ray Data to start streaming; it is excluded from
     # train_seconds (and its tokens from timed_tokens) so tokens/s and MFU describe steady training.
@@ -254,7 +255,7 @@ def train_worker(config: dict[str, Any]) -> None:
         stepped_this_epoch = False
         while not stop:
             started = time.perf_counter()
-            micro = [b for _, b in zip(range(settings.grad_accum_steps), batches)]
+            micro = [b for _, b in zip(range(settings.grad_accum_steps), batches, strict=False)]
             if not _all_have_batch(len(micro) == settings.grad_accum_steps):
                 break
             loss = train_step(model, micro, optimizer, schedule, settings, device)

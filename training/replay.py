@@ -1,10 +1,10 @@
 """Training mixes for warm starts: the documents a model has not seen, plus a replay of those it has.
 
-A model warm-started on a new domain alone forgets the old one, and the gate rightly refuses it. Replaying a share of the
-earlier training data is the standard remedy in continual pre-training, and the cheapest: no extra
-loss term, no second model, only data. ``build_mix`` writes the mix as a version of its own dataset
-(``<name>-mix``), so the trained-on text stays traceable like any other version, and its manifest says
-which version it was drawn from and which versions it replays.
+A model warm-started on a new domain alone forgets the old one, and the gate rightly refuses it.
+Replaying a share of the earlier training data is the standard remedy in continual pre-training,
+and the cheapest: no extra loss term, no second model, only data. ``build_mix`` writes the mix as a
+version of its own dataset (``<name>-mix``), so the trained-on text stays traceable like any other
+version, and its manifest says which version it was drawn from and which versions it replays.
 
 The split of every document is fixed by its content hash (``training.cleaning.split_of``), so replay
 draws from train splits only and the mix's validation split is the fresh version's: no model is ever
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
@@ -87,7 +87,7 @@ def build_mix(datasets_dir: Path, fresh: DatasetVersion, seen: list[DatasetVersi
     manifest = {
         "name": name,
         "version": number,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "kind": "mix",
         "base": fresh.spec,
         "replay": {"fraction": fraction, "versions": [v.spec for v in seen], "documents": replay.num_rows,

@@ -22,7 +22,7 @@ import logging
 import os
 import re
 import sysconfig
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -285,14 +285,16 @@ _PARSERS: dict[str, Callable[[bytes, str, str, str], list[str]]] = {
 
 def _file_documents(batch: pa.Table, txt_mode: str, text_field: str) -> pa.Table:
     """map_batches: (bytes, path) rows → document rows; a bad file becomes one ``error`` row."""
-    texts, sources, errors = [], [], []
-    for raw, path in zip(batch.column("bytes").to_pylist(), batch.column("path").to_pylist()):
+    texts: list[str | None] = []
+    sources: list[str] = []
+    errors: list[str | None] = []
+    for raw, path in zip(batch.column("bytes").to_pylist(), batch.column("path").to_pylist(), strict=True):
+        docs: Sequence[str | None]
+        error: str | None = None
         try:
             docs = _PARSERS[Path(path).suffix.lower()](raw, path, txt_mode, text_field)
         except UserInputError as exc:
             docs, error = [None], str(exc)
-        else:
-            error = None
         texts += docs
         sources += [path] * len(docs)
         errors += [error] * len(docs)

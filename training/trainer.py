@@ -8,6 +8,7 @@ the best is exported as a plain Hugging Face folder with safetensors weights.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -107,7 +108,7 @@ def fit(
     def run() -> None:
         try:
             result_box["result"] = trainer.fit()
-        except Exception as exc:  # surfaced on the caller's thread below
+        except Exception as exc:  # noqa: BLE001 — surfaced on the caller's thread below
             result_box["error"] = exc
 
     thread = threading.Thread(target=run, name="ray-train-fit", daemon=True)
@@ -115,10 +116,8 @@ def fit(
     _follow(thread, progress_queue, settings.max_steps, show_progress)
     thread.join()
     wall = time.perf_counter() - started
-    try:
+    with contextlib.suppress(Exception):  # the queue actor may already be gone with a lost cluster
         ray.kill(progress_queue.actor)
-    except Exception:  # the queue actor may already be gone with a lost cluster
-        pass
     if "error" in result_box:
         raise TrainingFailed(f"training failed: {result_box['error']}") from result_box["error"]
     result = result_box["result"]
@@ -146,7 +145,7 @@ def _follow(thread: threading.Thread, queue: Any, max_steps: int, show: bool) ->
         while thread.is_alive() or not queue.empty():
             try:
                 message = queue.get(timeout=0.5)
-            except Exception:  # queue.Empty, or the queue actor gone after the run
+            except Exception:  # noqa: BLE001 — queue.Empty, or the queue actor gone after the run
                 if not thread.is_alive():
                     break
                 continue

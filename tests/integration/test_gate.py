@@ -256,8 +256,8 @@ def test_cli_exit_codes_and_tables(world):
         return CliRunner().invoke(app, list(args), env=env)
 
     # One real process for what only a process shows: the exit code and a one-line error, no traceback.
-    unknown = subprocess.run([sys.executable, "-m", "genloop.services.cli", "promote", "99"], capture_output=True, text=True,
-                             env={**os.environ, **env}, timeout=300)
+    unknown = subprocess.run([sys.executable, "-m", "genloop.services.cli", "promote", "99"], capture_output=True,
+                             text=True, env={**os.environ, **env}, timeout=300)
     assert unknown.returncode == 2 and "unknown model version" in unknown.stderr
     assert "Traceback" not in unknown.stderr
     needs_reason = genloop("promote", v["better"], "--force")

@@ -52,9 +52,8 @@ def test_jobs_persist_across_restarts_and_follow_the_config(genloop_config):
     scheduler = GenloopScheduler(config)
     scheduler.start()
     try:
-        with pytest.raises(UserInputError, match="another genloop scheduler"):
-            with GenloopScheduler(config).exclusive():
-                pass
+        with pytest.raises(UserInputError, match="another genloop scheduler"), GenloopScheduler(config).exclusive():
+            pass
     finally:
         scheduler.stop()
     first = next_runs(config)
@@ -318,7 +317,7 @@ def test_well_rated_answers_join_the_retrains_data_once(genloop_config, ray_clus
     liked = "The with statement wraps a block in the methods of a context manager, so cleanup always runs."
     disliked = "A lambda expression yields an anonymous function object whose body is one single expression."
     for mode, answers in (("full", {"cmpl-" + "a" * 24: liked, "cmpl-" + "b" * 24: disliked}),
-                          ("hashed", {"cmpl-" + "c" * 24: "Secret prompt that is stored only as a hash, never as text."})):
+                          ("hashed", {"cmpl-" + "c" * 24: "Secret prompt stored only as a hash, never as text."})):
         log = InferenceLog(config.inference_log_dir, text=mode)
         for response_id, text in answers.items():
             log.append(InferenceRecord(request_id=response_id, route="completions", model_version="1", status=200,

@@ -85,7 +85,8 @@ def test_train_registers_a_loadable_model_that_learned(docs_config: GenloopConfi
     assert not (child_path / "adapter_config.json").exists()
     merged = AutoModelForCausalLM.from_pretrained(child_path)
     assert not any("lora" in name for name, _ in merged.named_parameters())
-    changed = any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), merged.state_dict().values()))
+    pairs = zip(model.state_dict().values(), merged.state_dict().values(), strict=True)
+    changed = any(not torch.equal(a, b) for a, b in pairs)
     assert changed
 
 

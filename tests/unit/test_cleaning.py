@@ -158,10 +158,11 @@ def test_content_hash_is_sha256_of_normalised_text():
     assert content_hash(normalise("two  spaces\r\n")) == content_hash(normalise("two spaces"))
 
 
-def index_with(texts: list[str], config: DataConfig = DataConfig()) -> tuple[DuplicateIndex, list[str | None]]:
+def index_with(texts: list[str], config: DataConfig | None = None) -> tuple[DuplicateIndex, list[str | None]]:
+    config = config or DataConfig()
     index = DuplicateIndex(config.near_dup_threshold, config.minhash_num_perm)
     signatures = minhash_signatures(texts, config.minhash_num_perm, config.shingle_words)
-    return index, [index.add(content_hash(t), s) for t, s in zip(texts, signatures)]
+    return index, [index.add(content_hash(t), s) for t, s in zip(texts, signatures, strict=True)]
 
 
 def test_exact_duplicate_is_dropped_and_first_is_kept():
