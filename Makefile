@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean prometheus
+.PHONY: demo test lint bench clean prometheus
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -26,6 +26,11 @@ prometheus:
 # HTTP, so the other core works meanwhile; a file's module fixtures stay in one worker.
 test: $(STAMP) prometheus
 	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
+
+# Lint and import order (ruff), then types (mypy); both configured in pyproject.toml.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 bench: $(STAMP)
 	$(PY) benchmarks/train_throughput.py
