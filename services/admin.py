@@ -99,7 +99,8 @@ class Accepted(BaseModel):
 
 
 class DriftView(DriftResult):
-    report: str = Field(description="Link to the HTML report.")
+    report: str = Field(description="The HTML report: a link under /admin/reports from the admin API, a file path from "
+                                    "`genloop drift --json`.")
 
 
 def report_link(path: str) -> str:

@@ -1,12 +1,15 @@
-"""What ``genloop models`` and ``GET /admin/models`` show: each registered version with its roles,
-data, metrics, verdict, cost and how callers rated it.
+"""What the listings show: ``genloop models`` and ``GET /admin/models`` each registered version with
+its roles, data, metrics, verdict, cost and how callers rated it; ``genloop data list`` the versions
+of a dataset.
 
-One listing for both, so the CLI and the admin API always say the same thing.
+One record per listing, for the table, ``--json`` and the admin API alike, so they always say the
+same thing.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 from pydantic import BaseModel, Field
 
@@ -14,6 +17,7 @@ from genloop.services.config import GenloopConfig
 from genloop.services.registry import Registry
 from genloop.serving.inference_log import feedback_by_version
 from genloop.training.cost import COST_USD_TAG
+from genloop.training.datasets import check_name, list_versions, resolve_dataset
 
 
 class ModelRow(BaseModel):
@@ -53,3 +57,25 @@ def list_models(config: GenloopConfig) -> list[ModelRow]:
             positive_share=ratings.get("positive", 0) / rated if rated else None,
         ))
     return rows
+
+
+class DatasetVersionRow(BaseModel):
+    name: str
+    version: int
+    spec: str = Field(description="name:vN, as --dataset and the models' dataset tag take it.")
+    created_at: str = Field(description="When it was ingested (UTC, ISO 8601).")
+    counts: dict[str, Any] = Field(description="Documents read, kept, in train and validation, dropped by reason.")
+    content_hash: str = Field(description="Hash of its documents: equal hashes, equal data.")
+    extends: str | None = Field(description="The version it adds documents to, if any.")
+    path: str
+
+
+def list_dataset_versions(config: GenloopConfig, name: str) -> list[DatasetVersionRow]:
+    """The versions of dataset ``name``, oldest first; an invalid or unknown name is an error, not an
+    empty list."""
+    resolve_dataset(config.datasets_dir, check_name(name))
+    return [DatasetVersionRow(name=version.name, version=version.version, spec=version.spec,
+                              created_at=version.manifest["created_at"], counts=version.manifest["counts"],
+                              content_hash=version.content_hash, extends=version.manifest.get("extends"),
+                              path=str(version.path))
+            for version in list_versions(config.datasets_dir, name)]

@@ -1,28 +1,36 @@
 """The ``genloop`` command line: thin commands over the services modules.
 
-Bad input (``UserInputError``) prints one clear line and exits with code 2; anything else is a
-bug and keeps its traceback.
+Bad input (``UserInputError``, an option the config refuses, a usage error) prints one clear line
+and exits with code 2; anything else is a bug and keeps its traceback. With ``--json``, a listing
+prints the records the admin API serves, as JSON on stdout and nothing else there, for scripts.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import re
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stdout
 from datetime import UTC, datetime, timedelta
+from importlib.metadata import version as installed_version
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 import typer
 import yaml
+from pydantic import BaseModel, ValidationError
+from pydantic_core import to_json
 from rich.console import Console
 from rich.table import Column, Table
+from typer.core import TyperCommand
 
 from genloop.services.config import GenloopConfig, load_config
-from genloop.services.console import log_path, start_log
+from genloop.services.console import log_path, log_to_console, start_log
 from genloop.training.errors import UserInputError
 
 app = typer.Typer(help="genloop: keep a generative text model fresh in production.", no_args_is_help=True,
@@ -38,24 +46,69 @@ console = Console()
 errors = Console(stderr=True)
 
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file (default ./genloop.yaml).")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts: the records alone on stdout, "
+                                                         "anything else on stderr; same exit codes.")]
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+_options: dict[str, Any] = {"verbose": False, "level": logging.WARNING, "command": "genloop"}
 
 
-_options = {"verbose": False, "command": "genloop"}
+def _show_version(show: bool) -> None:
+    if show:
+        typer.echo(f"genloop {installed_version('genloop')}")
+        raise typer.Exit()
 
 
 @app.callback()
-def _main_options(ctx: typer.Context, verbose: Annotated[bool, typer.Option(
-        "--verbose", "-v", help="Show the libraries' and Ray's own logs on the console instead of writing them "
-        "to the run's log file under $GENLOOP_HOME/logs.")] = False) -> None:
-    _options.update(verbose=verbose, command=ctx.invoked_subcommand or "genloop")
+def _main_options(
+    ctx: typer.Context,
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="Debug on the console: the libraries' and Ray's logs instead of the run's log file "
+        "under $GENLOOP_HOME/logs, and genloop's own debug messages.")] = False,
+    log_level: Annotated[LogLevel | None, typer.Option(
+        case_sensitive=False, help="genloop's own messages shown on the console from this level up (default "
+        "warning; debug with -v). The log file keeps info and up, and debug at debug.")] = None,
+    _version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
+                                           help="Print genloop's version and exit.")] = False,
+) -> None:
+    level = logging.getLevelNamesMapping()[(log_level or ("debug" if verbose else "warning")).upper()]
+    _options.update(verbose=verbose, level=level, command=ctx.invoked_subcommand or "genloop")
+    if verbose:
+        log_to_console(level)
 
 
 def _load(config_file: Path | None) -> GenloopConfig:
     config = load_config(config_file)
     if not _options["verbose"] and log_path() is None:
-        start_log(config.home, _options["command"])
+        start_log(config.home, _options["command"], level=_options["level"])
     config.check_databases()
     return config
+
+
+def _override(section: BaseModel, field: str, value: object, option: str) -> None:
+    """Set ``field`` of a config section from ``option`` when it was given, validated as a value in the
+    config file is: a value out of range is bad input, not a traceback."""
+    if value is None:
+        return
+    try:
+        setattr(section, field, value)
+    except ValidationError as exc:
+        raise UserInputError(f"{option} {value}: {exc.errors()[0]['msg']}") from None
+
+
+@contextmanager
+def _json_mode(enabled: bool) -> Iterator[None]:
+    """Under ``--json``, stdout carries the JSON alone: whatever the work prints meanwhile (a library,
+    Ray under -v) goes to stderr."""
+    if not enabled:
+        yield
+        return
+    with redirect_stdout(sys.stderr):
+        yield
+
+
+def _print_json(records: object) -> None:
+    sys.stdout.write(to_json(records, indent=2).decode() + "\n")
 
 
 def _stop_on_signals() -> None:
@@ -73,14 +126,16 @@ def _stop_on_signals() -> None:
 
 @config_app.command("show")
 def config_show(config_file: ConfigOption = None) -> None:
-    """Print the effective configuration (file + environment overrides)."""
+    """Print the effective configuration (file + environment overrides) as YAML, passwords in URLs masked."""
     config = _load(config_file)
-    console.print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
+    # Plain text, not through rich: rich would wrap long values and read [brackets] as markup.
+    sys.stdout.write(yaml.safe_dump(config.shown(), sort_keys=False, allow_unicode=True, width=float("inf")))
 
 
 @data_app.command("ingest")
 def data_ingest(
-    sources: Annotated[list[str], typer.Argument(help="Files, folders, globs, or builtin:python-docs / builtin:python-code.")],
+    sources: Annotated[list[str], typer.Argument(
+        help="Files, folders, globs, or builtin:python-docs / builtin:python-code.")],
     name: Annotated[str, typer.Option("--name", "-n", help="Dataset name.")],
     config_file: ConfigOption = None,
 ) -> None:
@@ -100,22 +155,58 @@ def data_ingest(
 
 
 @data_app.command("list")
-def data_list(name: Annotated[str, typer.Argument(help="Dataset name.")], config_file: ConfigOption = None) -> None:
+def data_list(name: Annotated[str, typer.Argument(help="Dataset name.")], json_output: JsonOption = False,
+              config_file: ConfigOption = None) -> None:
     """List the versions of dataset NAME."""
-    from genloop.training.datasets import list_versions, resolve_dataset
+    from genloop.services.catalog import list_dataset_versions
 
-    config = _load(config_file)
-    resolve_dataset(config.datasets_dir, name)  # an invalid or unknown name is an error, not an empty list
-    for version in list_versions(config.datasets_dir, name):
-        counts = version.manifest["counts"]
-        console.print(f"v{version.version}  {version.manifest['created_at']}  kept={counts['kept']} "
-                      f"train={counts['train']} validation={counts['validation']}  {version.manifest['content_hash'][:12]}")
+    with _json_mode(json_output):
+        rows = list_dataset_versions(_load(config_file), name)
+    if json_output:
+        _print_json(rows)
+        return
+    for row in rows:
+        counts = " ".join(f"{key}={row.counts[key]}" for key in ("kept", "train", "validation") if key in row.counts)
+        console.print(f"v{row.version}  {row.created_at}  {counts}  {row.content_hash[:12]}", highlight=False)
 
 
-@app.command("train")
+@functools.cache
+def _presets_help() -> str:
+    """The model presets in a line each, from their definitions, at the default vocabulary size."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from genloop.training.config import TokenizerConfig
+    from genloop.training.models import PRESETS, context_length
+
+    vocab = TokenizerConfig().vocab_size
+    lines = [f"Presets (--preset, train.preset), counted at the default vocabulary of {vocab} tokens:"]
+    for name, make in PRESETS.items():
+        config = make(vocab, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+        with torch.device("meta"):  # shapes only: no memory, no initialisation
+            parameters = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        lines.append(f"  {name}: {config.model_type}, {config.num_hidden_layers} layers of {config.hidden_size}, "
+                     f"{heads} heads" + (f" ({kv_heads} key/value)" if kv_heads != heads else "")
+                     + f", context {context_length(config)}, {parameters / 1e6:.1f}M parameters")
+    return "\n".join(lines)
+
+
+class _TrainCommand(TyperCommand):
+    """``genloop train``, whose help lists the presets: built when the help is shown, since reading
+    the presets imports torch and transformers (seconds every other command would pay)."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        if not (self.help or "").endswith(_presets_help()):
+            self.help = f"{self.help}\n\n{_presets_help()}"
+        super().format_help(ctx, formatter)
+
+
+@app.command("train", cls=_TrainCommand)
 def train_command(
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="NAME or NAME:vN.")],
-    preset: Annotated[str | None, typer.Option(help="Model preset when training from scratch.")] = None,
+    preset: Annotated[str | None, typer.Option(help="Model preset when training from scratch (listed above).")] = None,
     base: Annotated[str | None, typer.Option(help="Warm-start from a model folder, version or alias.")] = None,
     lora: Annotated[bool, typer.Option("--lora", help="Fine-tune LoRA adapters (needs --base).")] = False,
     max_steps: Annotated[int | None, typer.Option(help="Override train.max_steps.")] = None,
@@ -128,14 +219,11 @@ def train_command(
     config = _load(config_file)
     if preset is not None and base is not None:
         raise UserInputError("--preset and --base conflict: a warm start keeps the base model's architecture")
-    if preset is not None:
-        config.train.preset = preset
+    _override(config.train, "preset", preset, "--preset")
     if lora:
         config.train.lora.enabled = True
-    if max_steps is not None:
-        config.train.max_steps = max_steps
-    if workers is not None:
-        config.train.num_workers = workers
+    _override(config.train, "max_steps", max_steps, "--max-steps")
+    _override(config.train, "num_workers", workers, "--workers")
     run = train(config, dataset, base=base)
     console.print(f"registered version v{run.version} (run {run.run_id})")
     console.print(json.dumps({"metrics": run.metrics, "cost": run.cost.model_dump()}, indent=2))
@@ -145,15 +233,21 @@ def train_command(
 def evaluate_command(
     candidate: Annotated[str, typer.Argument(help="Candidate version (3, v3) or alias.")],
     against: Annotated[str, typer.Option(help="champion, or a version to compare with.")] = "champion",
+    json_output: JsonOption = False,
     config_file: ConfigOption = None,
 ) -> None:
     """Compare CANDIDATE with the champion on the same held-out sets; exit 1 when it fails the gate."""
     from genloop.services.gate import evaluate
 
-    config = _load(config_file)
-    report = evaluate(config, candidate, against=against)
-    _print_rules(report)
-    console.print(f"report: {config.reports_dir / 'evaluations' / report.id}.html")
+    with _json_mode(json_output):
+        config = _load(config_file)
+        report = evaluate(config, candidate, against=against)
+    html = config.reports_dir / "evaluations" / f"{report.id}.html"
+    if json_output:  # the gate's report, as in its JSON file, and where the HTML page is
+        _print_json({**report.model_dump(mode="json"), "report": str(html)})
+    else:
+        _print_rules(report)
+        console.print(f"report: {html}")
     if not report.passed:
         raise typer.Exit(1)
 
@@ -223,17 +317,23 @@ def challenger_command(
 @app.command("models")
 def models_command(
     history: Annotated[bool, typer.Option("--history", help="Show the alias audit log instead.")] = False,
+    json_output: JsonOption = False,
     config_file: ConfigOption = None,
 ) -> None:
     """Registered versions with aliases, data, metrics, verdict and cost; or the audit log."""
     from genloop.services.audit import AuditLog
     from genloop.services.catalog import list_models
 
-    config = _load(config_file)
+    with _json_mode(json_output):
+        config = _load(config_file)
+        records: list[Any] = AuditLog(config.state_db).history() if history else list_models(config)
+    if json_output:  # the records GET /admin/models serves (the audit log has no route)
+        _print_json(records)
+        return
     if history:
         table = Table(*(Column(name, overflow="fold", no_wrap=name in ("action", "outcome")) for name in (
             "time", "actor", "action", "from", "to", "outcome", "reason", "report")))
-        for entry in AuditLog(config.state_db).history():
+        for entry in records:
             table.add_row(entry.at, entry.actor, entry.action, entry.from_version or "–", entry.to_version or "–",
                           entry.outcome, entry.reason, entry.report_id or "")
         console.print(table)
@@ -241,7 +341,7 @@ def models_command(
     # Seven columns that fold rather than cut: readable at 80 columns (the full record: GET /admin/models).
     table = Table(*(Column(name, overflow="fold") for name in (
         "version", "aliases", "dataset", "val loss", "verdict", "cost $", "liked")))
-    for row in list_models(config):
+    for row in records:
         table.add_row(
             f"v{row.version}", ", ".join(row.aliases), row.dataset,
             f"{row.best_val_loss:.3f}" if row.best_val_loss is not None else "–",
@@ -253,7 +353,10 @@ def models_command(
 
 @app.command("serve")
 def serve_command(
-    address: Annotated[str | None, typer.Option(help="Deploy onto this Ray cluster instead of a local one.")] = None,
+    host: Annotated[str | None, typer.Option(help="HTTP bind address (default serving.host).")] = None,
+    port: Annotated[int | None, typer.Option(help="HTTP port (default serving.port).")] = None,
+    address: Annotated[str | None, typer.Option(
+        help="Ray cluster to deploy onto, as `ray` commands take it (default ray.address: a local Ray).")] = None,
     config_file: ConfigOption = None,
 ) -> None:
     """Serve the champion over the OpenAI API and roll to each new champion; Ctrl-C or SIGTERM drains and stops."""
@@ -263,8 +366,9 @@ def serve_command(
     from genloop.services.serving_control import start_serving, stop_serving
 
     config = _load(config_file)
-    if address is not None:
-        config.ray.address = address
+    _override(config.serving, "host", host, "--host")
+    _override(config.serving, "port", port, "--port")
+    _override(config.ray, "address", address, "--address")
     _stop_on_signals()
     watcher = exporter = None
     try:  # Ctrl-C may come at any point, start-up included: whatever was started is stopped
@@ -282,7 +386,7 @@ def serve_command(
             exporter.close()
         if watcher is not None:
             watcher.stop()
-            stop_serving(own_cluster=address is None)
+            stop_serving(own_cluster=config.ray.address is None)
     console.print("stopped")
 
 
@@ -351,13 +455,20 @@ def _duration(text: str) -> timedelta:
 def drift_command(
     window: Annotated[str | None, typer.Option(help="Live traffic to compare, e.g. 30m, 24h, 7d "
                                                      "(default monitoring.drift_window).")] = None,
+    json_output: JsonOption = False,
     config_file: ConfigOption = None,
 ) -> None:
     """Compare recent prompts with the champion's training data (Evidently); HTML + JSON report."""
+    from genloop.services.admin import DriftView
     from genloop.services.drift_check import drift_dir, run_drift_check
 
-    config = _load(config_file)
-    result = run_drift_check(config, _duration(window) if window else None)
+    with _json_mode(json_output):
+        config = _load(config_file)
+        result = run_drift_check(config, _duration(window) if window else None)
+    html = drift_dir(config) / f"{result.id}.html"
+    if json_output:  # what GET /admin/drift serves, with the report's file instead of its link
+        _print_json(DriftView(**result.model_dump(), report=str(html)))
+        return
     table = Table("feature", "method", "score", "threshold", "drifted",
                   title=f"drift vs v{result.model_version}: {result.verdict.upper()} "
                         f"({result.reference_samples} reference, {result.current_samples} current prompts)")
@@ -365,7 +476,7 @@ def drift_command(
         table.add_row(feature.feature, feature.method, f"{feature.score:.4g}", f"{feature.threshold:g}",
                       "[red]yes" if feature.drifted else "[green]no")
     console.print(table)
-    console.print(f"report: {drift_dir(config) / result.id}.html")
+    console.print(f"report: {html}")
 
 
 @scheduler_app.command("start")
@@ -379,7 +490,7 @@ def scheduler_start(config_file: ConfigOption = None) -> None:
     _stop_on_signals()
     try:
         scheduler.start()
-        _print_jobs(scheduler.history)
+        _print_jobs(scheduler.history.summary())
         console.print("scheduler running (Ctrl-C to stop)")
         while True:
             time.sleep(1)
@@ -408,22 +519,27 @@ def scheduler_run(
 
 
 @scheduler_app.command("status")
-def scheduler_status(config_file: ConfigOption = None) -> None:
+def scheduler_status(json_output: JsonOption = False, config_file: ConfigOption = None) -> None:
     """The jobs with their next run, and the latest runs."""
     from genloop.services.scheduler import JobHistory
 
-    history = JobHistory(_load(config_file).scheduler_db)
-    _print_jobs(history)
+    with _json_mode(json_output):
+        history = JobHistory(_load(config_file).scheduler_db)
+        jobs, runs = history.summary(), history.recent()
+    if json_output:  # runs as GET /admin/jobs serves them; times in seconds since the epoch
+        _print_json({"jobs": jobs, "runs": runs})
+        return
+    _print_jobs(jobs)
     table = Table("started", "job", "reason", "outcome", "seconds", "detail", title="latest runs")
-    for run in history.recent():
+    for run in runs:
         seconds = f"{run.finished_at - run.started_at:.1f}" if run.finished_at else ""
         table.add_row(_timestamp(run.started_at), run.job, run.reason, run.outcome, seconds, run.detail)
     console.print(table)
 
 
-def _print_jobs(history) -> None:
+def _print_jobs(jobs: list) -> None:
     table = Table("job", "runs", "last run", "next run", title="jobs")
-    for job in history.summary():
+    for job in jobs:
         runs = ", ".join(f"{outcome} {count}" for outcome, count in sorted(job.runs.items()))
         table.add_row(job.job, runs, _timestamp(job.last_run), _timestamp(job.next_run))
     console.print(table)
@@ -461,11 +577,31 @@ def main() -> None:
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
-    try:
-        app()
+    try:  # not standalone: click's errors (usage errors) come back here, to be one line like genloop's own
+        code = app(standalone_mode=False)
+    except _ClickException as exc:
+        error: Any = exc
+        if type(error).__name__ != "NoArgsIsHelpError":  # whose "message" is the help, printed already
+            ctx = getattr(error, "ctx", None)
+            _error(error.format_message() + (f" (see `{ctx.command_path} --help`)" if ctx is not None else ""))
+        sys.exit(error.exit_code)
+    except typer.Abort:
+        _error("aborted")
+        sys.exit(1)
     except UserInputError as exc:
-        errors.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        _error(str(exc))
         sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+# Typer raises the exceptions of the click it runs on, since 0.2x a copy of its own: their base is
+# found through the one typer exports.
+_ClickException: type[Exception] = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "ClickException")
+
+
+def _error(message: str) -> None:
+    errors.print("[bold red]error:[/] ", end="")
+    errors.print(message, markup=False, highlight=False, soft_wrap=True)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sqlite3
 from contextlib import closing
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator
@@ -288,6 +290,43 @@ class GenloopConfig(BaseSettings):
     @property
     def ray_storage_path(self) -> str:
         return self.ray.storage_path or str((self.home / "ray").resolve())
+
+    def shown(self) -> dict[str, Any]:
+        """The configuration as ``genloop config show`` prints it: plain JSON-compatible values with
+        secrets masked (see ``mask_secrets``), because that output is pasted into tickets and chats."""
+        return mask_secrets(self.model_dump(mode="json"))
+
+
+MASK = "***"
+# Query parameters that carry credentials in database, tracking and presigned URLs (password=, token=, ...).
+_SECRET_PARAMETER = re.compile(
+    r"(?i)((?:^|&)[^=&]*(?:password|passwd|secret|token|key|signature|credential)[^=&]*=)[^&]*")
+
+
+def mask_url(value: str) -> str:
+    """``value`` with a URL's password (``postgresql://user:secret@host``) and credential-like query
+    parameters replaced by ``***``; a value that is not such a URL comes back unchanged."""
+    try:
+        parts = urlsplit(value)
+        password = parts.password
+    except ValueError:  # not a URL (an unbalanced '[' in the host part)
+        return value
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    netloc = f"{userinfo.partition(':')[0]}:{MASK}@{hostport}" if password else parts.netloc
+    query = _SECRET_PARAMETER.sub(rf"\g<1>{MASK}", parts.query)
+    if netloc == parts.netloc and query == parts.query:
+        return value
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def mask_secrets(values: Any) -> Any:
+    """``values`` (a JSON-mode ``model_dump``) with every URL-valued string passed through ``mask_url``.
+    Fields typed ``SecretStr`` are dumped as asterisks by pydantic already."""
+    if isinstance(values, dict):
+        return {key: mask_secrets(value) for key, value in values.items()}
+    if isinstance(values, list):
+        return [mask_secrets(value) for value in values]
+    return mask_url(values) if isinstance(values, str) and "://" in values else values
 
 
 def load_config(path: str | Path | None = None) -> GenloopConfig:

@@ -5,7 +5,9 @@ the libraries log (Ray, Ray Data, Ray Train, Ray Serve, MLflow, transformers, Ev
 warnings) and what Ray's processes print (workers, actors, the raylet, the GCS; Ray streams it to
 the driver) goes to one file per command under ``$GENLOOP_HOME/logs/``, named once on the console.
 Nothing is hidden: a library's error is shown once, in one line, with the file to read; genloop's
-own warnings are shown as they are. ``genloop -v`` leaves every library's output on the console.
+own warnings are shown as they are. ``--log-level`` sets how much of genloop's own logging reaches the
+console; ``genloop -v`` is for debugging: no log file, every library's output and genloop's debug
+messages on the console.
 
 It works through the libraries' own switches, not by redirecting stderr: Ray's ``configure_logging``
 and its driver-side log stream, Ray Data's ``DataContext``, ``MLFLOW_CONFIGURE_LOGGING``, and the
@@ -19,7 +21,7 @@ import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 LOG_DIR = "logs"
 OUR_LOGGER = "genloop"  # every module logs under logging.getLogger(__name__), inside the genloop package
@@ -27,25 +29,28 @@ OUR_LOGGER = "genloop"  # every module logs under logging.getLogger(__name__), i
 LIBRARY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve", "mlflow", "alembic", "transformers",
                    "evidently", "py.warnings")
 
-_log: dict[str, object] = {}  # the running command's log: "path" and the open "stream" for Ray's lines
+_log: dict[str, Any] = {}  # the running command's log: "path" and the open "stream" for Ray's lines
 
 
 def log_path() -> Path | None:
     """The running command's log file; None under ``-v`` or outside the CLI."""
-    return _log.get("path")  # type: ignore[return-value]
+    return _log.get("path")
 
 
 class _ConsoleHandler(logging.Handler):
-    """genloop's own warnings as they are; a library's error once, in one line, with the log file."""
+    """genloop's own messages from ``own_level`` up, as they are; a library's error once, in one line,
+    with the log file."""
 
-    def __init__(self, path: Path, stream: TextIO):
-        super().__init__(logging.WARNING)
-        self.path, self.stream, self.seen = path, stream, set()
+    def __init__(self, path: Path, stream: TextIO, own_level: int):
+        super().__init__()
+        self.path, self.stream, self.own_level = path, stream, own_level
+        self.seen: set[tuple[str, str]] = set()
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            if record.name.split(".")[0] == OUR_LOGGER:
-                self.stream.write(f"{record.levelname.lower()}: {record.getMessage()}\n")
+            if _ours(record):
+                if record.levelno >= self.own_level:
+                    self.stream.write(f"{record.levelname.lower()}: {record.getMessage()}\n")
             elif record.levelno >= logging.ERROR:
                 first = (record.getMessage().strip().splitlines() or [""])[0][:200]
                 if (record.name, first) not in self.seen:
@@ -55,17 +60,29 @@ class _ConsoleHandler(logging.Handler):
             self.handleError(record)
 
 
-def start_log(home: Path, command: str) -> Path:
-    """Send the libraries' output to ``$GENLOOP_HOME/logs/<time>-<command>.log`` from now on."""
+def _ours(record: logging.LogRecord) -> bool:
+    return record.name.split(".")[0] == OUR_LOGGER
+
+
+def _info_or_ours(record: logging.LogRecord) -> bool:
+    # Ray Data sets its logger to DEBUG for a file of its own: the libraries' debug stays out.
+    return record.levelno >= logging.INFO or _ours(record)
+
+
+def start_log(home: Path, command: str, level: int = logging.WARNING) -> Path:
+    """Send the libraries' output to ``$GENLOOP_HOME/logs/<time>-<command>.log`` from now on; genloop's
+    own messages from ``level`` up go to the console too. The file keeps info and up, whatever the
+    console shows (it is what one reads after a failure), and genloop's debug messages at ``debug``."""
     folder = Path(home) / LOG_DIR
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{command.replace(' ', '-')}-{os.getpid()}.log"
     to_file = logging.FileHandler(path, encoding="utf-8")
-    to_file.setLevel(logging.INFO)  # Ray Data sets its logger to DEBUG for a file of its own
+    to_file.addFilter(_info_or_ours)
     to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
-    root.handlers = [to_file, _ConsoleHandler(path, sys.stderr)]
+    root.handlers = [to_file, _ConsoleHandler(path, sys.stderr, level)]
     root.setLevel(logging.INFO)
+    logging.getLogger(OUR_LOGGER).setLevel(min(level, logging.INFO))
     logging.captureWarnings(True)
     os.environ["MLFLOW_CONFIGURE_LOGGING"] = "false"  # read when mlflow is imported
     _log.update(path=path, stream=open(path, "a", encoding="utf-8", buffering=1))  # noqa: SIM115 — lives as long as the command
@@ -75,6 +92,12 @@ def start_log(home: Path, command: str) -> Path:
     transformers_logging.disable_default_handler()
     transformers_logging.enable_propagation()
     return path
+
+
+def log_to_console(level: int) -> None:
+    """``genloop -v``: no log file, the libraries log to the console (the root logger's handler) and
+    genloop's own messages from ``level`` up with them."""
+    logging.getLogger(OUR_LOGGER).setLevel(level)
 
 
 def take_back_library_loggers() -> None:
@@ -107,7 +130,7 @@ def route_ray_output() -> None:
         source = data.get("actor_name") or data.get("task_name") or ""
         prefix = f"({source} pid={data.get('pid')})" if source else f"({data.get('pid')})"
         for line in data.get("lines", []):
-            stream.write(f"{prefix} {line}\n")  # type: ignore[union-attr]
+            stream.write(f"{prefix} {line}\n")
 
     dispatcher = ray_worker.global_worker_stdstream_dispatcher
     dispatcher.remove_handler("ray_print_logs")

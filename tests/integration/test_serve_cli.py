@@ -1,4 +1,5 @@
-"""`genloop serve --address` onto a separately started Ray cluster, and Ctrl-C draining in-flight requests.
+"""`genloop serve --address` onto a separately started Ray cluster, on the HTTP port `--port` names, and
+Ctrl-C draining in-flight requests.
 
 Everything is real and out of process: a head node from `ray start --head`, the `genloop serve`
 command, HTTP clients. SIGINT (what Ctrl-C sends) arrives while requests are still queued; each
@@ -42,9 +43,8 @@ def test_serve_onto_existing_cluster_and_ctrl_c_drains(genloop_config, make_tiny
         gcs_port = sock.getsockname()[1]
     env = {key: value for key, value in os.environ.items() if not key.startswith(("RAY_", "GENLOOP_"))}
     # Ray 2.60's `ray start` turns token authentication on; this loopback cluster does without.
-    env.update(GENLOOP_HOME=str(config.home), GENLOOP_SERVING__PORT=str(free_port),
-               GENLOOP_SERVING__MAX_BATCH_SIZE="1", GENLOOP_MONITORING__EXPORTER_PORT="0",
-               RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
+    env.update(GENLOOP_HOME=str(config.home), GENLOOP_SERVING__MAX_BATCH_SIZE="1",
+               GENLOOP_MONITORING__EXPORTER_PORT="0", RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
     # --block keeps the head in the foreground: terminating it stops this cluster alone, not the
     # test session's Ray (`ray stop` would stop every Ray on the machine).
     head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
@@ -57,7 +57,8 @@ def test_serve_onto_existing_cluster_and_ctrl_c_drains(genloop_config, make_tiny
         time.sleep(1)
     # PYTHONFAULTHANDLER: should it hang, SIGABRT makes it print every thread's stack (see below).
     # Started with SIGINT ignored, as a background job of a non-interactive shell is: Ctrl-C must still drain.
-    server = subprocess.Popen([sys.executable, "-m", "genloop.services.cli", "serve", "--address", address],
+    server = subprocess.Popen([sys.executable, "-m", "genloop.services.cli", "serve", "--address", address,
+                               "--host", "127.0.0.1", "--port", str(free_port)],
                               env={**env, "PYTHONFAULTHANDLER": "1"}, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True,
                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))

@@ -1,4 +1,5 @@
-"""Config: YAML + environment overrides, unknown keys rejected by name, absolute state paths."""
+"""Config: YAML + environment overrides, unknown keys rejected by name, absolute state paths, secrets masked
+when shown."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from genloop.services.config import ConfigError, GenloopConfig, load_config
+from genloop.services.config import ConfigError, GenloopConfig, load_config, mask_url
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -87,3 +88,17 @@ def test_bad_retrain_cron_is_a_config_error_naming_the_problem(tmp_path, express
 ])
 def test_gpu_replicas_reserve_a_gpu_unless_told_otherwise(serving, gpus):
     assert GenloopConfig(serving=serving).serving.gpus_per_replica == gpus
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("postgresql://genloop:s3cret@db:5432/state", "postgresql://genloop:***@db:5432/state"),
+    ("postgresql://u:p%40ss@h/db?sslmode=require&password=x", "postgresql://u:***@h/db?sslmode=require&password=***"),
+    ("https://bob:pw@mlflow.example/?api_key=k&experiment=3", "https://bob:***@mlflow.example/?api_key=***&experiment=3"),
+    ("s3://bucket/a.bin?X-Amz-Credential=c&X-Amz-Signature=s", "s3://bucket/a.bin?X-Amz-Credential=***&X-Amz-Signature=***"),
+    ("mysql://genloop@db/state", "mysql://genloop@db/state"),  # a user name alone is no secret
+    ("sqlite:////var/lib/genloop/genloop.db", "sqlite:////var/lib/genloop/genloop.db"),
+    ("ray://head:10001", "ray://head:10001"),
+    ("http://[::1", "http://[::1"),  # not a URL: unchanged, not an error
+])
+def test_urls_are_shown_without_their_secrets(url, shown):
+    assert mask_url(url) == shown
