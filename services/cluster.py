@@ -11,6 +11,7 @@ import ray.data
 from genloop.services import console
 from genloop.services.config import RayConfig
 from genloop.services.leftovers import reap_orphaned_ray_agents, watch_local_ray
+from genloop.serving.proxy_errors import PROXY_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -32,10 +33,11 @@ SERVE_DATA_PLANE_ENV = {
 
 
 def use_fast_serve_data_plane() -> None:
-    """Put ``SERVE_DATA_PLANE_ENV`` in this process's environment, where a Ray it starts passes it to
-    Serve's controller, proxy and replicas; values already set (an operator's) win. A cluster started
-    elsewhere (``ray start``) takes them from its own environment."""
-    for name, value in SERVE_DATA_PLANE_ENV.items():
+    """Put ``SERVE_DATA_PLANE_ENV`` and the proxy's OpenAI-shaped errors (``serving.proxy_errors``) in
+    this process's environment, where a Ray it starts passes them to Serve's controller, proxy and
+    replicas; values already set (an operator's) win. A cluster started elsewhere (``ray start``)
+    takes them from its own environment."""
+    for name, value in {**SERVE_DATA_PLANE_ENV, **PROXY_ENV}.items():
         os.environ.setdefault(name, value)
 
 

@@ -11,6 +11,7 @@ errors and Starlette's HTTP errors.
 from __future__ import annotations
 
 import re
+from importlib.metadata import version
 from typing import Protocol
 
 from fastapi import FastAPI, Request
@@ -24,7 +25,9 @@ from genloop.serving.guard import GuardSettings, RequestGuard
 from genloop.serving.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     FeedbackRequest,
+    TokenizeRequest,
     error_body,
 )
 from genloop.serving.settings import ServerSettings
@@ -33,7 +36,8 @@ from genloop.training.errors import echo
 # Route label of the request metrics and the inference log: the API's own routes by name, anything
 # else as "other", so that requests to made-up paths cannot grow the metric's label set without end.
 ROUTES = {"/v1/completions": "completions", "/v1/chat/completions": "chat.completions", "/v1/models": "models",
-          "/v1/feedback": "feedback", "/metrics": "metrics"}
+          "/v1/feedback": "feedback", "/metrics": "metrics", "/tokenize": "tokenize", "/detokenize": "detokenize",
+          "/version": "version"}
 
 
 def route_of(path: str) -> str:
@@ -69,6 +73,8 @@ class Replica(Protocol):
     async def completions(self, body: CompletionRequest, request: Request) -> Response: ...
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response: ...
     async def feedback(self, body: FeedbackRequest, request: Request) -> Response: ...
+    async def tokenize(self, body: TokenizeRequest) -> Response: ...
+    async def detokenize(self, body: DetokenizeRequest) -> Response: ...
     def refused(self, path: str, request_id: str, status: int, seconds: float, client: str) -> None: ...
 
 
@@ -80,9 +86,9 @@ def build_api(replica: Replica) -> FastAPI:
         api_keys=settings.api_keys, public_paths=set(settings.public_paths), max_body_bytes=settings.max_body_bytes,
         body_timeout_s=settings.body_timeout_s, max_per_client=settings.max_requests_per_client,
         on_refused=replica.refused))
-    api.add_exception_handler(APIError, _api_error)
-    api.add_exception_handler(RequestValidationError, _validation_error)
-    api.add_exception_handler(StarletteHTTPException, _http_error)
+    api.exception_handler(APIError)(_api_error)
+    api.exception_handler(RequestValidationError)(_validation_error)
+    api.exception_handler(StarletteHTTPException)(_http_error)
 
     @api.get("/v1/models")
     async def models() -> Response:
@@ -100,6 +106,21 @@ def build_api(replica: Replica) -> FastAPI:
     async def feedback(body: FeedbackRequest, request: Request) -> Response:
         """Rate a response by its id: 1 good, 0 neutral, -1 bad (genloop extra, not OpenAI's API)."""
         return await replica.feedback(body, request)
+
+    @api.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> Response:
+        """A prompt's or a chat's token ids, as the model counts them (vLLM's route, outside /v1)."""
+        return await replica.tokenize(body)
+
+    @api.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> Response:
+        """Token ids as text (vLLM's route, outside /v1)."""
+        return await replica.detokenize(body)
+
+    @api.get("/version")
+    async def server_version() -> dict[str, str]:
+        """The genloop release serving (vLLM's route answers its own version)."""
+        return {"version": version("genloop")}
 
     @api.get("/metrics")
     async def prometheus_metrics() -> Response:
@@ -126,7 +147,8 @@ async def _validation_error(_request: Request, exc: RequestValidationError) -> J
     location = [str(part) for part in first["loc"][1:] if not _UNION_MEMBER.match(str(part))]
     param = echo(".".join(location)) or None
     message = "invalid JSON body" if first["type"] == "json_invalid" else (
-        f"unknown parameter {param}" if first["type"] == "extra_forbidden" else f"{param}: {first['msg']}")
+        f"unknown parameter {param}" if first["type"] == "extra_forbidden" else
+        f"{param}: {first['msg']}" if param else first["msg"])
     return JSONResponse(error_body(400, message, param), status_code=400)
 
 

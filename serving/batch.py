@@ -86,7 +86,7 @@ class _EngineActor:
                     "completion_tokens": result.completion_tokens, "error": None}
 
         async def answer_all() -> list[dict[str, Any]]:  # submitted together: the engine batches them
-            return await asyncio.gather(*(answer(p, s) for p, s in zip(batch["prompt"], batch["params"])))
+            return await asyncio.gather(*(answer(p, s) for p, s in zip(batch["prompt"], batch["params"], strict=True)))
 
         answers = self.loop.run_until_complete(answer_all())
         out: dict[str, list] = {"id": list(batch["id"]), "model_version": [self.version] * len(answers)}

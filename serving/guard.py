@@ -119,7 +119,7 @@ class RequestGuard:
                     await self.app(scope, _replay(body, receive), send_with_id)
             else:
                 await self.app(scope, receive, send_with_id)
-        except Exception:  # noqa: BLE001 — whatever escaped the handlers still gets OpenAI's error shape
+        except Exception:  # whatever escaped the handlers still gets OpenAI's error shape
             logger.exception("request %s %s failed", request_id, path)
             if not status:
                 await answer(500, f"internal error; request id {request_id}")

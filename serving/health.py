@@ -75,5 +75,6 @@ class HealthCheck:
 
 def health_app(app_name: str, model_version: str, deployment_name: str = "genloop", waiting: str | None = None):
     """The health application of ``app_name``, ready for ``serve.run``."""
-    return HealthCheck.options(user_config={"model_version": model_version, "waiting": waiting}).bind(
-        app_name, deployment_name)
+    # serve.deployment made the class a Deployment; mypy keeps a class decorator's input type.
+    options = {"user_config": {"model_version": model_version, "waiting": waiting}}
+    return HealthCheck.options(**options).bind(app_name, deployment_name)  # type: ignore[attr-defined]

@@ -310,4 +310,5 @@ def rated_completions(root: Path, min_rating: int) -> list[str]:
     if not len(liked):
         return []
     rows = _answers(dataset, liked, ["time", "prompt", "output"], text_kept=True).sort_by("time")
-    return [prompt + output for prompt, output in zip(rows["prompt"].to_pylist(), rows["output"].to_pylist())]
+    pairs = zip(rows["prompt"].to_pylist(), rows["output"].to_pylist(), strict=True)
+    return [prompt + output for prompt, output in pairs]

@@ -7,6 +7,8 @@
 - ``kv_batch``: the running batch's left-padded KV cache, and rows joining and leaving it;
 - ``sampler``: penalties, then greedy or seeded temperature / top-k / top-p sampling;
 - ``detokenizer``: incremental detokenization and stop strings;
+- ``logprobs``: the logprobs of sampled and prompt tokens, as vLLM reports them;
+- ``structured``: response_format, JSON enforced per row by constrained decoding (llguidance);
 - ``model_prep``: fused GELU and int8 quantisation of the loaded model.
 
 Import from the modules (``serving.hf.engine``, ``serving.hf.options``): the user config imports the

@@ -29,7 +29,9 @@ def advance_text(tokenizer: Any, seq: Sequence, final: bool) -> str:
         seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
     if not seq.max_stop:
         return _flush(seq)
-    hits = [i for i in (seq.text.find(s, seq.sent) for s in seq.params.stop) if i >= 0]
+    # As vLLM: no stop string counts until min_tokens tokens are out (eos is held back by the sampler).
+    hits = [i for i in (seq.text.find(s, seq.sent) for s in seq.params.stop) if i >= 0] \
+        if len(ids) > seq.params.min_tokens else []
     if hits:
         seq.text = seq.text[: min(hits)]
         seq.finish_reason = "stop"

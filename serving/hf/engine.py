@@ -7,7 +7,8 @@ joined to it before the next step; a sequence that finishes (eos, stop string, m
 leaves the batch at once. Each step feeds one token per active sequence through the model and hands
 each consumer its token. This module is the loop that ties the parts together and runs the model's
 forward passes; the scheduler decides which requests run, ``kv_batch`` lays out their cache, the
-sampler picks tokens and the detokenizer turns them into text.
+sampler picks tokens (among those a response_format allows: ``structured``), ``logprobs`` reports
+them for the requests that ask, and the detokenizer turns them into text.
 
 Streaming cost is paid per event, not per token: each chunk a consumer receives is a Python
 object, an SSE event, a Ray Serve message to the proxy, an HTTP write and a parse in the client.
@@ -33,6 +34,7 @@ concern: the API layer sends n requests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import threading
@@ -52,25 +54,21 @@ from genloop.serving.engine import (
     GenerationRequest,
     GenerationResult,
     InvalidRequestError,
-    render_chat_template,
+    PositionLogprobs,
 )
 from genloop.serving.hf.detokenizer import advance_text
 from genloop.serving.hf.kv_batch import Rows, compact, join
+from genloop.serving.hf.logprobs import StepLogprobs, TokenTexts, prompt_entries
 from genloop.serving.hf.model_prep import fuse_activations, quantize_int8
 from genloop.serving.hf.options import HFEngineOptions
 from genloop.serving.hf.sampler import sample
 from genloop.serving.hf.scheduler import Scheduler, prefill_groups, rows_to_keep
 from genloop.serving.hf.sequence import Sequence
+from genloop.serving.hf.structured import Grammars, advance, mask
 from genloop.training.errors import UserInputError
 from genloop.training.models import context_length, load_model
 
 logger = logging.getLogger(__name__)
-
-# Prompts up to this many characters are tokenized on the event loop, longer ones in a thread. A chat
-# turn tokenizes in less time than the hop to a thread and back; at this length the loop would stall
-# about a millisecond for everyone, and the hop is a small share of the work (measured with the
-# tiny preset's tokenizer).
-_TOKENIZE_INLINE_CHARS = 4096
 
 
 class HFEngine(Engine):
@@ -101,6 +99,8 @@ class HFEngine(Engine):
         self._thread: threading.Thread | None = None
         self._closed = False
         self._batch: Rows | None = None  # the running batch, touched only by the worker thread
+        self._grammars: Grammars | None = None  # built at the first response_format
+        self._texts: TokenTexts | None = None  # set by load(): token texts for logprobs
 
     # -- Engine properties -------------------------------------------------------------------
 
@@ -149,7 +149,9 @@ class HFEngine(Engine):
         # No token is longer than the vocabulary's longest entry (for byte-level BPE, its bytes), so a
         # prompt with more characters than context × that length cannot fit: refused before the
         # tokenizer spends CPU on it.
-        self._max_prompt_chars = self._context_length * max(map(len, self.tokenizer.get_vocab()))
+        vocab = self.tokenizer.get_vocab()
+        self._max_prompt_chars = self._context_length * max(map(len, vocab))
+        self._vocab_size = max(vocab.values()) + 1
         eos = model.generation_config.eos_token_id if model.generation_config else None
         eos = eos if eos is not None else model.config.eos_token_id
         eos = eos if eos is not None else self.tokenizer.eos_token_id
@@ -157,9 +159,7 @@ class HFEngine(Engine):
         # transformers 5 renamed past_key_values to cache; accept either spelling of the installed one.
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
-
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
-        return render_chat_template(self.tokenizer, messages)
+        self._texts = TokenTexts(self.tokenizer)
 
     async def health(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._scheduler.stopping
@@ -180,9 +180,14 @@ class HFEngine(Engine):
         if len(prompt) > self._max_prompt_chars:
             raise InvalidRequestError(f"prompt of {len(prompt)} characters cannot fit the context of "
                                       f"{self._context_length} tokens", param="prompt")
-        if len(prompt) <= _TOKENIZE_INLINE_CHARS:
-            return self.tokenizer(prompt)["input_ids"]
-        return (await asyncio.to_thread(self.tokenizer, prompt))["input_ids"]
+        return await self.tokenize(prompt)
+
+    def _matcher(self, schema: dict[str, Any]) -> Any:
+        """A matcher for a response_format's schema, run in a thread: a large schema takes a while to
+        compile, and so does the tokenizer's view for the grammars, built at the first."""
+        if self._grammars is None:
+            self._grammars = Grammars(self.tokenizer, self.model.config.vocab_size, self._eos_ids)
+        return self._grammars.matcher(schema)
 
     async def _submit(self, request: GenerationRequest, streaming: bool) -> Sequence:
         if self._thread is None:
@@ -192,9 +197,7 @@ class HFEngine(Engine):
             raise InvalidRequestError("the engine serves n=1; send n requests", param="n")
         if request.prompt_token_ids is not None:
             prompt_ids = list(request.prompt_token_ids)
-            vocab = self.model.config.vocab_size
-            if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
-                raise InvalidRequestError(f"prompt_token_ids must lie in [0, {vocab})", param="prompt_token_ids")
+            self.check_token_ids(prompt_ids, "prompt_token_ids")
         else:
             prompt_ids = await self._tokenize(request.prompt)
             if not prompt_ids:
@@ -209,7 +212,9 @@ class HFEngine(Engine):
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({request.params.max_tokens}) exceeds the "
                 f"context of {self._context_length} tokens", param="max_tokens"
             )
-        seq = Sequence(request, prompt_ids, streaming=streaming, loop=asyncio.get_running_loop())
+        schema = request.params.json_schema
+        matcher = None if schema is None else await asyncio.to_thread(self._matcher, schema)
+        seq = Sequence(request, prompt_ids, streaming=streaming, loop=asyncio.get_running_loop(), matcher=matcher)
         self._scheduler.add(seq)
         return seq
 
@@ -223,14 +228,22 @@ class HFEngine(Engine):
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         seq = await self._submit(request, streaming=True)
+        received = 0  # tokens handed out so far; the worker fills seq.logprobs before it hands out a token
         try:
             while True:
                 item = await seq.queue.get()
                 if isinstance(item, BaseException):
                     raise item
                 text, tokens, finish = item
+                reported: dict[str, Any] = {}
+                if seq.logprobs is not None:
+                    reported["logprobs"] = seq.logprobs[received:received + len(tokens)]
+                if not received and seq.prompt_logprobs is not None:
+                    reported["prompt_logprobs"] = seq.prompt_logprobs
+                received += len(tokens)
                 if finish is None:
-                    yield GenerationChunk.model_construct(text=text, token_ids=tokens, finish_reason=None)
+                    yield GenerationChunk.model_construct(text=text, token_ids=tokens, finish_reason=None,
+                                                          prompt_tokens=len(seq.prompt_ids), **reported)
                 else:
                     yield GenerationChunk.model_construct(
                         text=text,
@@ -238,6 +251,9 @@ class HFEngine(Engine):
                         finish_reason=finish,
                         prompt_tokens=len(seq.prompt_ids),
                         completion_tokens=len(seq.output_ids),
+                        queue_seconds=seq.queue_seconds,
+                        inter_token_seconds=seq.inter_token_seconds,
+                        **reported,
                     )
                     return
         finally:
@@ -260,8 +276,8 @@ class HFEngine(Engine):
                         self._prefill(newcomers)
                         self._drop_finished(slots_wanted=False)  # a newcomer may finish on its first token
                     if self._batch is not None:
-                        self._decode_step()
-                except Exception as exc:  # noqa: BLE001 - a bug or OOM must fail requests, not kill the loop
+                        self._decode_step(self._batch)
+                except Exception as exc:  # a bug or OOM must fail requests, not kill the loop
                     logger.exception("HFEngine step failed; failing %d requests", len(self._active) + len(newcomers))
                     self._fail([*self._active, *newcomers], f"generation failed: {exc}")
                     self._batch = None
@@ -283,12 +299,18 @@ class HFEngine(Engine):
             ids, mask = ids.to(self.device), mask.to(self.device)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() numbers a left-padded batch
             cache = DynamicCache()
+            # Every position's logits when a row wants its prompt's logprobs (bounded by max_prefill_tokens).
+            scoring = [row for row, seq in enumerate(group) if seq.params.prompt_logprobs is not None]
             logits = self.model(
-                input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
-                **{self._cache_kwarg: cache},
-            ).logits[:, -1, :]
-            tokens = sample(logits, group)
-            self._emit(group, tokens)
+                input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                logits_to_keep=0 if scoring else 1, **{self._cache_kwarg: cache},
+            ).logits
+            for row in scoring:
+                seq = group[row]
+                seq.prompt_logprobs = prompt_entries(logits[row, width - len(seq.prompt_ids):], seq.prompt_ids,
+                                                     seq.params.prompt_logprobs or 0, self._texts)
+            tokens, entries = self._sample(logits[:, -1, :], group)
+            self._emit(group, tokens, entries)
             lengths = torch.tensor([len(s.prompt_ids) for s in group], device=self.device)
             parts.append(Rows(group, cache, mask, lengths, torch.tensor(tokens, device=self.device)))
         self._batch = join(parts)
@@ -301,8 +323,7 @@ class HFEngine(Engine):
         if keep is not None:
             self._batch = compact(self._batch, keep) if keep else None
 
-    def _decode_step(self) -> None:
-        batch = self._batch
+    def _decode_step(self, batch: Rows) -> None:
         rows = len(batch.seqs)
         self._batch_sizes.observe(rows)
         mask = torch.cat([batch.mask, batch.mask.new_ones((rows, 1))], dim=1)
@@ -310,16 +331,26 @@ class HFEngine(Engine):
             input_ids=batch.last[:, None], attention_mask=mask, position_ids=batch.positions[:, None],
             use_cache=True, **{self._cache_kwarg: batch.cache},
         ).logits[:, -1, :]
-        tokens = sample(logits, batch.seqs)
+        tokens, entries = self._sample(logits, batch.seqs)
         # A dead row that ended at the context limit keeps stepping until compaction: hold its position.
         positions = (batch.positions + 1).clamp(max=self._context_length - 1)
         self._batch = batch._replace(mask=mask, positions=positions, last=torch.tensor(tokens, device=self.device))
-        self._emit(batch.seqs, tokens)
+        self._emit(batch.seqs, tokens, entries)
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], dict[int, PositionLogprobs]]:
+        """Each row's next token, among those its response_format allows, and the logprobs of the rows
+        that asked (row index → entry)."""
+        mask(logits, seqs)
+        step = StepLogprobs(logits, seqs)
+        tokens = sample(logits, seqs, self._eos_ids)
+        return tokens, step.entries(tokens, self._texts)
 
     # -- output -------------------------------------------------------------------------------
 
-    def _emit(self, seqs: list[Sequence], tokens: list[int]) -> None:
-        """Record each row's token, detokenize, check stop conditions, and hand results to consumers.
+    def _emit(self, seqs: list[Sequence], tokens: list[int], entries: dict[int, PositionLogprobs]) -> None:
+        """Record each row's token (and its logprobs ``entries[row]`` if asked), detokenize, check stop
+        conditions, and hand results to consumers. A row with max_tokens 0 takes no token: it asked for
+        its prompt's logprobs alone, and finishes with "length".
 
         A stream gets its pending tokens as one chunk when they reach ``group`` (see the module
         docstring), on its first token, and when it finishes. Rows admitted together flush on the
@@ -330,19 +361,24 @@ class HFEngine(Engine):
         now = time.perf_counter()
         group = -(-len(seqs) // self.options.stream_events_per_step)
         deliveries: dict[asyncio.AbstractEventLoop, list] = {}
-        for seq, token in zip(seqs, tokens):
+        for row, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
             if not seq.live:
                 continue
-            if seq.first_token_at is None:
-                seq.first_token_at = now
-            seq.output_ids.append(token)
-            eos = token in self._eos_ids
-            delta = advance_text(self.tokenizer, seq, final=eos or len(seq.output_ids) >= seq.limit)
-            if seq.finish_reason is None and (eos or len(seq.output_ids) >= seq.limit):
-                seq.finish_reason = "stop" if eos else "length"
+            generated, complete = seq.limit > 0, False
+            if generated:
+                seq.token_times.append(now)
+                seq.output_ids.append(token)
+                complete = advance(seq, token)  # a response_format's JSON is complete: it ends here
+                if seq.logprobs is not None:
+                    seq.logprobs.append(entries[row])
+            stops = complete or (generated and token in self._eos_ids and not seq.params.ignore_eos)
+            delta = advance_text(self.tokenizer, seq, final=stops or len(seq.output_ids) >= seq.limit)
+            if seq.finish_reason is None and (stops or len(seq.output_ids) >= seq.limit):
+                seq.finish_reason = "stop" if stops else "length"
             if seq.queue is not None:
                 seq.pending_text += delta
-                seq.pending_ids.append(token)
+                if generated:
+                    seq.pending_ids.append(token)
                 if seq.finish_reason is None and len(seq.output_ids) > 1 and len(seq.pending_ids) < group:
                     continue
                 chunk = (seq.pending_text, seq.pending_ids, seq.finish_reason)
@@ -364,10 +400,8 @@ class HFEngine(Engine):
             if seq.finish_reason is None:
                 deliveries.setdefault(seq.loop, []).append((seq, EngineError(message)))
         for loop, items in deliveries.items():
-            try:
+            with contextlib.suppress(RuntimeError):  # the consumer's event loop is closed: nobody is listening
                 loop.call_soon_threadsafe(_deliver, items)
-            except RuntimeError:
-                pass
 
 
 def _result(seq: Sequence, now: float) -> GenerationResult:
@@ -376,8 +410,12 @@ def _result(seq: Sequence, now: float) -> GenerationResult:
         finish_reason=seq.finish_reason,
         prompt_tokens=len(seq.prompt_ids),
         completion_tokens=len(seq.output_ids),
-        ttft_seconds=seq.first_token_at - seq.submitted,
+        ttft_seconds=(seq.token_times[0] if seq.token_times else now) - seq.submitted,
         total_seconds=now - seq.submitted,
+        queue_seconds=seq.queue_seconds,
+        inter_token_seconds=seq.inter_token_seconds,
+        logprobs=seq.logprobs,
+        prompt_logprobs=seq.prompt_logprobs,
     )
 
 

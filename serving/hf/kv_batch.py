@@ -39,13 +39,13 @@ def join(parts: list[Rows]) -> Rows:
     pads = [width - part.mask.shape[1] for part in parts]
     layers = []
     for i in range(len(parts[0].cache.layers)):
-        keys = torch.cat([_pad_left(part.cache.layers[i].keys, pad) for part, pad in zip(parts, pads)])
-        values = torch.cat([_pad_left(part.cache.layers[i].values, pad) for part, pad in zip(parts, pads)])
+        keys = torch.cat([_pad_left(part.cache.layers[i].keys, pad) for part, pad in zip(parts, pads, strict=True)])
+        values = torch.cat([_pad_left(part.cache.layers[i].values, pad) for part, pad in zip(parts, pads, strict=True)])
         layers.append((keys, values))
     return Rows(
         seqs=[seq for part in parts for seq in part.seqs],
         cache=_batch_cache(layers),
-        mask=torch.cat([_pad_left(part.mask, pad, dim=1) for part, pad in zip(parts, pads)]),
+        mask=torch.cat([_pad_left(part.mask, pad, dim=1) for part, pad in zip(parts, pads, strict=True)]),
         positions=torch.cat([part.positions for part in parts]),
         last=torch.cat([part.last for part in parts]),
     )

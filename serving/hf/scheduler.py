@@ -77,10 +77,12 @@ class Scheduler:
             if self._stopping:
                 return None
             room = self.max_batch_size - running
-            taken = []
+            taken: list[Sequence] = []
+            now = time.perf_counter()
             while self._waiting and len(taken) < room:
                 seq = self._waiting.popleft()
                 if not seq.cancelled:
+                    seq.scheduled_at = now
                     taken.append(seq)
             return taken
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from itertools import pairwise
+from typing import Any
 
 import torch
 
-from genloop.serving.engine import GenerationRequest
+from genloop.serving.engine import GenerationRequest, PositionLogprobs
 
 
 class Sequence:
@@ -25,12 +27,13 @@ class Sequence:
 
     __slots__ = (
         "request_id", "prompt_ids", "params", "limit", "loop", "queue", "future", "generator", "output_ids",
-        "counts", "text", "sent", "prefix_offset", "read_offset", "finish_reason", "cancelled", "submitted",
-        "first_token_at", "max_stop", "pending_text", "pending_ids",
+        "counts", "seen", "text", "sent", "prefix_offset", "read_offset", "finish_reason", "cancelled", "submitted",
+        "max_stop", "pending_text", "pending_ids", "matcher", "logprobs", "prompt_logprobs", "scheduled_at",
+        "token_times",
     )
 
     def __init__(self, request: GenerationRequest, prompt_ids: list[int], *, streaming: bool,
-                 loop: asyncio.AbstractEventLoop):
+                 loop: asyncio.AbstractEventLoop, matcher: Any = None):
         self.request_id = request.request_id
         self.prompt_ids = prompt_ids
         self.params = request.params
@@ -44,6 +47,7 @@ class Sequence:
         self.generator = torch.Generator().manual_seed(seed) if self.params.temperature > 0 else None
         self.output_ids: list[int] = []
         self.counts: torch.Tensor | None = None  # generated-token counts, only when penalties are set
+        self.seen: torch.Tensor | None = None  # prompt and generated tokens, only with a repetition penalty
         self.text = ""  # decoded completion so far (stop string cut off once found)
         self.sent = 0  # characters of text already handed to the consumer
         self.prefix_offset = 0  # incremental detokenization window, as in vLLM / TGI
@@ -51,9 +55,25 @@ class Sequence:
         self.finish_reason: str | None = None
         self.cancelled = False
         self.submitted = time.perf_counter()
-        self.first_token_at: float | None = None
-        self.pending_text, self.pending_ids = "", []  # generated but not yet handed to the consumer
+        self.scheduled_at: float | None = None  # when the scheduler admitted it to the batch
+        self.token_times: list[float] = []  # when each generated token was made: one step's clock reading per token
+        self.pending_text = ""  # generated but not yet handed to the consumer
+        self.pending_ids: list[int] = []
         self.max_stop = max((len(s) for s in self.params.stop), default=0)
+        self.matcher = matcher  # llguidance's, for a response_format (serving.hf.structured)
+        # One entry per generated token, filled only when asked (serving.hf.logprobs); the prompt's at prefill.
+        self.logprobs: list[PositionLogprobs] | None = [] if self.params.logprobs is not None else None
+        self.prompt_logprobs: list[PositionLogprobs] | None = None
+
+    @property
+    def queue_seconds(self) -> float | None:
+        """Arrival to admission into the batch; None until admitted."""
+        return None if self.scheduled_at is None else self.scheduled_at - self.submitted
+
+    @property
+    def inter_token_seconds(self) -> list[float]:
+        """The gaps between consecutive tokens, computed once the sequence is done rather than per step."""
+        return [later - earlier for earlier, later in pairwise(self.token_times)]
 
     @property
     def live(self) -> bool:

@@ -13,10 +13,12 @@ stop strings, the options) are tested on their own at the end.
 from __future__ import annotations
 
 import asyncio
+import json
+import pydoc_data.topics
 import threading
 import time
 
-import pydoc_data.topics
+import jsonschema
 import pytest
 import torch
 from pydantic import ValidationError
@@ -30,10 +32,10 @@ from genloop.serving.engine import (
     InvalidRequestError,
     SamplingParams,
 )
-from genloop.serving.hf.engine import HFEngine
-from genloop.serving.hf.options import HFEngineOptions
 from genloop.serving.hf.detokenizer import advance_text
+from genloop.serving.hf.engine import HFEngine
 from genloop.serving.hf.kv_batch import Rows, compact, join
+from genloop.serving.hf.options import HFEngineOptions
 from genloop.serving.hf.scheduler import Scheduler, prefill_groups, rows_to_keep
 from genloop.serving.hf.sequence import Sequence
 from genloop.training.models import build_model
@@ -178,7 +180,7 @@ def test_a_burst_joining_a_running_batch_in_length_groups_matches_generate(tiny)
 
     running_ids, results = asyncio.run(main())
     assert running_ids == expected_ids(tiny, prompts[7], 40)
-    for prompt, result in zip(prompts[:7], results):
+    for prompt, result in zip(prompts[:7], results, strict=True):
         assert result.text == tiny[1].decode(expected_ids(tiny, prompt, 12), skip_special_tokens=True)
 
 
@@ -199,7 +201,7 @@ def test_a_row_that_ended_at_the_context_limit_stays_harmless_until_compaction(t
         finally:
             await engine.close()
 
-    for (prompt, max_tokens), result in zip(cases, asyncio.run(main())):
+    for (prompt, max_tokens), result in zip(cases, asyncio.run(main()), strict=True):
         assert result.text == tiny[1].decode(expected_ids(tiny, prompt, max_tokens), skip_special_tokens=True)
 
 
@@ -255,6 +257,10 @@ def test_max_tokens_finishes_with_length(tiny):
         assert finish == "length" and len(ids) == 7
         assert result.prompt_tokens == len(tiny[1](tiny[3][2])["input_ids"])
         assert 0 < result.ttft_seconds <= result.total_seconds
+        # The engine's own pace for the metrics: a wait before admission, then one gap per later token.
+        assert result.queue_seconds is not None and 0 <= result.queue_seconds < result.ttft_seconds
+        assert len(result.inter_token_seconds) == 6 and min(result.inter_token_seconds) > 0
+        assert sum(result.inter_token_seconds) == pytest.approx(result.total_seconds - result.ttft_seconds)
 
     asyncio.run(main())
 
@@ -281,20 +287,38 @@ def test_stop_string_cuts_output_in_both_modes(tiny):
     asyncio.run(main())
 
 
-def test_eos_finishes_with_stop(tiny):
+def test_eos_finishes_with_stop_unless_ignored_or_before_min_tokens(tiny):
+    """eos ends a completion; with ignore_eos it does not (the same tokens go on to max_tokens); with
+    min_tokens it cannot be picked before then (greedy takes the next best), and a stop string seen
+    before then does not end it either (vLLM's rules)."""
     async def main():
         engine = engine_for(tiny)
         await engine.load()
         try:
             request = GenerationRequest(prompt=tiny[3][4], params=SamplingParams(max_tokens=30, **GREEDY))
-            ids, _, _ = await stream_ids(engine, request)
+            ids, text, _ = await stream_ids(engine, request)
             # The untrained model never says end-of-text; declare its 4th greedy token to be eos instead.
             engine._eos_ids = frozenset({ids[3]})
             result = await engine.generate(request)
+
+            def variant(**params) -> GenerationRequest:
+                return request.model_copy(update={"params": request.params.model_copy(update=params)})
+
+            ignored = await stream_ids(engine, variant(ignore_eos=True))
+            held = await engine.generate(variant(min_tokens=10))
+            held_ids, _, _ = await stream_ids(engine, variant(min_tokens=10))
+            stop = tiny[1].decode(ids[5:7])  # a stop string early in the text
+            engine._eos_ids = frozenset()
+            stopped = await engine.generate(variant(stop=[stop]))
+            late = await engine.generate(variant(stop=[stop], min_tokens=20))
         finally:
             await engine.close()
         assert result.finish_reason == "stop"
         assert result.completion_tokens == ids.index(ids[3]) + 1
+        assert ignored == (ids, text, "length")
+        assert held.completion_tokens >= 10 and ids[3] not in held_ids[:10] and held_ids != ids
+        assert stopped.text == text[:text.index(stop)] and stopped.completion_tokens < 20
+        assert late.completion_tokens > 20 and late.text.startswith(text[:text.index(stop) + len(stop)])
 
     asyncio.run(main())
 
@@ -313,8 +337,8 @@ def test_split_characters_wait_for_their_last_byte_but_are_kept_at_the_end(tiny)
             whole = make_seq(asyncio.get_running_loop(), streaming=True, max_tokens=4)
             cut = make_seq(asyncio.get_running_loop(), streaming=True, max_tokens=2)
             for token in euro[:2]:
-                engine._emit([whole, cut], [token, token])
-            engine._emit([whole], [euro[2]])
+                engine._emit([whole, cut], [token, token], {})
+            engine._emit([whole], [euro[2]], {})
             return [await whole.queue.get() for _ in range(3)], [await cut.queue.get() for _ in range(2)]
         finally:
             await engine.close()
@@ -364,6 +388,37 @@ def test_frequency_penalty_discourages_repetition(tiny):
     asyncio.run(main())
 
 
+def test_repetition_penalty_is_transformers_and_min_p_1_leaves_only_the_most_likely_token(tiny):
+    """The repetition penalty over prompt and output gives what ``generate(repetition_penalty=…)``
+    gives (float64, greedy); min_p = 1 keeps only each step's most likely token, so a sampled
+    completion equals the greedy one, which without min_p it does not."""
+    prompt = tiny[3][2]
+    _, tokenizer, reference, _ = tiny
+    inputs = tokenizer(prompt, return_tensors="pt")
+    with torch.inference_mode():
+        out = reference.generate(**inputs, max_new_tokens=24, do_sample=False, repetition_penalty=1.5)
+    expected = out[0, inputs["input_ids"].shape[1]:].tolist()
+
+    async def main():
+        engine = engine_for(tiny)
+        await engine.load()
+        try:
+            penalised = SamplingParams(max_tokens=24, repetition_penalty=1.5, **GREEDY)
+            repeating, _, _ = await stream_ids(engine, GenerationRequest(prompt=prompt, params=penalised))
+            greedy, _, _ = await stream_ids(engine, GenerationRequest(prompt=prompt, params=SamplingParams(
+                max_tokens=24, **GREEDY)))
+            sampled = SamplingParams(max_tokens=24, temperature=1.0, seed=3)
+            narrowed = await asyncio.gather(*(stream_ids(engine, GenerationRequest(prompt=prompt, params=params))
+                                              for params in (sampled.model_copy(update={"min_p": 1.0}), sampled)))
+        finally:
+            await engine.close()
+        return repeating, greedy, [ids for ids, _, _ in narrowed]
+
+    repeating, greedy, (narrowed, free) = asyncio.run(main())
+    assert repeating == expected and repeating != greedy
+    assert narrowed == greedy and free != greedy
+
+
 def test_streaming_yields_the_same_text_as_generate(tiny):
     async def main():
         engine = engine_for(tiny)
@@ -377,9 +432,98 @@ def test_streaming_yields_the_same_text_as_generate(tiny):
         assert "".join(c.text for c in chunks) == result.text
         assert len(chunks) == 25 and all(len(c.token_ids) == 1 for c in chunks)
         assert [c.finish_reason for c in chunks] == [None] * 24 + ["length"]
-        assert chunks[-1].completion_tokens == 25 and chunks[-1].prompt_tokens == result.prompt_tokens
+        assert chunks[-1].completion_tokens == 25
+        assert {c.prompt_tokens for c in chunks} == {result.prompt_tokens}  # on every chunk: usage per chunk
 
     asyncio.run(main())
+
+
+def test_logprobs_are_the_models_own_in_both_modes_and_max_tokens_0_scores_the_prompt(tiny):
+    """Greedy, in float64: every logprob is the log-softmax of one plain forward pass over prompt +
+    output, alternatives come most likely first, and the greedy token is the most likely; the stream
+    reports what generate does (the prompt's on its first chunk), and max_tokens 0 (echo's scoring)
+    generates nothing but the prompt's logprobs."""
+    _, tokenizer, reference, prompts = tiny
+    prompt = prompts[2]
+    params = SamplingParams(max_tokens=6, logprobs=3, prompt_logprobs=2, **GREEDY)
+
+    async def main():
+        engine = engine_for(tiny)
+        await engine.load()
+        try:
+            result = await engine.generate(GenerationRequest(prompt=prompt, params=params))
+            chunks = [chunk async for chunk in engine.stream(GenerationRequest(prompt=prompt, params=params))]
+            scored = [await engine.generate(GenerationRequest(prompt=prompt, params=SamplingParams(
+                max_tokens=0, prompt_logprobs=0)))]
+            scored += [chunk async for chunk in engine.stream(GenerationRequest(prompt=prompt, params=SamplingParams(
+                max_tokens=0, prompt_logprobs=0)))]
+        finally:
+            await engine.close()
+        return result, chunks, scored
+
+    result, chunks, scored = asyncio.run(main())
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    entries = [*result.prompt_logprobs, *result.logprobs]
+    ids = [entry.token_id for entry in entries]
+    assert ids[:len(prompt_ids)] == prompt_ids and len(result.logprobs) == result.completion_tokens == 6
+    with torch.inference_mode():
+        expected = reference(torch.tensor([ids])).logits[0].log_softmax(-1)
+    assert entries[0].logprob is None and entries[0].top == []  # nothing predicts the first prompt token
+    for position, entry in enumerate(entries[1:], start=1):
+        top = expected[position - 1].topk(2 if position < len(prompt_ids) else 3)
+        assert entry.logprob == pytest.approx(expected[position - 1, entry.token_id].item(), abs=1e-9)
+        assert [t.token_id for t in entry.top] == top.indices.tolist()
+        assert [t.logprob for t in entry.top] == pytest.approx(top.values.tolist(), abs=1e-9)
+        assert entry.token == tokenizer.decode([entry.token_id])
+    assert all(entry.top[0].token_id == entry.token_id for entry in result.logprobs)
+    assert chunks[0].prompt_logprobs == result.prompt_logprobs and all(c.prompt_logprobs is None for c in chunks[1:])
+    assert [entry for chunk in chunks for entry in chunk.logprobs] == result.logprobs
+    for answer in scored:  # generate's result, then the stream's one chunk
+        assert (answer.text, answer.completion_tokens, answer.finish_reason, answer.logprobs) == ("", 0, "length", None)
+        assert [(p.token_id, p.logprob, p.top) for p in answer.prompt_logprobs] == [
+            (p.token_id, p.logprob, []) for p in result.prompt_logprobs]
+
+
+def test_response_format_holds_each_row_to_its_own_json_schema(tiny):
+    """Constrained rows share the batch with a free one, each with its own matcher: what finishes with
+    "stop" is JSON valid against its schema (an untrained model's nonsense, but valid), a budget that
+    runs out first finishes with "length", the free row samples what it samples alone, and a schema
+    that cannot be enforced is refused naming response_format."""
+    schema = {"type": "object", "required": ["ok", "n"], "additionalProperties": False,
+              "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 9}}}
+
+    def request(seed: int, max_tokens: int = 40, **params) -> GenerationRequest:
+        return GenerationRequest(prompt="Answer in JSON:", params=SamplingParams(max_tokens=max_tokens, seed=seed,
+                                                                                  **params))
+
+    async def main():
+        engine = engine_for(tiny)
+        await engine.load()
+        try:
+            together = await asyncio.gather(
+                *(engine.generate(request(seed, json_schema=schema)) for seed in range(3)),
+                *(engine.generate(request(seed, json_schema={"type": "object"})) for seed in range(4)),
+                engine.generate(request(0, max_tokens=3, json_schema=schema)),
+                engine.generate(request(0)))
+            alone = await engine.generate(request(0))
+            with pytest.raises(InvalidRequestError) as refused:
+                await engine.generate(request(0, json_schema={"type": "frob"}))
+        finally:
+            await engine.close()
+        return together, alone, refused.value
+
+    together, alone, refused = asyncio.run(main())
+    schemed, objects, (short, free) = together[:3], together[3:7], together[7:]
+    for result in schemed:
+        assert result.finish_reason == "stop", result.text
+        jsonschema.validate(json.loads(result.text), schema)
+    finished = [json.loads(r.text) for r in objects if r.finish_reason == "stop"]
+    assert finished and all(isinstance(value, dict) for value in finished)
+    assert short.finish_reason == "length" and short.completion_tokens == 3
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(short.text)
+    assert free.text == alone.text
+    assert refused.param == "response_format" and "frob" in str(refused)
 
 
 def test_streams_beyond_the_event_budget_get_tokens_in_groups(tiny):
@@ -395,12 +539,14 @@ def test_streams_beyond_the_event_budget_get_tokens_in_groups(tiny):
             streams = await asyncio.gather(*(collect(engine.stream(r)) for r in requests))
         finally:
             await engine.close()
-        for request, result, chunks in zip(requests, results, streams):
+        for request, result, chunks in zip(requests, results, streams, strict=True):
             assert [t for c in chunks for t in c.token_ids] == expected_ids(tiny, request.prompt, 20)
             assert "".join(c.text for c in chunks) == result.text
             assert len(chunks[0].token_ids) == 1  # the first token is never held back
             assert max(len(c.token_ids) for c in chunks) == 4 and len(chunks) < 20 / 2
             assert chunks[-1].finish_reason == "length" and chunks[-1].completion_tokens == 20
+            # Grouped chunks still report every gap between tokens, as the engine made them.
+            assert len(chunks[-1].inter_token_seconds) == 19 and chunks[-1].queue_seconds is not None
 
     async def collect(stream):
         return [chunk async for chunk in stream]
@@ -520,6 +666,11 @@ def test_invalid_requests_are_rejected_naming_the_parameter(tiny):
     asyncio.run(main())
     with pytest.raises(ValidationError, match="temperature"):
         SamplingParams(temperature=-1)
+    with pytest.raises(ValidationError, match="min_tokens"):
+        SamplingParams(max_tokens=10, min_tokens=11)
+    for bad in ({"repetition_penalty": 0}, {"repetition_penalty": float("inf")}, {"min_p": 1.5}):
+        with pytest.raises(ValidationError, match=next(iter(bad))):
+            SamplingParams(**bad)
     with pytest.raises(ValidationError, match="prompt"):
         GenerationRequest()
     assert SamplingParams(stop="\n").stop == ["\n"]
@@ -533,9 +684,18 @@ def test_chat_is_rendered_with_the_models_template(tiny):
             messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
             rendered = "<|system|>\nBe brief.<|endoftext|>\n<|user|>\nhi<|endoftext|>\n<|assistant|>\n"
             assert engine.render_chat(messages) == rendered
+            assert engine.render_chat(messages, add_generation_prompt=False) == rendered.removesuffix("<|assistant|>\n")
             with pytest.raises(InvalidRequestError) as bad:
                 engine.render_chat([{"content": "no role"}])
             assert bad.value.param == "messages"
+            # /tokenize and /detokenize: the ids generation starts from, and back, for short and long texts.
+            for text in (rendered, rendered * 300):
+                ids = await engine.tokenize(text)
+                assert ids == tiny[1](text)["input_ids"] and await engine.detokenize(ids) == text
+            assert engine.vocab_size == len(tiny[1])
+            with pytest.raises(InvalidRequestError, match=r"token id 512 is outside the vocabulary \[0, 512\)") as out:
+                engine.check_token_ids([3, 512, -1], "tokens")
+            assert out.value.param == "tokens"
         finally:
             await engine.close()
 
@@ -590,6 +750,7 @@ def test_admission_fills_the_free_slots_in_arrival_order_skipping_cancelled_requ
         scheduler.add(seq)
     seqs[1].cancelled = True  # its consumer left while it waited: it takes no slot
     assert scheduler.take_newcomers(running=0) == [seqs[0], seqs[2], seqs[3]]
+    assert seqs[0].scheduled_at is not None and seqs[4].scheduled_at is None  # the end of its queue time
     assert scheduler.num_waiting == 2
     assert scheduler.take_newcomers(running=3) == []  # a full batch admits nobody
     assert scheduler.take_newcomers(running=2) == [seqs[4]]
