@@ -15,24 +15,53 @@ from prometheus_client.registry import Collector
 from pydantic import BaseModel, Field
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
-TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
+TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.5)
+# 1-2-5 steps, as vLLM's token-count histograms, up to contexts far beyond any genloop serves today.
+TOKEN_COUNT_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
 
-REQUESTS = Counter("genloop_requests_total", "API requests answered.", ["route", "status", "model_version"])
+# finished_reason tells how a request ended (vLLM's request_success_total has the label): "stop" or
+# "length" for an answered generation ("length" when any choice was cut at its token budget: truncation
+# is what an operator looks for), "abort" when the caller left first, "error" for a generation refused
+# or failed, "none" for routes that generate nothing. A fixed set, whatever callers send.
+REQUESTS = Counter(
+    "genloop_requests_total", "API requests answered, each once whatever its prompts and choices.",
+    ["route", "status", "model_version", "finished_reason"],
+)
 REQUEST_LATENCY = Histogram(
-    "genloop_request_latency_seconds", "Arrival to last byte.", ["route", "model_version"], buckets=LATENCY_BUCKETS
+    "genloop_request_latency_seconds", "Arrival to last byte, of requests whose answer began.",
+    ["route", "model_version"], buckets=LATENCY_BUCKETS,
+)
+REQUEST_PROMPT_TOKENS = Histogram(
+    "genloop_request_prompt_tokens", "Prompt tokens an answered request had prefilled, all its choices together.",
+    ["route", "model_version"], buckets=TOKEN_COUNT_BUCKETS,
+)
+REQUEST_GENERATION_TOKENS = Histogram(
+    "genloop_request_generation_tokens", "Tokens generated for an answered request, all its choices together.",
+    ["route", "model_version"], buckets=TOKEN_COUNT_BUCKETS,
+)
+# Per sequence (one choice of one prompt: what the engine schedules), as vLLM's histograms are.
+QUEUE_TIME = Histogram(
+    "genloop_request_queue_time_seconds", "Time a sequence waited in the engine from arrival to first scheduling.",
+    ["route", "model_version"], buckets=LATENCY_BUCKETS,
 )
 TIME_TO_FIRST_TOKEN = Histogram(
-    "genloop_time_to_first_token_seconds", "Arrival to first generated token.", ["route", "model_version"],
-    buckets=LATENCY_BUCKETS,
+    "genloop_time_to_first_token_seconds", "Arrival to first generated token, per sequence.",
+    ["route", "model_version"], buckets=LATENCY_BUCKETS,
 )
 INTER_TOKEN_LATENCY = Histogram(
-    "genloop_inter_token_latency_seconds", "Mean time between generated tokens, per request.",
-    ["route", "model_version"], buckets=TOKEN_LATENCY_BUCKETS,
+    "genloop_inter_token_latency_seconds", "Time between two consecutive tokens of a sequence, one observation per "
+    "gap.", ["route", "model_version"], buckets=TOKEN_LATENCY_BUCKETS,
 )
-PROMPT_TOKENS = Counter("genloop_prompt_tokens_total", "Prompt tokens processed.", ["model_version"])
-GENERATION_TOKENS = Counter("genloop_generation_tokens_total", "Tokens generated.", ["model_version"])
+TIME_PER_OUTPUT_TOKEN = Histogram(
+    "genloop_time_per_output_token_seconds", "Mean time between the tokens of a finished sequence (first to last "
+    "token over the gaps between them), one observation per sequence.", ["route", "model_version"],
+    buckets=TOKEN_LATENCY_BUCKETS,
+)
+PROMPT_TOKENS = Counter("genloop_prompt_tokens_total", "Prompt tokens processed.", ["route", "model_version"])
+GENERATION_TOKENS = Counter("genloop_generation_tokens_total", "Tokens generated.", ["route", "model_version"])
 REQUESTS_RUNNING = Gauge("genloop_requests_running", "Sequences being decoded now.", ["model_version"])
-REQUESTS_WAITING = Gauge("genloop_requests_waiting", "Requests queued in the engine.", ["model_version"])
+REQUESTS_WAITING = Gauge("genloop_requests_waiting", "Sequences queued in the engine, not yet scheduled.",
+                         ["model_version"])
 MODEL_INFO = Gauge("genloop_model_info", "1 for the model version this replica serves.", ["model_version"])
 INFERENCE_LOG_DROPPED = Counter(
     "genloop_inference_log_dropped_total", "Inference-log records dropped because the buffer was full."
@@ -174,11 +203,11 @@ class ControlPlaneCollector(Collector):
                                     "their latest rating.", labels=["model_version", "rating"])
         positive = GaugeMetricFamily("genloop_feedback_positive_ratio",
                                      "Share of a version's rated responses rated positive.", labels=["model_version"])
-        for version, counts in state.feedback.items():
+        for rated_version, counts in state.feedback.items():
             for label in FEEDBACK_RATINGS.values():
-                ratings.add_metric([version, label], counts.get(label, 0))
+                ratings.add_metric([rated_version, label], counts.get(label, 0))
             rated = sum(counts.values())
             if rated:
-                positive.add_metric([version], counts.get("positive", 0) / rated)
+                positive.add_metric([rated_version], counts.get("positive", 0) / rated)
         return [runs, last_retrain, *per_version.values(), evaluation, champion, since, changes, job_runs,
                 last_run, next_run, ratings, positive]

@@ -121,7 +121,7 @@ class _Cached:
                     drift = latest_drift(self.config)
                     if drift is not None:
                         publish(drift)
-                except Exception:  # noqa: BLE001 - a scrape must answer; the last good snapshot stands
+                except Exception:  # a scrape must answer; the last good snapshot stands
                     logger.exception("reading the control plane's records failed")
                 self._at = time.monotonic()
             return self._state
