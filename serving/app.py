@@ -401,7 +401,8 @@ class OpenAIServer(_EngineReplica):
         self._mirror("completions", response_id, requests)
 
         log = self._answer(request, "completions", response_id, started, body.user, len(requests))
-        echoes = await self._echoes(body, requests)
+        # With echo, each choice's text starts with its prompt (token ids decoded, as vLLM does).
+        echoes = texts if body.echo else [""] * len(requests)
 
         if body.stream:
             return await sse_response(request.state.request_id, completion_events(
@@ -417,23 +418,6 @@ class OpenAIServer(_EngineReplica):
                      for i, (echoed, r) in enumerate(zip(echoes, results, strict=True))],
             usage=_usage(results),
         ).model_dump(), headers=self._headers())
-
-    async def _echoes(self, body: CompletionRequest, requests: list[GenerationRequest]) -> list[str]:
-        """What goes before each choice's text: with echo its prompt (token ids decoded, as vLLM does),
-        without it nothing."""
-        if not body.echo:
-            return [""] * len(requests)
-        echoes = []
-        for generation in requests:
-            if generation.prompt_token_ids is None:
-                echoes.append(generation.prompt or "")
-                continue
-            try:
-                self.engine.check_token_ids(generation.prompt_token_ids, "prompt")
-                echoes.append(await self.engine.detokenize(generation.prompt_token_ids))
-            except EngineError as exc:
-                raise engine_error(exc) from None
-        return echoes
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         self._check_model(body.model)
