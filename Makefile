@@ -24,8 +24,9 @@ prometheus:
 
 # Two workers, a test file each at a time: much of the suite waits on subprocesses, Serve rollouts and
 # HTTP, so the other core works meanwhile; a file's module fixtures stay in one worker.
+# The slowest tests are listed at the end: the CI budget is 40 minutes on two cores.
 test: $(STAMP) prometheus
-	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=25
 
 # Lint and import order (ruff), then types (mypy); both configured in pyproject.toml.
 lint: $(STAMP)
