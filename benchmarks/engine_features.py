@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import tempfile
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import torch
 from engine_throughput import BATCH, best, build
+from report import RESULTS, emit  # benchmarks/ is the script's folder, on sys.path
 
 from genloop.serving.engine import GenerationRequest, SamplingParams
 from genloop.serving.hf.engine import HFEngine
@@ -86,14 +86,11 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--out", type=Path, help="also write the JSON here")
+    parser.add_argument("--out", type=Path, default=RESULTS / "engine_features.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     report = asyncio.run(main_async(args))
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import pydoc_data.topics
@@ -33,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+from report import RESULTS, emit  # benchmarks/ is the script's folder, on sys.path
 from transformers import AutoModelForCausalLM, GPT2Config
 
 from genloop.serving.engine import GenerationRequest, SamplingParams
@@ -174,14 +174,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--int8", action="store_true", help="serve the engine with dynamic int8 weights")
-    parser.add_argument("--out", type=Path, help="also write the JSON here")
+    parser.add_argument("--out", type=Path, default=RESULTS / "engine_throughput.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     report = asyncio.run(main_async(args))
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":
