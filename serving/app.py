@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, Self
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -192,11 +192,20 @@ class _Answer:
         metrics.REQUEST_LATENCY.labels(self.route, self.version).observe(time.perf_counter() - self.started)
 
 
-@serve.deployment(name="genloop", health_check_period_s=2, graceful_shutdown_wait_loop_s=1,
-                  graceful_shutdown_timeout_s=60)
-@serve.ingress()
 class OpenAIServer(_EngineReplica):
-    """The model's replica: the OpenAI routes (``serving.api``) call the methods below."""
+    """The model's replica: the OpenAI routes (``serving.api``) call the methods below.
+
+    A plain class, so the API layer can be built and tested in-process (``create``, then
+    ``build_api``); Serve runs it as ``OpenAIDeployment``, below.
+    """
+
+    @classmethod
+    async def create(cls, settings: ServerSettings, shadow: DeploymentHandle | None = None) -> Self:
+        """A replica built outside Serve (``__init__`` is async: Serve awaits it, and so does this).
+        Close it with ``await replica.__del__()``, as Serve does."""
+        replica = cls.__new__(cls)
+        await replica.__init__(settings, shadow)  # type: ignore[misc]  # the async constructor, awaited
+        return replica
 
     async def __init__(self, settings: ServerSettings,  # type: ignore[misc]  # Serve awaits async constructors
                        shadow: DeploymentHandle | None = None):
@@ -504,6 +513,11 @@ class OpenAIServer(_EngineReplica):
         return JSONResponse(FeedbackResponse(id=body.id, rating=body.rating).model_dump(), headers=self._headers())
 
 
+# Serve's deployment of the model's replica, its routes the ASGI app ``__serve_build_asgi_app__`` builds.
+OpenAIDeployment = serve.deployment(name="genloop", health_check_period_s=2, graceful_shutdown_wait_loop_s=1,
+                                    graceful_shutdown_timeout_s=60)(serve.ingress()(OpenAIServer))
+
+
 @serve.deployment(name="shadow", max_ongoing_requests=32, max_queued_requests=32, health_check_period_s=2,
                   graceful_shutdown_wait_loop_s=1, graceful_shutdown_timeout_s=30)
 class ShadowModel(_EngineReplica):
@@ -535,9 +549,9 @@ def build_app(settings: ServerSettings, deployment: DeploymentOptions | None = N
     replica of the shadow model beside it, which gets ``settings.shadow_percent`` % of the requests mirrored."""
     deployment = deployment or DeploymentOptions()
     options = {"ray_actor_options": {"num_cpus": deployment.replica_cpus, "num_gpus": deployment.replica_gpus}}
-    # serve.deployment made the classes Deployments; mypy keeps a class decorator's input type.
+    # serve.deployment made ShadowModel a Deployment; mypy keeps a class decorator's input type.
     shadow_app = ShadowModel.options(**options).bind(shadow) if shadow is not None else None  # type: ignore[attr-defined]
-    return OpenAIServer.options(  # type: ignore[attr-defined]
+    return OpenAIDeployment.options(
         num_replicas=deployment.num_replicas, max_ongoing_requests=deployment.max_ongoing_requests,
         max_queued_requests=deployment.max_queued_requests,
         backpressure_config=BackpressureConfig(status_code=429, retry_after_s=1), **options,
