@@ -1,4 +1,5 @@
-"""Shared fixtures: one local Ray for the whole session, an isolated GENLOOP_HOME per test."""
+"""Shared fixtures: one small local Ray per test process, trained models shared by the whole session
+(and cached on disk across sessions), an isolated GENLOOP_HOME per test."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import os
 from pathlib import Path
 
 import pytest
+from model_cache import ModelCache
 
+# Where trained test models are kept between sessions: a fresh clone (CI) trains each once.
+_CACHE_DIR = Path(os.environ.get("GENLOOP_TEST_CACHE") or Path(__file__).parents[1] / ".test-cache")
 # Environment overrides beat explicit config values: a GENLOOP_HOME set in the shell that runs the
 # tests would send every test's state to one place.
 for _name in [n for n in os.environ if n.startswith("GENLOOP_")]:
@@ -15,10 +19,26 @@ os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """One intra-op thread per test process: the models here are tiny and gain nothing from two, the
+    two xdist workers (and the Ray workers beside them) already fill both cores, and OpenMP threads
+    spinning against each other on a busy machine made small ops several times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A real local Ray with the machine's two CPUs, shared by every test that needs it; Serve runs
-    on the data plane ``genloop serve`` uses."""
+    """A real local Ray with the machine's two CPUs, shared by every test of this process that needs
+    it; Serve runs on the data plane ``genloop serve`` uses. Started with what tests need and no
+    more: no dashboard (its agent and web server cost seconds and a core's share), a small object
+    store, and no workers started ahead of the first task (each xdist worker has a Ray of its own,
+    and two Rays pre-starting a worker per CPU on a 2-core machine only compete)."""
     import ray
     import ray.data
 
@@ -26,7 +46,9 @@ def ray_cluster():
 
     if not ray.is_initialized():
         use_fast_serve_data_plane()
-        ray.init(address="local", num_cpus=2, log_to_driver=True)  # never a stale `ray start` cluster
+        ray.init(address="local", num_cpus=2, log_to_driver=True,  # never a stale `ray start` cluster
+                 include_dashboard=False, object_store_memory=256 * 1024**2,
+                 _system_config={"enable_worker_prestart": False, "prestart_worker_first_driver": False})
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
@@ -40,16 +62,9 @@ def genloop_config(tmp_path: Path):
     return GenloopConfig(home=tmp_path / "home")
 
 
-@pytest.fixture(scope="session")
-def train_tiny():
-    """Train in-process: AdamW on random ``block_size``-token blocks of ``texts``, then save to ``folder``.
-
-    From scratch (the ``tiny`` preset, with ``tokenizer`` or one trained on ``texts``) or from the
-    model folder ``base``. Seeded, so the same call gives the same weights. ``schedule`` gives the
-    learning rate the trainer's shape (warm-up over a tenth of the steps, cosine decay): a fixture
-    that must forget and remember like a real champion and its warm start needs it; the learning
-    rate is constant otherwise.
-    """
+def _train(texts: list[str], steps: int, folder: Path, base: Path | None, tokenizer, vocab_size: int,
+           block_size: int, seed: int, lr: float, schedule: bool) -> None:
+    """AdamW on random ``block_size``-token blocks of ``texts``, batches of 8, seeded; saved to ``folder``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -58,37 +73,58 @@ def train_tiny():
     from genloop.training.models import build_model
     from genloop.training.tokenizer import train_tokenizer
 
-    def train(texts: list[str], steps: int, folder: Path, *, base: Path | None = None, tokenizer=None,
-              vocab_size: int = 512, block_size: int = 64, seed: int = 0, lr: float = 3e-3,
-              schedule: bool = False) -> Path:
-        if base is not None:
-            tokenizer, model = AutoTokenizer.from_pretrained(base), AutoModelForCausalLM.from_pretrained(base)
-        else:
-            tokenizer = tokenizer or train_tokenizer(texts, vocab_size=vocab_size)
-            model = build_model("tiny", tokenizer, block_size=block_size, seed=seed)
-        ids = torch.tensor(tokenizer(tokenizer.eos_token.join(texts))["input_ids"])
-        blocks = ids[: len(ids) // block_size * block_size].view(-1, block_size)
-        generator = torch.Generator().manual_seed(seed)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-        shape = make_schedule(optimizer, TrainConfig(max_steps=steps, warmup_steps=steps // 10)) if schedule else None
-        model.train()
-        for _ in range(steps):
-            batch = blocks[torch.randint(len(blocks), (8,), generator=generator)]
-            model(input_ids=batch, labels=batch).loss.backward()
-            optimizer.step()
-            if shape is not None:
-                shape.step()
-            optimizer.zero_grad()
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        return folder
+    torch.manual_seed(seed)
+    if base is not None:
+        tokenizer, model = AutoTokenizer.from_pretrained(base), AutoModelForCausalLM.from_pretrained(base)
+    else:
+        tokenizer = tokenizer or train_tokenizer(texts, vocab_size=vocab_size)
+        model = build_model("tiny", tokenizer, block_size=block_size, seed=seed)
+    ids = torch.tensor(tokenizer(tokenizer.eos_token.join(texts))["input_ids"])
+    blocks = ids[: len(ids) // block_size * block_size].view(-1, block_size)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    shape = make_schedule(optimizer, TrainConfig(max_steps=steps, warmup_steps=steps // 10)) if schedule else None
+    model.train()
+    for _ in range(steps):
+        batch = blocks[torch.randint(len(blocks), (8,), generator=generator)]
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        if shape is not None:
+            shape.step()
+        optimizer.zero_grad()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+@pytest.fixture(scope="session")
+def train_tiny():
+    """A tiny GPT-2 trained in-process on ``texts``, from scratch (the ``tiny`` preset, with
+    ``tokenizer`` or one trained on ``texts``) or from the model folder ``base``; returns its folder.
+
+    Trained once: the folder is shared by every test that asks for the same model, in this session
+    and later ones (``model_cache``), and must not be written to. ``schedule`` gives the learning
+    rate the trainer's shape (warm-up over a tenth of the steps, cosine decay): a fixture that must
+    forget and remember like a real champion and its warm start needs it; the rate is constant otherwise.
+    """
+    from model_cache import code_fingerprint, texts_fingerprint
+
+    cache, code = ModelCache(_CACHE_DIR / "models"), code_fingerprint(_train)
+
+    def train(texts: list[str], steps: int, *, base: Path | None = None, tokenizer=None, vocab_size: int = 512,
+              block_size: int = 64, seed: int = 0, lr: float = 3e-3, schedule: bool = False) -> Path:
+        key = {"code": code, "texts": texts_fingerprint(texts), "steps": steps, "base": base.name if base else None,
+               "tokenizer": texts_fingerprint([tokenizer.backend_tokenizer.to_str()]) if tokenizer else None,
+               "vocab_size": vocab_size, "block_size": block_size, "seed": seed, "lr": lr, "schedule": schedule}
+        return cache.get(key, lambda folder: _train(texts, steps, folder, base, tokenizer, vocab_size, block_size,
+                                                    seed, lr, schedule))
 
     return train
 
 
 @pytest.fixture(scope="session")
 def make_tiny_model(train_tiny):
-    """A tiny GPT-2 (64-token context) with its tokenizer, 20 steps into learning the pydoc topics."""
+    """A tiny GPT-2 (64-token context) with its tokenizer, 20 steps into learning the pydoc topics; one
+    folder per seed, shared read-only."""
     import pydoc_data.topics
 
     from genloop.training.tokenizer import train_tokenizer
@@ -96,8 +132,8 @@ def make_tiny_model(train_tiny):
     texts = [p for t in pydoc_data.topics.topics.values() for p in t.split("\n\n") if len(p) > 80][:400]
     tokenizer = train_tokenizer(texts, vocab_size=512)
 
-    def make(folder: Path, seed: int = 0) -> Path:
-        return train_tiny(texts, 20, folder, tokenizer=tokenizer, seed=seed)
+    def make(seed: int = 0) -> Path:
+        return train_tiny(texts, 20, tokenizer=tokenizer, seed=seed)
 
     return make
 

@@ -226,7 +226,7 @@ def test_up_bootstraps_serves_is_steered_and_stops_cleanly(tmp_path: Path, make_
                    "the feedback metric", up)
 
         # --- promote and roll back over HTTP under load: no failed request ----------------------------
-        other = register_model(config, make_tiny_model(tmp_path / "other"), tags={"dataset": "other:v1"})
+        other = register_model(config, make_tiny_model(), tags={"dataset": "other:v1"})
         load = Load(serving)
         try:
             wait_until(lambda: load.latest().get("1", 0) >= 3, 120, "load on v1", up)

@@ -31,7 +31,7 @@ def _cli(config, *args: str):
 
 def test_generate_answers_every_line_in_order_as_the_engine_does(ray_cluster, genloop_config, make_tiny_model,
                                                                    register_model, tmp_path):
-    model = make_tiny_model(tmp_path / "model")
+    model = make_tiny_model()
     version = _champion(genloop_config, model, register_model)
     prompts = tmp_path / "prompts.jsonl"
     lines = [{"id": f"q{i}", "prompt": f"The statement number {i}", "temperature": 0, "max_tokens": 6}
@@ -63,7 +63,7 @@ def test_generate_answers_every_line_in_order_as_the_engine_does(ray_cluster, ge
 
 def test_bad_input_line_is_a_clear_error_and_writes_nothing(ray_cluster, genloop_config, make_tiny_model,
                                                             register_model, tmp_path):
-    _champion(genloop_config, make_tiny_model(tmp_path / "model"), register_model)
+    _champion(genloop_config, make_tiny_model(), register_model)
     output = tmp_path / "answers.jsonl"
     cases = {
         '{"prompt": "fine"}\n{"text": "no prompt"}\n': "prompts.jsonl:2: 'prompt'",

@@ -60,7 +60,7 @@ def test_bad_names_and_damaged_files_are_one_line_and_exit_2(tmp_path: Path):
 def test_a_truncated_weights_file_is_named_before_serving_or_generating(tmp_path: Path, make_tiny_model,
                                                                           register_model):
     config = GenloopConfig(home=tmp_path / "home")
-    version = register_model(config, make_tiny_model(tmp_path / "model"))
+    version = register_model(config, make_tiny_model())
     registry = Registry(config)
     registry.client.set_registered_model_alias(registry.name, "champion", version)
     weights = registry.local_path(registry.resolve(version)) / "model.safetensors"
@@ -85,7 +85,7 @@ def test_json_is_what_the_admin_api_serves_alone_on_stdout(tmp_path: Path, monke
                                                           register_model, make_docs_dataset):
     config = GenloopConfig(home=tmp_path / "home")
     make_docs_dataset(config)
-    version = register_model(config, make_tiny_model(tmp_path / "model"), tags={"dataset": "docs:v1"})
+    version = register_model(config, make_tiny_model(), tags={"dataset": "docs:v1"})
     log = InferenceLog(config.inference_log_dir)
     for i in range(5):
         log.append(InferenceRecord(request_id=f"r{i}", route="completions", model_version=version, status=200,

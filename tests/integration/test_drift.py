@@ -36,7 +36,7 @@ def champion_home(genloop_config, make_tiny_model, register_model, make_docs_dat
     config = genloop_config
     config.monitoring.drift_max_samples = 300
     live_docs = make_docs_dataset(config)
-    version = register_model(config, make_tiny_model(tmp_path / "model"))
+    version = register_model(config, make_tiny_model())
     registry = Registry(config)
     registry.client.set_registered_model_alias(registry.name, "champion", version)
     registry.client.set_model_version_tag(registry.name, version, "dataset", "docs:v1")

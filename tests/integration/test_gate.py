@@ -42,7 +42,7 @@ def world(tmp_path_factory, ray_cluster, register_model, train_tiny) -> tuple[Ge
     config = GenloopConfig(home=root / "home")
     config.data.max_documents_per_source = 1500
     config.tokenizer.vocab_size = 1024
-    config.evaluation.max_texts = 60
+    config.evaluation.max_texts = 30  # scored by 2 models on 2 sets per evaluation: most of this file's time
     config.evaluation.prompts = 8
     config.evaluation.max_new_tokens = 24
     ingest(["builtin:python-docs"], "docs", config.data, config.datasets_dir)
@@ -52,9 +52,8 @@ def world(tmp_path_factory, ray_cluster, register_model, train_tiny) -> tuple[Ge
     def trained(dataset: str, steps: int, base: str | None = None, seed: int = 0, lr: float = 1e-3,
                 schedule: bool = False) -> str:
         texts = pq.read_table(resolve_dataset(config.datasets_dir, dataset).train_path).column("text").to_pylist()
-        folder = train_tiny(texts, steps, root / f"model-{len(folders)}", base=folders[base] if base else None,
-                            vocab_size=config.tokenizer.vocab_size, block_size=128, seed=seed, lr=lr,
-                            schedule=schedule)
+        folder = train_tiny(texts, steps, base=folders[base] if base else None, vocab_size=config.tokenizer.vocab_size,
+                            block_size=128, seed=seed, lr=lr, schedule=schedule)
         version = register_model(config, folder, tags={"dataset": dataset, "parent_version": base or ""})
         folders[version] = folder
         return version

@@ -86,7 +86,7 @@ def test_prometheus_scrapes_every_replica_and_every_panel_has_data(
     config.evaluation.max_new_tokens = 16
     make_docs_dataset(config)
     registry = Registry(config)
-    version = register_model(config, make_tiny_model(tmp_path / "model"))
+    version = register_model(config, make_tiny_model())
     registry.client.set_model_version_tag(registry.name, version, "dataset", "docs:v1")
     run_id = registry.client.get_model_version(registry.name, version).run_id
     cost = cost_report(wall_seconds=42.0, train_seconds=40.0, device_type="cpu", device_count=1, parameters=1000,

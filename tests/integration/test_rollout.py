@@ -25,8 +25,8 @@ def two_versions(genloop_config, make_tiny_model, register_model, tmp_path, free
     """Two registered tiny models (different seeds), the first one champion; serving on a free port."""
     config = genloop_config
     config.serving.port = free_port
-    first = register_model(config, make_tiny_model(tmp_path / "a", seed=0))
-    second = register_model(config, make_tiny_model(tmp_path / "b", seed=1))
+    first = register_model(config, make_tiny_model(seed=0))
+    second = register_model(config, make_tiny_model(seed=1))
     registry = Registry(config)
     registry.client.set_registered_model_alias(registry.name, "champion", first)
     return config, first, second

@@ -164,7 +164,7 @@ def test_a_round_the_gate_already_refused_is_not_trained_again(genloop_config, m
     config = genloop_config
     config.scheduler.dataset = "docs"
     make_docs_dataset(config)
-    refused = register_model(config, make_tiny_model(tmp_path / "m"), tags={"dataset": "docs:v1", "parent_version": ""})
+    refused = register_model(config, make_tiny_model(), tags={"dataset": "docs:v1", "parent_version": ""})
     result = retrain(config, "cron")
     assert (result.outcome, result.version) == ("skipped", refused)
     assert result.detail == f"v{refused} was already trained on docs:v1 from scratch and is not the champion"
@@ -213,7 +213,7 @@ def test_scheduler_start_stops_cleanly_on_sigterm(tmp_path):
 def champion_on_docs(config, make_docs_dataset, make_tiny_model, register_model, tmp_path) -> tuple[str, list[str]]:
     """A champion (the tiny 64-token model) tagged as trained on docs:v1; and docs it never saw."""
     unseen_docs = make_docs_dataset(config)
-    version = register_model(config, make_tiny_model(tmp_path / "champion"),
+    version = register_model(config, make_tiny_model(),
                              tags={"dataset": "docs:v1", "parent_version": ""})
     registry = Registry(config)
     registry.client.set_registered_model_alias(registry.name, "champion", version)

@@ -34,7 +34,7 @@ def _ray(*args: str, env: dict) -> subprocess.CompletedProcess:
 def test_serve_onto_existing_cluster_and_ctrl_c_drains(genloop_config, make_tiny_model, register_model, tmp_path,
                                                        free_port):
     config = genloop_config
-    version = register_model(config, make_tiny_model(tmp_path / "model"))
+    version = register_model(config, make_tiny_model())
     registry = Registry(config)
     registry.client.set_registered_model_alias(registry.name, "champion", version)
 

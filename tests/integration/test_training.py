@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,10 +36,18 @@ def small_training(config: GenloopConfig, max_steps: int = 40, eval_every: int =
     return config
 
 
+@pytest.fixture(scope="module")
+def docs_datasets(tmp_path_factory, ray_cluster) -> Path:
+    """Python's docs ingested once (ingestion is test_ingest's subject); each test trains on a copy."""
+    folder = tmp_path_factory.mktemp("datasets")
+    ingest(["builtin:python-docs"], "docs", small_training(GenloopConfig()).data, folder)
+    return folder
+
+
 @pytest.fixture
-def docs_config(genloop_config: GenloopConfig, ray_cluster) -> GenloopConfig:
+def docs_config(genloop_config: GenloopConfig, docs_datasets: Path) -> GenloopConfig:
     config = small_training(genloop_config)
-    ingest(["builtin:python-docs"], "docs", config.data, config.datasets_dir)
+    shutil.copytree(docs_datasets, config.datasets_dir)
     return config
 
 

@@ -41,16 +41,6 @@ PARAGRAPHS = _paragraphs()
 TRAIN, HELD_OUT = PARAGRAPHS[:400], PARAGRAPHS[400:430]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine (parallel test runs, Ray
-    workers) OpenMP threads spinning against each other made these tests several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     return train_tokenizer(TRAIN, vocab_size=1024)

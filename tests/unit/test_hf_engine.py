@@ -44,16 +44,6 @@ from genloop.training.tokenizer import train_tokenizer
 GREEDY = {"temperature": 0.0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: a 1M-parameter model gains nothing from two, and OpenMP barriers across
-    two threads slow small ops down by orders of magnitude when other test runs share the CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A saved tiny GPT-2 (random weights), its tokenizer, a float64 reference copy and 8 prompts."""
