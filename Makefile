@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean prometheus
+.PHONY: demo test test-fast lint bench clean prometheus
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -23,10 +23,17 @@ prometheus:
 		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus)
 
 # Two workers, a test file each at a time: much of the suite waits on subprocesses, Serve rollouts and
-# HTTP, so the other core works meanwhile; a file's module fixtures stay in one worker.
-# The slowest tests are listed at the end: the CI budget is 40 minutes on two cores.
+# HTTP, so the other core works meanwhile; a file's module fixtures stay in one worker; files with slow
+# tests go first (tests/conftest.py), not xdist's order by test count. Trained test
+# models are kept in .test-cache/ (GENLOOP_TEST_CACHE moves it): a later run on this machine reuses them.
+# The slowest tests are listed at the end: the budget is 15 minutes on two cores.
 test: $(STAMP) prometheus
-	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=25
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --no-loadscope-reorder --durations=25
+
+# The inner loop, before every commit: unit tests, the API over a fake engine, the engine on a tiny
+# model; no Ray cluster (under 3 minutes on two cores).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit --durations=10
 
 # Lint and import order (ruff), then types (mypy); both configured in pyproject.toml.
 lint: $(STAMP)

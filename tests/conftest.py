@@ -19,6 +19,14 @@ os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files with a test marked ``slow`` first, in collection order otherwise: xdist hands out whole
+    files in this order (``make test`` turns off its reordering by test count), so the longest start
+    at once, one per worker, and the short files fill in around them instead of trailing behind."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_torch_thread():
     """One intra-op thread per test process: the models here are tiny and gain nothing from two, the

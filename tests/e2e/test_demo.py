@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from genloop.services.config import GenloopConfig
 from genloop.services.evaluation_report import EvaluationReport
 from genloop.services.lifecycle import roles
@@ -25,6 +27,8 @@ from genloop.services.scheduler import JobHistory
 from genloop.serving.inference_log import read_inference_log
 from genloop.training.cost import logged_cost
 from genloop.training.datasets import resolve_dataset
+
+pytestmark = pytest.mark.slow
 
 # What the libraries and Ray's processes printed on a newcomer's console before it went to the log.
 LIBRARY_NOISE = ("(raylet)", "pid=", "TrainingReport", "Creating initial MLflow", "Execution plan",

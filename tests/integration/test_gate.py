@@ -25,6 +25,8 @@ from genloop.training.datasets import ingest, resolve_dataset
 from genloop.training.errors import UserInputError
 from genloop.training.replay import build_mix
 
+pytestmark = pytest.mark.slow
+
 
 def reset_aliases(config: GenloopConfig, champion: str | None, previous: str | None = None) -> None:
     registry = Registry(config)
