@@ -121,6 +121,7 @@ def test_retrain_promotes_new_data_skips_old_data_and_drift_starts_it(genloop_co
     config.train.eval_batches = 2
     config.train.micro_batch_size = 8
     config.train.warmup_steps = 2
+    config.train.num_workers = 1  # the scheduler is the subject; data-parallel training is test_training's
     config.evaluation.max_texts = 10
     config.evaluation.prompts = 4
     config.evaluation.max_new_tokens = 8
@@ -236,6 +237,7 @@ def test_files_landing_in_incoming_become_versions_and_enough_of_them_a_retrain(
     config.scheduler.min_new_documents = 25
     config.scheduler.retrain_budget = 4  # steps: the champion was registered, not trained by genloop
     config.train.block_size, config.train.micro_batch_size, config.train.eval_batches = 32, 4, 2
+    config.train.num_workers = 1  # the scheduler is the subject; data-parallel training is test_training's
     config.evaluation.max_texts, config.evaluation.prompts, config.evaluation.max_new_tokens = 10, 2, 4
     _, docs = champion_on_docs(config, make_docs_dataset, make_tiny_model, register_model, tmp_path)
     first = land(incoming / "a.jsonl", docs[:20])

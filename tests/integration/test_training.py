@@ -102,6 +102,7 @@ def test_train_registers_a_loadable_model_that_learned(docs_config: GenloopConfi
 
 
 def test_early_stopping_ends_the_run_after_patience_validations(docs_config: GenloopConfig):
+    docs_config.train.num_workers = 1  # the rule is the loop's, whatever the number of workers
     docs_config.train.max_steps = 200
     docs_config.train.eval_every = 5
     docs_config.train.patience = 2
