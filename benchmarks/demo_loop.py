@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from report import RESULTS, emit
+from report import RESULTS, emit, free_port  # benchmarks/ is the script's folder, on sys.path
 
 from genloop.services.config import GenloopConfig
 from genloop.services.evaluation_report import EvaluationReport
@@ -29,12 +28,6 @@ from genloop.services.registry import Registry
 from genloop.services.scheduler import JobHistory
 from genloop.serving.inference_log import read_inference_log
 from genloop.training.cost import logged_cost
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run(size: str, new_domain: str) -> dict:

@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,7 +37,7 @@ from pathlib import Path
 import httpx
 import torch
 from engine_throughput import build, measure_direct, run_direct  # sibling benchmark: same model and prompts
-from report import RESULTS, emit  # benchmarks/ is the script's folder, on sys.path
+from report import RESULTS, emit, free_port  # benchmarks/ is the script's folder, on sys.path
 
 from genloop.training.models import parameter_count
 
@@ -91,12 +90,6 @@ def naive_server(model_dir: str, port: int, device: str) -> None:
 
 
 # --- the servers, started one at a time -----------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def wait_ready(url: str, process: subprocess.Popen | None, timeout: float = 300) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:

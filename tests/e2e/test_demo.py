@@ -4,7 +4,7 @@ This is the command a new user runs first, and the loop's core promise on a real
 learns Python's docs; same-domain traffic is no drift; traffic and new documents from Python's
 source code are; the retrain (replay, budget) passes the gate and is rolled out under that traffic.
 It runs at ``--size small``: every stage and the same code path as ``make demo``, on fewer
-documents, steps and held-out texts; the full size's figures are benchmarks/demo_loop.py's.
+training steps and held-out texts; the full size's figures are benchmarks/demo_loop.py's.
 It once failed only because Ray workers resolved the relative default home against their own
 working directory, which no in-process test saw.
 """
