@@ -23,12 +23,13 @@ import ray
 import ray.data
 import torch
 from mlflow.tracking import MlflowClient
+from transformers import AutoTokenizer
 
 from genloop.training.config import TrainConfig
 from genloop.training.loop import TEXT_BATCH_ROWS, make_optimizer, make_schedule, packed_batches, train_step
 from genloop.training.models import build_model, parameter_count
 from genloop.training.tokenizer import train_tokenizer
-from genloop.training.trainer import fit
+from genloop.training.trainer import fit, validation_blocks
 
 
 def corpus() -> list[str]:
@@ -38,7 +39,7 @@ def corpus() -> list[str]:
 
 def bare_loop(parquet: Path, init_dir: Path, settings: TrainConfig, threads: int) -> dict:
     """The baseline: one process, no Ray, the same work per step."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(threads)
     torch.manual_seed(settings.seed)
@@ -68,13 +69,15 @@ def bare_loop(parquet: Path, init_dir: Path, settings: TrainConfig, threads: int
             "tokens_per_second": tokens / seconds, "wall_seconds": time.perf_counter() - wall_started}
 
 
-def ray_loop(parquet: Path, init_dir: Path, settings: TrainConfig, work: Path) -> dict:
+def ray_loop(parquet: Path, init_dir: Path, settings: TrainConfig, work: Path, texts: list[str]) -> dict:
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
     experiment = client.create_experiment("bench", artifact_location=(work / "art").as_uri())
     run = client.create_run(experiment)
     dataset = ray.data.read_parquet(str(parquet))
+    tokenizer = AutoTokenizer.from_pretrained(init_dir)
     started = time.perf_counter()
-    outcome = fit(train_dataset=dataset, validation_dataset=dataset, init_model_dir=init_dir, settings=settings,
+    outcome = fit(train_dataset=dataset, validation_blocks=validation_blocks(texts, tokenizer, settings),
+                  init_model_dir=init_dir, settings=settings,
                   storage_path=str(work / "ray"), run_name="bench", tracking_uri=client.tracking_uri,
                   run_id=run.info.run_id, show_progress=False)
     metrics = outcome.metrics
@@ -110,7 +113,7 @@ def main() -> None:
 
         ray.init(address="local", num_cpus=args.threads + 1, include_dashboard=False, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
-        ours = ray_loop(parquet, init_dir, settings, work)
+        ours = ray_loop(parquet, init_dir, settings, work, texts)
         ray.shutdown()
         baseline = bare_loop(parquet, init_dir, settings, args.threads)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import ray.data
+import torch
 from mlflow.entities import Metric, Param
 from mlflow.entities.model_registry import ModelVersion
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -32,7 +33,7 @@ from genloop.training.datasets import DatasetVersion, resolve_dataset
 from genloop.training.errors import UserInputError
 from genloop.training.models import build_model, context_length, load_model, parameter_count
 from genloop.training.tokenizer import train_tokenizer
-from genloop.training.trainer import export_checkpoint, fit
+from genloop.training.trainer import export_checkpoint, fit, validation_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,8 @@ def _flatten(prefix: str, value: object) -> dict[str, str]:
     return {prefix: str(value)}
 
 
-def _check_size(tokenizer: PreTrainedTokenizerBase, dataset: DatasetVersion, settings: TrainConfig) -> int:
+def _check_size(tokenizer: PreTrainedTokenizerBase, dataset: DatasetVersion, settings: TrainConfig,
+                val_blocks: torch.Tensor) -> int:
     """Refuse data too small to fill one step per worker, or one validation block per worker."""
     train_tokens = _token_count(tokenizer, _texts(dataset.train_path, TOKENIZER_SAMPLE_DOCS))
     needed = settings.block_size * settings.micro_batch_size * settings.grad_accum_steps * settings.num_workers
@@ -89,11 +91,10 @@ def _check_size(tokenizer: PreTrainedTokenizerBase, dataset: DatasetVersion, set
             f"({settings.num_workers} workers × {settings.micro_batch_size} × {settings.grad_accum_steps} blocks of "
             f"{settings.block_size} tokens = {needed}); add data or lower train.block_size/micro_batch_size"
         )
-    val_tokens = _token_count(tokenizer, _texts(dataset.validation_path))
-    if val_tokens < settings.block_size * settings.num_workers:
+    if len(val_blocks) < settings.num_workers:
         raise UserInputError(
-            f"dataset {dataset.name}:v{dataset.version} has {val_tokens} validation tokens, fewer than one "
-            f"{settings.block_size}-token block per worker"
+            f"dataset {dataset.name}:v{dataset.version} holds {len(val_blocks)} validation blocks of "
+            f"{settings.block_size} tokens, fewer than one per worker ({settings.num_workers})"
         )
     return train_tokens
 
@@ -147,7 +148,8 @@ def train(
                                      f"of {context_length(model.config)} tokens")
         model.save_pretrained(init_dir)
         tokenizer.save_pretrained(init_dir)
-        _check_size(tokenizer, dataset, settings)
+        val_blocks = validation_blocks(_texts(dataset.validation_path), tokenizer, settings)
+        _check_size(tokenizer, dataset, settings, val_blocks)
         parameters = parameter_count(model)
         del model
 
@@ -179,7 +181,7 @@ def train(
         connect(config.ray)
         outcome = fit(
             train_dataset=ray.data.read_parquet(str(dataset.train_path)),
-            validation_dataset=ray.data.read_parquet(str(dataset.validation_path)),
+            validation_blocks=val_blocks,
             init_model_dir=init_dir,
             settings=settings,
             storage_path=config.ray_storage_path,

@@ -196,19 +196,9 @@ def train_worker(config: dict[str, Any]) -> None:
         optimizer.load_state_dict(saved["optimizer"])
         schedule.load_state_dict(saved["schedule"])
 
-    # A fixed validation set, the same at every evaluation so that losses compare: each worker
-    # takes every world-th block of the first blocks of the (unsplit) validation split.
-    val_rows = (b["text"] for b in ray.train.get_dataset_shard("validation").iter_batches(
-        batch_size=TEXT_BATCH_ROWS, batch_format="numpy"))
-    wanted = settings.eval_batches * settings.micro_batch_size * world
-    val_blocks: list[torch.Tensor] = []
-    for batch in packed_batches(val_rows, tokenizer, settings.block_size, 1):
-        val_blocks.append(batch[0])
-        if len(val_blocks) == wanted:
-            break
-    val_blocks_local = torch.stack(val_blocks[rank::world]) if len(val_blocks) >= world else None
-    if val_blocks_local is None:
-        raise ValueError(f"the validation split holds fewer than {world} blocks of {settings.block_size} tokens")
+    # The fixed validation set the driver packed (see ``validation_blocks``): each worker takes
+    # every world-th block, so the workers together evaluate all of it at every evaluation.
+    val_blocks_local = ray.get(config["validation_blocks"])[rank::world]
 
     mlflow = MlflowClient(config["tracking_uri"]) if rank == 0 else None
     progress = config.get("progress_queue")

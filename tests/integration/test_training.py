@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from genloop.services.config import GenloopConfig
 from genloop.services.registry import Registry
 from genloop.services.training_run import train
+from genloop.training import trainer
 from genloop.training.cost import logged_cost
 from genloop.training.datasets import ingest
 from genloop.training.errors import UserInputError
@@ -179,9 +180,10 @@ def test_unloadable_base_is_a_user_error(docs_config: GenloopConfig, tmp_path: P
     assert MlflowClient(docs_config.mlflow_tracking_uri).search_experiments()  # store usable
 
 
-def test_training_that_would_starve_ray_data_is_refused(docs_config: GenloopConfig, ray_cluster):
+def test_training_that_would_starve_ray_data_is_refused(docs_config: GenloopConfig, ray_cluster, monkeypatch):
     """A Serve replica (here: any actor) holding a CPU leaves the workers and Ray Data too little: a
     clear error before anything is registered, not a run that hangs waiting for a CPU."""
+    monkeypatch.setattr(trainer, "CPU_SETTLE_S", 1.0)  # the holder is up: no need to wait out a lag
     holder = ray_cluster.remote(num_cpus=1)(type("CpuHolder", (), {"ping": lambda self: True})).remote()
     ray_cluster.get(holder.ping.remote())
     try:
