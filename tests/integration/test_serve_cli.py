@@ -46,10 +46,12 @@ def test_serve_onto_existing_cluster_and_ctrl_c_drains(genloop_config, make_tiny
     env.update(GENLOOP_HOME=str(config.home), GENLOOP_SERVING__MAX_BATCH_SIZE="1",
                GENLOOP_MONITORING__EXPORTER_PORT="0", RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
     # --block keeps the head in the foreground: terminating it stops this cluster alone, not the
-    # test session's Ray (`ray stop` would stop every Ray on the machine).
+    # test session's Ray (`ray stop` would stop every Ray on the machine). Without a drain timeout of
+    # 0 its SIGTERM waits up to 30 s for the Serve application this test leaves on it to drain.
     head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
                              f"--port={gcs_port}", "--num-cpus=1", "--include-dashboard=false"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            env={**env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = f"127.0.0.1:{gcs_port}"
     deadline = time.time() + 120
     while _ray("status", f"--address={address}", env=env).returncode != 0:
