@@ -553,10 +553,10 @@ def _timestamp(seconds: float | None) -> str:
 @app.command("demo")
 def demo(
     size: Annotated[DemoSizeName, typer.Option(
-        help="full: the tour; small: the same loop on fewer training steps and held-out texts (what the tests run).")
+        help="full: the tour; small: the same loop scored on fewer held-out texts (what the tests run).")
     ] = "full",
     max_steps: Annotated[int | None, typer.Option(
-        min=1, help="Training steps of the first model (default: the size's, 120 full, 90 small).")] = None,
+        min=1, help="Training steps of the first model (default: 120).")] = None,
     new_domain: Annotated[str, typer.Option(
         help="Corpus the traffic shifts to: a file, folder or glob of text data, or a builtin source.")
     ] = "builtin:python-code",

@@ -3,8 +3,8 @@
 This is the command a new user runs first, and the loop's core promise on a real domain shift: v1
 learns Python's docs; same-domain traffic is no drift; traffic and new documents from Python's
 source code are; the retrain (replay, budget) passes the gate and is rolled out under that traffic.
-It runs at ``--size small``: every stage and the same code path as ``make demo``, on fewer
-training steps and held-out texts; the full size's figures are benchmarks/demo_loop.py's.
+It runs at ``--size small``: every stage, the same code path and the same training as ``make demo``,
+scored on fewer held-out texts; the full size's figures are benchmarks/demo_loop.py's.
 It once failed only because Ray workers resolved the relative default home against their own
 working directory, which no in-process test saw.
 """
@@ -69,9 +69,8 @@ def test_demo_adapts_to_a_domain_shift(tmp_path: Path):
     report = EvaluationReport.model_validate_json(
         (config.reports_dir / "evaluations" / f"{v2.tags['evaluation_report']}.json").read_text())
     bits = {name: {who: m.bits_per_byte for who, m in by.items()} for name, by in report.metrics.items()}
-    # The new domain is learnt and the old one kept, as the gate's rules demand; how much at full size
-    # (≥ 15 % better, ≤ 2 % worse) is benchmarks/demo_loop.py's figure (small: 15.2 % and -0.4 % here).
-    assert bits["current"]["candidate"] <= 0.95 * bits["current"]["champion"], bits  # new domain ≥ 5 % better
+    # The new domain is learnt and the old one kept (small: 17.6 % better and 1.1 % better measured).
+    assert bits["current"]["candidate"] <= 0.85 * bits["current"]["champion"], bits  # new domain ≥ 15 % better
     assert bits["reference"]["candidate"] <= 1.02 * bits["reference"]["champion"], bits  # old ≤ 2 % worse
     assert report.passed and set(report.weights) == {"current", "reference"} and "live" in report.sets
 
