@@ -76,7 +76,7 @@ def ray_loop(parquet: Path, init_dir: Path, settings: TrainConfig, work: Path, t
     dataset = ray.data.read_parquet(str(parquet))
     tokenizer = AutoTokenizer.from_pretrained(init_dir)
     started = time.perf_counter()
-    outcome = fit(train_dataset=dataset, validation_blocks=validation_blocks(texts, tokenizer, settings),
+    outcome = fit(train_dataset=dataset, validation_blocks={"current": validation_blocks(texts, tokenizer, settings)},
                   init_model_dir=init_dir, settings=settings,
                   storage_path=str(work / "ray"), run_name="bench", tracking_uri=client.tracking_uri,
                   run_id=run.info.run_id, show_progress=False)

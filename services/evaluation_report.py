@@ -17,6 +17,9 @@ class RuleResult(BaseModel):
     rule: str = Field(description="Human-readable rule, e.g. 'current.bits_per_byte improves ≥ 1%'.")
     passed: bool
     reason: str = Field(description="Why it passed or failed, with the numbers.")
+    margin: float = Field(0.0, description="How far past its threshold the value is, as a fraction of the "
+                          "threshold's scale (≥ 0 passes): the rules' common unit, so the smallest margin is "
+                          "the rule closest to failing.")
 
 
 class Sample(BaseModel):

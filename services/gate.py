@@ -1,9 +1,12 @@
 """The evaluation gate: a candidate version against the champion, on the same held-out sets.
 
-Sets: "current" is the validation split of the candidate's dataset (the newest data); "reference"
-is the validation splits of every dataset the champion and its ancestors were trained on (what
-the service already does well); "live" is a sample of the prompts callers sent in the last
-``monitoring.drift_window``, when there are at least ``gate.min_live_prompts``.
+Sets: "current" is the gate part of the validation split of the candidate's dataset (the newest
+data); "reference" is the gate parts of the validation splits of every dataset the champion and its
+ancestors were trained on (what the service already does well). The gate part is two thirds of
+each validation split, chosen by content hash (``training.cleaning.held_out_part``); training and
+search choose on the rest, so that what they chose on is never what the gate judges. "live" is a
+sample of the prompts callers sent in the last ``monitoring.drift_window``, when there are at least
+``gate.min_live_prompts``.
 
 The policy (``gate`` config) turns the metrics into one verdict with one reason per rule:
 better on what is served now (the gain on current and reference, weighted by the share of live
@@ -24,6 +27,7 @@ import os
 import random
 import tempfile
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -34,6 +38,7 @@ from genloop.services.config import GateConfig, GenloopConfig
 from genloop.services.evaluation_report import EvaluationReport, ModelSummary, RuleResult, Sample, render_html
 from genloop.services.registry import Registry
 from genloop.serving.inference_log import caller_prompts
+from genloop.training.cleaning import GATE
 from genloop.training.datasets import resolve_dataset
 from genloop.training.errors import UserInputError
 from genloop.training.evaluation import (
@@ -79,7 +84,8 @@ def apply_policy(policy: GateConfig, metrics: dict[str, dict[str, SetMetrics]],
             shares = ", ".join(f"{name} {w:.0%}" for name, w in weights.items())
             rule = f"traffic-weighted {primary} ({shares}) improves by ≥ {policy.min_improvement:.1%}"
             reason = "; ".join(f"{name} {gain(name)[2]:+.2%}" for name in weights) + f" → {change:+.2%}"
-        results.append(RuleResult(rule=rule, passed=change >= policy.min_improvement, reason=reason))
+        results.append(RuleResult(rule=rule, passed=change >= policy.min_improvement, reason=reason,
+                                  margin=change - policy.min_improvement))
     for set_name in ("reference", "live"):
         if set_name in metrics and "champion" in metrics[set_name]:
             cand, champ, change = gain(set_name)
@@ -87,15 +93,16 @@ def apply_policy(policy: GateConfig, metrics: dict[str, dict[str, SetMetrics]],
                 rule=f"{set_name}.{primary} regresses by ≤ {policy.max_regression:.1%}",
                 passed=change >= -policy.max_regression,
                 reason=f"candidate {cand:.4g} vs champion {champ:.4g}: {change:+.2%}",
+                margin=change + policy.max_regression,
             ))
     for metric, ceiling in policy.ceilings.items():
         value = getattr(current["candidate"], metric)
         results.append(RuleResult(rule=f"current.{metric} ≤ {ceiling:g}", passed=value <= ceiling,
-                                  reason=f"candidate {value:.4g}"))
+                                  reason=f"candidate {value:.4g}", margin=(ceiling - value) / (abs(ceiling) or 1)))
     for metric, floor in policy.floors.items():
         value = getattr(current["candidate"], metric)
         results.append(RuleResult(rule=f"current.{metric} ≥ {floor:g}", passed=value >= floor,
-                                  reason=f"candidate {value:.4g}"))
+                                  reason=f"candidate {value:.4g}", margin=(value - floor) / (abs(floor) or 1)))
     return results
 
 
@@ -103,7 +110,7 @@ def _held_out_texts(config: GenloopConfig, datasets: list[str], seed: int) -> li
     texts: list[str] = []
     for spec in datasets:
         dataset = resolve_dataset(config.datasets_dir, spec)  # UserInputError when it no longer exists
-        texts.extend(dataset.texts())
+        texts.extend(dataset.held_out(GATE))  # never the part training selects checkpoints on
     if not texts:
         raise UserInputError(f"held-out sets of {', '.join(datasets)} are empty")
     random.Random(seed).shuffle(texts)
@@ -133,6 +140,31 @@ def _live_set(config: GenloopConfig, set_sources: dict[str, list[str]],
                      + " (domain classifier on character n-grams)")
 
 
+@dataclass(frozen=True)
+class GateSets:
+    """What the gate scores a candidate on: held-out texts by set, the datasets (or log) they come
+    from, and the traffic weights of the sets with the sentence that explains them."""
+
+    sources: dict[str, list[str]]
+    texts: dict[str, list[str]]
+    weights: dict[str, float]
+    traffic: str
+
+
+def gate_sets(config: GenloopConfig, dataset: str, reference: list[str] | None) -> GateSets:
+    """The sets for a candidate trained on ``dataset`` against a champion whose lineage trained on
+    ``reference`` (None: no champion). A retrain asks too, before it trains: its checkpoints are
+    scored with the weights the gate would use (``services.selection``)."""
+    sources = {"current": [dataset]}
+    if reference is not None:
+        sources["reference"] = reference
+    texts = {name: _held_out_texts(config, datasets, config.evaluation.seed) for name, datasets in sources.items()}
+    if reference is None:
+        return GateSets(sources, texts, {"current": 1.0}, "no champion: the candidate is judged by the absolute bounds")
+    weights, traffic = _live_set(config, sources, texts)
+    return GateSets(sources, texts, weights, traffic)
+
+
 def _atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp", encoding="utf-8") as tmp:
@@ -155,20 +187,14 @@ def evaluate(config: GenloopConfig, candidate_ref: str, against: str = "champion
     if baseline is not None:
         champion_model, champion_tokenizer = load_for_evaluation(registry.local_path(baseline))
 
-    set_sources = {"current": [candidate.tags.get("dataset", "")]}
-    if not set_sources["current"][0]:
+    if not candidate.tags.get("dataset"):
         raise UserInputError(f"v{candidate.version} has no dataset tag: it was not trained by genloop")
-    if baseline is not None:
-        set_sources["reference"] = registry.lineage_datasets(baseline)
-
-    texts_by_set = {name: _held_out_texts(config, datasets, settings.seed) for name, datasets in set_sources.items()}
-    weights, traffic = {"current": 1.0}, "no champion: the candidate is judged by the absolute bounds"
-    if baseline is not None:
-        weights, traffic = _live_set(config, set_sources, texts_by_set)
+    sets = gate_sets(config, candidate.tags["dataset"],
+                     registry.lineage_datasets(baseline) if baseline is not None else None)
 
     metrics: dict[str, dict[str, SetMetrics]] = {}
     samples: list[Sample] = []
-    for set_name, texts in texts_by_set.items():
+    for set_name, texts in sets.texts.items():
         # Live prompts are short and have no reference continuation: the live set scores bits per byte.
         prompts = [] if set_name == "live" else make_prompts(
             texts, settings.prompts, settings.prompt_words, settings.reference_words, settings.seed)
@@ -190,15 +216,15 @@ def evaluate(config: GenloopConfig, candidate_ref: str, against: str = "champion
             samples.append(Sample(set=set_name, prompt=prompt.prompt, reference=prompt.reference,
                                   champion=champ_out, candidate=cand_out))
 
-    rules = apply_policy(config.gate, metrics, weights)
+    rules = apply_policy(config.gate, metrics, sets.weights)
     report = EvaluationReport(
         id=f"eval-{datetime.now(UTC):%Y%m%dT%H%M%S}-v{candidate.version}-{uuid.uuid4().hex[:6]}",
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         candidate=_summary(candidate, candidate_model, registry),
         champion=_summary(baseline, champion_model, registry) if baseline is not None else None,
-        sets=set_sources,
-        weights=weights,
-        traffic=traffic,
+        sets=sets.sources,
+        weights=sets.weights,
+        traffic=sets.traffic,
         metrics=metrics,
         rules=rules,
         passed=all(rule.passed for rule in rules),

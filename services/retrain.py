@@ -7,10 +7,12 @@ counts the documents of the newest version that the champion's lineage never saw
 drift) costs nothing without new data. Otherwise it builds a training mix (``training.replay``):
 the new documents plus ``replay_fraction`` of earlier ones, because a warm start on new data alone
 forgets the old domain and the gate refuses it. The warm start runs on a budget, a share of the
-lineage's from-scratch compute (``retrain_budget``), in small steps (``retrain_micro_batch_size``),
-and early stopping may end it sooner. A mix already trained from this champion and refused is not trained
-again. A refused or failed round leaves the champion as it was: training only registers a
-version, and only the gate moves the alias.
+lineage's from-scratch compute (``retrain_budget``), in small steps (``retrain_micro_batch_size``);
+every evaluation asks the gate's question on held-out texts of the new data and of the lineage
+(``services.selection``), which picks the checkpoint the gate is handed and may stop it sooner.
+A mix already trained from this champion and refused is not trained again. A refused or failed
+round leaves the champion as it was: training only registers a version, and only the gate moves
+the alias.
 
 With no champion the round trains one from scratch on everything there is. ``genloop up``'s
 first round on empty state (reason ``BOOTSTRAP``) with no sources configured takes the built-in
@@ -32,6 +34,7 @@ from genloop.services.config import GenloopConfig
 from genloop.services.evaluation_report import EvaluationReport
 from genloop.services.lifecycle import PromotionRefused, promote
 from genloop.services.registry import Registry
+from genloop.services.selection import retrain_selection
 from genloop.services.training_run import TrainingRun, initial_compute, train
 from genloop.serving.inference_log import rated_completions
 from genloop.training.config import TrainConfig
@@ -165,15 +168,21 @@ def retrain(config: GenloopConfig, reason: str, show_progress: bool = False, act
         return RetrainResult(outcome="skipped", dataset=dataset, version=str(tried[-1].version),
                              detail=f"v{tried[-1].version} was already trained on {dataset} from "
                                     f"{'v' + parent if parent else 'scratch'} and is not the champion")
+    selection = None
     if champion is not None:
         train_settings = retrain_settings(config, registry)
+        selection = retrain_selection(config, dataset, [v.spec for v in seen])
         counts = mix.manifest["counts"]
-        logger.info("retrain (%s) on %s: %d new + %d replayed documents, at most %d steps", reason, dataset,
-                    counts["new"], counts["replay"], train_settings.max_steps)
+        logger.info("retrain (%s) on %s: %d new + %d replayed documents, at most %d steps; checkpoints scored "
+                    "by the gate's rules, weights %s", reason, dataset, counts["new"], counts["replay"],
+                    train_settings.max_steps, selection.weights)
     start = f"from v{champion.version}" if champion is not None else "from scratch"
     stage("prepare", f"{dataset}, {start}")  # tokenizer or base model, until the MLflow run exists
     run = train(config, dataset, base=base, show_progress=show_progress, settings=train_settings,
-                on_run=lambda run_id: stage("train", f"{dataset}, {start}", mlflow_run_id=run_id))
+                on_run=lambda run_id: stage("train", f"{dataset}, {start}", mlflow_run_id=run_id),
+                selection=selection)
+    if run.selection:
+        logger.info("v%s kept at %s", run.version, run.selection)
     stage("gate", f"v{run.version}", mlflow_run_id=run.run_id)
     try:
         report = promote(config, run.version, actor=actor, reason=f"retrain ({reason}) on {dataset}")

@@ -27,6 +27,8 @@ from genloop.services.cluster import connect
 from genloop.services.config import GenloopConfig, config_hash
 from genloop.services.leftovers import close_orphaned_runs, owner_tags, sweep_work_dirs, work_dir_prefix
 from genloop.services.registry import MODEL_ARTIFACT, Registry
+from genloop.services.selection import GateScore, Selection, bits_per_nat
+from genloop.training.cleaning import SELECTION
 from genloop.training.config import TrainConfig
 from genloop.training.cost import COST_USD_TAG, CostReport, cost_report, logged_cost
 from genloop.training.datasets import DatasetVersion, resolve_dataset
@@ -46,6 +48,7 @@ class TrainingRun:
     version: str
     metrics: dict
     cost: CostReport
+    selection: str = ""  # why the kept checkpoint was chosen, with a retrain's selection
 
 
 def _texts(path: Path, limit: int | None = None) -> list[str]:
@@ -93,8 +96,9 @@ def _check_size(tokenizer: PreTrainedTokenizerBase, dataset: DatasetVersion, set
         )
     if len(val_blocks) < settings.num_workers:
         raise UserInputError(
-            f"dataset {dataset.name}:v{dataset.version} holds {len(val_blocks)} validation blocks of "
-            f"{settings.block_size} tokens, fewer than one per worker ({settings.num_workers})"
+            f"dataset {dataset.name}:v{dataset.version} holds {len(val_blocks)} blocks of {settings.block_size} "
+            f"tokens in the selection part of its validation split (a third, by content hash), fewer than one per "
+            f"worker ({settings.num_workers}); add data or lower train.block_size"
         )
     return train_tokens
 
@@ -112,11 +116,14 @@ def initial_compute(registry: Registry, version: ModelVersion) -> tuple[int, flo
 def train(
     config: GenloopConfig, dataset_spec: str, base: str | None = None, show_progress: bool = True,
     settings: TrainConfig | None = None, on_run: Callable[[str], None] | None = None,
+    selection: Selection | None = None,
 ) -> TrainingRun:
     """Train a model on ``dataset_spec`` (from scratch, or from ``base``) and register it.
 
     ``settings`` replaces ``config.train`` (a retrain's budgeted, gentler schedule); ``on_run`` gets
-    the MLflow run's id as soon as it exists, before the long part."""
+    the MLflow run's id as soon as it exists, before the long part. Every evaluation scores the
+    selection part of the dataset's validation split; with ``selection`` (a retrain's) it scores
+    that selection's sets too and keeps the checkpoint the gate's question ranks first."""
     settings = settings or config.train
     if settings.lora.enabled and base is None:
         raise UserInputError("--lora fine-tunes an existing model: give --base PATH|VERSION")
@@ -148,8 +155,17 @@ def train(
                                      f"of {context_length(model.config)} tokens")
         model.save_pretrained(init_dir)
         tokenizer.save_pretrained(init_dir)
-        val_blocks = validation_blocks(_texts(dataset.validation_path), tokenizer, settings)
-        _check_size(tokenizer, dataset, settings, val_blocks)
+        val_blocks = {"current": validation_blocks(dataset.held_out(SELECTION), tokenizer, settings)}
+        _check_size(tokenizer, dataset, settings, val_blocks["current"])
+        score = None
+        if selection is not None:
+            for name, texts in selection.sets.items():
+                val_blocks[name] = validation_blocks(texts, tokenizer, settings)
+                if not len(val_blocks[name]):
+                    raise UserInputError(f"the {name} set's held-out texts fill no block of {settings.block_size} "
+                                         "tokens: the retrain cannot ask the gate's question on it")
+            score = GateScore(selection.policy, selection.weights,
+                              {name: bits_per_nat(blocks, tokenizer) for name, blocks in val_blocks.items()})
         parameters = parameter_count(model)
         del model
 
@@ -182,6 +198,7 @@ def train(
         outcome = fit(
             train_dataset=ray.data.read_parquet(str(dataset.train_path)),
             validation_blocks=val_blocks,
+            score=score,
             init_model_dir=init_dir,
             settings=settings,
             storage_path=config.ray_storage_path,
@@ -210,6 +227,8 @@ def train(
             "steps": outcome.metrics["step"],
             "restarts": outcome.metrics["restarts"],
         }
+        if selection is not None:
+            summary["best_gate_score"] = outcome.metrics["best_score"]
         client.log_batch(run_id, metrics=[Metric(k, float(v), 0, 0) for k, v in summary.items()]
                          + [Metric(k, v, 0, 0) for k, v in report.mlflow_metrics().items()])
         client.log_dict(run_id, report.model_dump(), "cost_report.json")
@@ -217,7 +236,8 @@ def train(
         version = registry.register(run_id, tags={**tags, "run_id": run_id, COST_USD_TAG: f"{report.cost_usd:.6f}"})
         client.set_terminated(run_id, "FINISHED")
         logger.info("registered %s v%s (%s)", registry.name, version.version, json.dumps(summary))
-        return TrainingRun(run_id=run_id, version=str(version.version), metrics=summary, cost=report)
+        return TrainingRun(run_id=run_id, version=str(version.version), metrics=summary, cost=report,
+                           selection=client.get_run(run_id).data.tags.get("selection", ""))
     except BaseException:
         if client.get_run(run_id).info.status == "RUNNING":  # a stopping service may have closed it as KILLED
             client.set_terminated(run_id, "FAILED")

@@ -174,6 +174,25 @@ def split_of(doc_hash: str, validation_fraction: float) -> Literal["train", "val
     return VALIDATION if int(doc_hash[:8], 16) / 2**32 < validation_fraction else TRAIN
 
 
+GATE: Literal["gate"] = "gate"
+SELECTION: Literal["selection"] = "selection"
+HeldOutPart = Literal["gate", "selection"]
+# A third of the validation split is the selection part: a training run's validation (early
+# stopping, the checkpoint it keeps) needs a few dozen blocks; the gate's sets are the rest.
+SELECTION_SHARE = 1 / 3
+
+
+def held_out_part(doc_hash: str) -> HeldOutPart:
+    """Which part of the validation split a document is in: "gate", what the evaluation gate scores,
+    or "selection", what training and search choose checkpoints and settings on.
+
+    Disjoint, so the gate's verdict stays a test on text nothing was chosen on; decided by the
+    content hash alone (bits ``split_of`` does not read), so a document is in the same part in
+    every dataset version and every lineage.
+    """
+    return SELECTION if int(doc_hash[8:16], 16) / 2**32 < SELECTION_SHARE else GATE
+
+
 # --- near duplicates --------------------------------------------------------------------------
 
 

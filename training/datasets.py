@@ -38,8 +38,10 @@ from genloop.training.cleaning import (
     DROP_REASONS,
     VALIDATION,
     DuplicateIndex,
+    HeldOutPart,
     clean,
     content_hash,
+    held_out_part,
     minhash_signatures,
     split_of,
 )
@@ -85,6 +87,13 @@ class DatasetVersion:
         """The texts of one split ("train" or "validation")."""
         path = self.validation_path if split == VALIDATION else self.train_path
         return pq.read_table(path, columns=["text"]).column("text").to_pylist()
+
+    def held_out(self, part: HeldOutPart) -> list[str]:
+        """The validation texts of one part (``cleaning.held_out_part``): "gate" or "selection"."""
+        table = read_split(self.validation_path)
+        return [text for text, doc_hash in zip(table.column("text").to_pylist(),
+                                               table.column("content_hash").to_pylist(), strict=True)
+                if held_out_part(doc_hash) == part]
 
     @property
     def spec(self) -> str:

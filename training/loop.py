@@ -176,8 +176,10 @@ def train_worker(config: dict[str, Any]) -> None:
     if settings.lora.enabled:
         model = with_lora(model, settings.lora)
 
-    state: dict[str, Any] = {"step": 0, "epoch": 0, "best_val": math.inf, "best_step": 0, "bad_evals": 0,
-                             "tokens": 0, "timed_tokens": 0, "train_seconds": 0.0, "initial_val": None, "restarts": 0}
+    # best_score: the checkpoint score (see ``validate``); best_val: the run's own validation loss there.
+    state: dict[str, Any] = {"step": 0, "epoch": 0, "best_score": -math.inf, "best_val": math.inf, "best_step": 0,
+                             "bad_evals": 0, "tokens": 0, "timed_tokens": 0, "train_seconds": 0.0,
+                             "initial_losses": None, "restarts": 0}
     checkpoint = ray.train.get_checkpoint()
     saved = None
     if checkpoint:
@@ -196,9 +198,11 @@ def train_worker(config: dict[str, Any]) -> None:
         optimizer.load_state_dict(saved["optimizer"])
         schedule.load_state_dict(saved["schedule"])
 
-    # The fixed validation set the driver packed (see ``validation_blocks``): each worker takes
-    # every world-th block, so the workers together evaluate all of it at every evaluation.
-    val_blocks_local = ray.get(config["validation_blocks"])[rank::world]
+    # The fixed validation sets the driver packed (see ``validation_blocks``), "current" (the run's
+    # own data) first: each worker takes every world-th block, so the workers together evaluate all
+    # of each set at every evaluation.
+    val_sets = {name: blocks[rank::world] for name, blocks in ray.get(config["validation_blocks"]).items()}
+    score_checkpoint = config.get("score")
 
     mlflow = MlflowClient(config["tracking_uri"]) if rank == 0 else None
     progress = config.get("progress_queue")
@@ -213,10 +217,27 @@ def train_worker(config: dict[str, Any]) -> None:
             with contextlib.suppress(Exception):
                 progress.put_nowait({"step": step, **metrics})
 
-    def report(val_loss: float) -> None:
+    def validate() -> tuple[dict[str, float], float, str]:
+        """The loss on each validation set, and the checkpoint's score (higher is better) with why:
+        ``config["score"]`` (a callable of the losses and the initial model's) where the driver gave
+        one, the gate's question for a retrain (``services.selection``); else minus the run's own
+        validation loss."""
+        losses = {name: evaluate(model, blocks, settings.micro_batch_size, device) for name, blocks in val_sets.items()}
+        if score_checkpoint is None or state["initial_losses"] is None:
+            return losses, -losses["current"], ""
+        score, why = score_checkpoint(losses, state["initial_losses"])
+        return losses, score, why
+
+    def log_validation(losses: dict[str, float], score: float, step: int) -> None:
+        log({"val_loss": losses["current"], "val_perplexity": math.exp(losses["current"]),
+             **{f"val_loss_{name}": loss for name, loss in losses.items() if name != "current"},
+             **({"gate_score": score} if score_checkpoint is not None else {})}, step)
+
+    def report(val_loss: float, score: float) -> None:
         """Checkpoint after each validation; the loop always ends on one, so the last report is final."""
-        metrics = {"step": state["step"], "val_loss": val_loss, "best_val_loss": state["best_val"],
-                   "best_step": state["best_step"], "initial_val_loss": state["initial_val"],
+        metrics = {"step": state["step"], "val_loss": val_loss, "score": score, "best_score": state["best_score"],
+                   "best_val_loss": state["best_val"],
+                   "best_step": state["best_step"], "initial_val_loss": state["initial_losses"]["current"],
                    "tokens_seen": state["tokens"], "timed_tokens": state["timed_tokens"],
                    "train_seconds": state["train_seconds"],
                    "restarts": state["restarts"]}
@@ -227,10 +248,12 @@ def train_worker(config: dict[str, Any]) -> None:
                            Path(directory) / STATE_FILE)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if rank == 0 else None)
 
-    if state["initial_val"] is None:
-        initial_val = evaluate(model, val_blocks_local, settings.micro_batch_size, device)
-        state["initial_val"] = initial_val
-        log({"val_loss": initial_val, "val_perplexity": math.exp(initial_val)}, 0)
+    if state["initial_losses"] is None:
+        losses, score, _ = validate()
+        state["initial_losses"] = losses
+        if score_checkpoint is not None:  # the base model against itself: where the curve starts
+            score = score_checkpoint(losses, losses)[0]
+        log_validation(losses, score, 0)
 
     # The first step after a (re)start waits for Ray Data to start streaming; it is excluded from
     # train_seconds (and its tokens from timed_tokens) so tokens/s and MFU describe steady training.
@@ -260,13 +283,16 @@ def train_worker(config: dict[str, Any]) -> None:
             log({"train_loss": loss, "learning_rate": schedule.get_last_lr()[0],
                  "tokens_per_second": state["timed_tokens"] / max(state["train_seconds"], 1e-9)}, state["step"])
             if state["step"] % settings.eval_every == 0 or state["step"] >= settings.max_steps:
-                val = evaluate(model, val_blocks_local, settings.micro_batch_size, device)
-                if val < state["best_val"] - settings.min_delta:
-                    state.update(best_val=val, best_step=state["step"], bad_evals=0)
-                else:
-                    state["bad_evals"] += 1
-                log({"val_loss": val, "val_perplexity": math.exp(val)}, state["step"])
-                report(val)
+                losses, score, why = validate()
+                # Patience counts evaluations that gained less than min_delta; the best is the highest
+                # score all the same, the checkpoint Ray Train keeps.
+                state["bad_evals"] = 0 if score > state["best_score"] + settings.min_delta else state["bad_evals"] + 1
+                if score > state["best_score"]:
+                    state.update(best_score=score, best_val=losses["current"], best_step=state["step"])
+                    if mlflow is not None and why:
+                        mlflow.set_tag(config["run_id"], "selection", f"step {state['step']}: {why}")
+                log_validation(losses, score, state["step"])
+                report(losses["current"], score)
                 stop = state["step"] >= settings.max_steps or state["bad_evals"] >= settings.patience
         for _ in rows:  # finish this epoch's stream so every worker's split ends together
             pass

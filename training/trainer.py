@@ -2,8 +2,9 @@
 
 The driver prepares one initial model folder (fresh preset or warm-start base, plus tokenizer) so
 that every worker, and every restarted worker, starts from identical weights. Ray Train keeps
-the best checkpoint (lowest validation loss) and the latest one (for resuming after a failure);
-the best is exported as a plain Hugging Face folder with safetensors weights.
+the best checkpoint (lowest validation loss, or a retrain's gate score) and the latest one (for
+resuming after a failure); the best is exported as a plain Hugging Face folder with safetensors
+weights.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,7 +51,7 @@ class TrainOutcome:
 def fit(
     *,
     train_dataset: ray.data.Dataset,
-    validation_blocks: torch.Tensor,
+    validation_blocks: dict[str, torch.Tensor],
     init_model_dir: Path,
     settings: TrainConfig,
     storage_path: str,
@@ -57,8 +59,14 @@ def fit(
     tracking_uri: str,
     run_id: str,
     show_progress: bool = True,
+    score: Callable[[dict[str, float], dict[str, float]], tuple[float, str]] | None = None,
 ) -> TrainOutcome:
-    """Train on Ray Train and return the best checkpoint; raises ``TrainingFailed``."""
+    """Train on Ray Train and return the best checkpoint; raises ``TrainingFailed``.
+
+    ``validation_blocks`` holds the sets every evaluation scores, "current" (the run's own data)
+    first. The best checkpoint is the one ``score`` (of the sets' losses and the initial model's,
+    higher is better; it travels to the workers by pickle) ranks first, or without one the lowest
+    loss on "current"."""
     reserved = settings.num_workers * settings.cpus_per_worker
     free = ray.available_resources().get("CPU", 0)  # not the total: serving replicas may hold some
     # Ray's view of free resources lags the tasks that just ended (the ingest before a retrain, the
@@ -80,6 +88,7 @@ def fit(
             "train": settings.model_dump(mode="json"),
             "init_model_dir": str(init_model_dir),
             "validation_blocks": ray.put(validation_blocks),
+            "score": score,
             "tracking_uri": tracking_uri,
             "run_id": run_id,
             "progress_queue": progress_queue,
@@ -98,7 +107,7 @@ def fit(
             failure_config=ray.train.FailureConfig(max_failures=settings.max_failures),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=2, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
+                num_to_keep=2, checkpoint_score_attribute="score", checkpoint_score_order="max"
             ),
         ),
     )
@@ -123,7 +132,7 @@ def fit(
     result = result_box["result"]
     if result.error:
         raise TrainingFailed(f"training failed: {result.error}") from result.error
-    best = result.get_best_checkpoint(metric="val_loss", mode="min")
+    best = result.get_best_checkpoint(metric="score", mode="max")
     if best is None:
         raise TrainingFailed("training reported no checkpoint")
     return TrainOutcome(
@@ -136,7 +145,7 @@ def fit(
 
 
 def validation_blocks(texts: list[str], tokenizer: PreTrainedTokenizerBase, settings: TrainConfig) -> torch.Tensor:
-    """The validation set every evaluation of a run scores: the first blocks of the validation split.
+    """A validation set every evaluation of a run scores: the first blocks of ``texts``.
 
     Packed once by the driver and shipped to the workers through Ray's object store: a Ray Data
     shard per worker cost ~10 s of streaming start-up per run for a few dozen blocks, and one fixed

@@ -263,6 +263,18 @@ def test_files_landing_in_incoming_become_versions_and_enough_of_them_a_retrain(
     mix = resolve_dataset(config.datasets_dir, "live-mix:v1").manifest
     assert mix["base"] == "live:v2" and mix["replay"]["versions"] == ["docs:v1"] and mix["counts"]["new"] >= 25
 
+    # The warm start asked the gate's question at every evaluation: both curves and the score are in its run.
+    registry = Registry(config)
+    run_id = registry.versions()[-1].run_id
+    curves = {key: {m.step: m.value for m in registry.client.get_metric_history(run_id, key)}
+              for key in ("val_loss", "val_loss_reference", "gate_score")}
+    assert set(curves["val_loss"]) == set(curves["val_loss_reference"]) == set(curves["gate_score"]) == {0, 1, 2, 3, 4}
+    run = registry.client.get_run(run_id)
+    best = run.data.metrics["best_step"]
+    assert run.data.metrics["best_gate_score"] == max(v for step, v in curves["gate_score"].items() if step > 0)
+    assert curves["gate_score"][best] == run.data.metrics["best_gate_score"]
+    assert run.data.tags["selection"].startswith(f"step {int(best)}: ")
+
 
 def test_a_retrain_outside_the_window_waits_for_it_unless_urgent(genloop_config):
     config = genloop_config

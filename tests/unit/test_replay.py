@@ -2,22 +2,10 @@
 
 from __future__ import annotations
 
-import pyarrow as pa
 import pyarrow.parquet as pq
+from dataset_factory import write_dataset as version
 
-from genloop.training.cleaning import content_hash
-from genloop.training.datasets import OUTPUT_SCHEMA, DatasetVersion, write_version
 from genloop.training.replay import build_mix, new_documents
-
-
-def version(root, name: str, number: int, train: list[str], validation: list[str]) -> DatasetVersion:
-    def table(texts: list[str]) -> pa.Table:
-        return pa.table({"text": texts, "source": ["s"] * len(texts), "licence": ["l"] * len(texts),
-                         "content_hash": [content_hash(t) for t in texts]}, schema=OUTPUT_SCHEMA)
-
-    manifest = {"name": name, "version": number, "content_hash": f"{name}{number}"}
-    path = write_version(root / name, number, table(train), table(validation), manifest)
-    return DatasetVersion(name=name, version=number, path=path, manifest=manifest)
 
 
 def test_mix_holds_the_new_documents_and_a_replay_share_of_the_old_text(tmp_path):
