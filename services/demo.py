@@ -321,6 +321,8 @@ def _summary(config: GenloopConfig, console: Console, first: RetrainResult, seco
     for label, run in (("drift, same-domain traffic", same_drift), ("drift, after the shift", new_drift)):
         table.add_row(label, f"{run.outcome} ({run.detail.split('drifted: ')[-1].split(';')[0]})")
     table.add_row("retrain", f"{second.outcome}: {second.detail}")
+    if second.run is not None and second.run.selection:  # the checkpoint the gate's question picked, and why
+        table.add_row("checkpoint kept", second.run.selection)
     served = {**same.served}
     for version, count in live.served.items():
         served[version] = served.get(version, 0) + count
