@@ -36,6 +36,7 @@ from genloop.monitoring.traffic import prompt_prefixes
 from genloop.services.cluster import connect
 from genloop.services.config import GenloopConfig
 from genloop.services.console import log_path
+from genloop.services.registry import Registry
 from genloop.services.retrain import RetrainResult, retrain
 from genloop.services.scheduler import GenloopScheduler, JobRun
 from genloop.services.serving_control import start_serving, stop_serving
@@ -93,6 +94,7 @@ TRAFFIC = 60  # new-domain prompts before the drift check: above monitoring.drif
 # sampling noise alone reaches the threshold; 200 keep it well below.
 SAME_DOMAIN_TRAFFIC = 200
 CLIENTS = 4
+ANSWER_TOKENS = 8  # max_tokens of each demo request
 INCOMING_PARTS = 3  # the new domain's documents land as this many files
 
 
@@ -114,7 +116,7 @@ class Traffic:
     _lock: threading.Lock = field(default_factory=threading.Lock)  # several clients may share the counts
     _thread: threading.Thread | None = None
 
-    def send(self, prompt: str, max_tokens: int = 8) -> tuple[str, str] | None:
+    def send(self, prompt: str, max_tokens: int = ANSWER_TOKENS) -> tuple[str, str] | None:
         body = json.dumps({"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
         request = urllib.request.Request(self.url, data=body.encode(), headers={"Content-Type": "application/json"})
         try:
@@ -190,11 +192,12 @@ def run_demo(config: GenloopConfig, console: Console, new_domain: str = NEW_DOMA
     _show_round(config, first, console)
     config.scheduler.dataset = LIVE_DATASET
 
-    old_prompts = _prompts(result.version.texts(), config)
+    registry = Registry(config)
+    champion_dir = registry.local_path(registry.resolve("champion"))
+    old_prompts = fitting(_prompts(result.version.texts(), config), champion_dir)
     new_docs = _documents(new_source, config)
-    new_prompts = _prompts([text for text in new_docs if split_of(content_hash(text),
-                                                                   config.data.validation_fraction) == VALIDATION],
-                           config)
+    new_prompts = fitting(_prompts([text for text in new_docs if split_of(
+        content_hash(text), config.data.validation_fraction) == VALIDATION], config), champion_dir)
     if len(new_prompts) < 10:
         raise UserInputError(f"{new_domain}: {len(new_docs)} documents give {len(new_prompts)} held-out prompts; "
                              "the demo needs a corpus of at least a few hundred documents")
@@ -244,6 +247,22 @@ def _prompts(texts: list[str], config: GenloopConfig) -> list[str]:
     low = config.monitoring.drift_prefix_words[0]
     return prompt_prefixes([text for text in texts if len(text.split()) >= low],
                            config.monitoring.drift_prefix_words, seed=1)
+
+
+def fitting(prompts: list[str], model_dir: Path, room: int = ANSWER_TOKENS) -> list[str]:
+    """The prompts the model in ``model_dir`` takes with ``room`` tokens left for the answer.
+
+    The server rightly refuses a longer prompt with a 400, and the demo counts every refused
+    request as a failure; 64 words of a corpus of long tokens (licence texts: URLs, hashes, e-mail
+    addresses) reached 270 tokens of a 256-token context."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from genloop.training.models import context_length
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    limit = context_length(AutoConfig.from_pretrained(model_dir)) - room
+    lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]] if prompts else []
+    return [prompt for prompt, length in zip(prompts, lengths, strict=True) if length <= limit]
 
 
 def _documents(source, config: GenloopConfig) -> list[str]:
