@@ -49,6 +49,8 @@ class TrainingRun:
     metrics: dict
     cost: CostReport
     selection: str = ""  # why the kept checkpoint was chosen, with a retrain's selection
+    dataset: str = ""  # what it trained on, as name:vN
+    trials: tuple[dict, ...] = ()  # a searched retrain's trials (``services.search``), as its trials.json holds them
 
 
 def _texts(path: Path, limit: int | None = None) -> list[str]:
@@ -83,7 +85,7 @@ def _flatten(prefix: str, value: object) -> dict[str, str]:
     return {prefix: str(value)}
 
 
-def _check_size(tokenizer: PreTrainedTokenizerBase, dataset: DatasetVersion, settings: TrainConfig,
+def check_size(tokenizer: PreTrainedTokenizerBase, dataset: DatasetVersion, settings: TrainConfig,
                 val_blocks: torch.Tensor) -> int:
     """Refuse data too small to fill one step per worker, or one validation block per worker."""
     train_tokens = _token_count(tokenizer, _texts(dataset.train_path, TOKENIZER_SAMPLE_DOCS))
@@ -113,22 +115,37 @@ def initial_compute(registry: Registry, version: ModelVersion) -> tuple[int, flo
     return cost.tokens_seen, 6.0 * cost.parameters * cost.tokens_seen
 
 
-def train(
-    config: GenloopConfig, dataset_spec: str, base: str | None = None, show_progress: bool = True,
-    settings: TrainConfig | None = None, on_run: Callable[[str], None] | None = None,
-    selection: Selection | None = None,
-) -> TrainingRun:
-    """Train a model on ``dataset_spec`` (from scratch, or from ``base``) and register it.
+@dataclass
+class Prepared:
+    """What every run (and every trial of a search) starts from, made before any MLflow run exists:
+    the initial model folder, the validation blocks, the checkpoint score, the run's tags."""
 
-    ``settings`` replaces ``config.train`` (a retrain's budgeted, gentler schedule); ``on_run`` gets
-    the MLflow run's id as soon as it exists, before the long part. Every evaluation scores the
-    selection part of the dataset's validation split; with ``selection`` (a retrain's) it scores
-    that selection's sets too and keeps the checkpoint the gate's question ranks first."""
-    settings = settings or config.train
+    dataset: DatasetVersion
+    base: str | None
+    settings: TrainConfig
+    work: Path
+    init_dir: Path
+    tokenizer: PreTrainedTokenizerBase
+    val_blocks: dict[str, torch.Tensor]
+    score: GateScore | None
+    parameters: int
+    tags: dict[str, str]
+    initial: tuple[int, float] | None
+
+    @property
+    def log_params(self) -> list[Param]:
+        params = _flatten("train", self.settings.model_dump(mode="json"))
+        params.update(dataset=self.tags["dataset"], base=self.base or "", parameters=str(self.parameters),
+                      vocab_size=str(len(self.tokenizer)))
+        return [Param(k, v[:6000]) for k, v in params.items()]
+
+
+def prepare(config: GenloopConfig, dataset_spec: str, base: str | None, settings: TrainConfig,
+            selection: Selection | None, registry: Registry) -> Prepared:
+    """Check the options and the data and build the initial model; the caller removes ``work``."""
     if settings.lora.enabled and base is None:
         raise UserInputError("--lora fine-tunes an existing model: give --base PATH|VERSION")
     dataset = resolve_dataset(config.datasets_dir, dataset_spec)
-    registry = Registry(config)
     parent_version = ""
     initial: tuple[int, float] | None = None
     close_orphaned_runs(registry.client, registry.experiment_id())
@@ -156,7 +173,7 @@ def train(
         model.save_pretrained(init_dir)
         tokenizer.save_pretrained(init_dir)
         val_blocks = {"current": validation_blocks(dataset.held_out(SELECTION), tokenizer, settings)}
-        _check_size(tokenizer, dataset, settings, val_blocks["current"])
+        check_size(tokenizer, dataset, settings, val_blocks["current"])
         score = None
         if selection is not None:
             for name, texts in selection.sets.items():
@@ -168,7 +185,6 @@ def train(
                               {name: bits_per_nat(blocks, tokenizer) for name, blocks in val_blocks.items()})
         parameters = parameter_count(model)
         del model
-
         tags = {
             "dataset": f"{dataset.name}:v{dataset.version}",
             "dataset_hash": dataset.manifest["content_hash"],
@@ -177,70 +193,95 @@ def train(
             "git_revision": _git_revision(),
             "preset": settings.preset if base is None else f"base:{base}",
         }
-        client = registry.client
-        run = client.create_run(registry.experiment_id(), run_name=f"train-{dataset.name}-v{dataset.version}",
-                                tags={**tags, **owner_tags()})
-        run_id = run.info.run_id
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+    return Prepared(dataset=dataset, base=base, settings=settings, work=work, init_dir=init_dir, tokenizer=tokenizer,
+                    val_blocks=val_blocks, score=score, parameters=parameters, tags=tags, initial=initial)
 
+
+def register(registry: Registry, prepared: Prepared, run_id: str, checkpoint: Path,
+             metrics: dict, cost: CostReport) -> TrainingRun:
+    """Log the summary and the cost of the run ``run_id``, its ``checkpoint`` as the model, and
+    register it: the last step, so that a run that fails before leaves no version behind."""
+    client = registry.client
+    export_dir = export_checkpoint(checkpoint, prepared.init_dir, prepared.settings, prepared.work / MODEL_ARTIFACT)
+    summary = {
+        "best_val_loss": metrics["best_val_loss"],
+        "best_val_perplexity": math.exp(metrics["best_val_loss"]),
+        "initial_val_loss": metrics["initial_val_loss"],
+        "best_step": metrics["best_step"],
+        "steps": metrics["step"],
+        "restarts": metrics["restarts"],
+    }
+    if prepared.score is not None:
+        summary["best_gate_score"] = metrics["best_score"]
+    client.log_batch(run_id, metrics=[Metric(k, float(v), 0, 0) for k, v in summary.items()]
+                     + [Metric(k, v, 0, 0) for k, v in cost.mlflow_metrics().items()])
+    client.log_dict(run_id, cost.model_dump(), "cost_report.json")
+    client.log_artifacts(run_id, str(export_dir), MODEL_ARTIFACT)
+    tags = prepared.tags
+    version = registry.register(run_id, tags={**tags, "run_id": run_id, COST_USD_TAG: f"{cost.cost_usd:.6f}"})
+    client.set_terminated(run_id, "FINISHED")
+    logger.info("registered %s v%s (%s)", registry.name, version.version, json.dumps(summary))
+    return TrainingRun(run_id=run_id, version=str(version.version), metrics=summary, cost=cost,
+                       selection=client.get_run(run_id).data.tags.get("selection", ""), dataset=tags["dataset"])
+
+
+def train(
+    config: GenloopConfig, dataset_spec: str, base: str | None = None, show_progress: bool = True,
+    settings: TrainConfig | None = None, on_run: Callable[[str], None] | None = None,
+    selection: Selection | None = None,
+) -> TrainingRun:
+    """Train a model on ``dataset_spec`` (from scratch, or from ``base``) and register it.
+
+    ``settings`` replaces ``config.train`` (a retrain's budgeted, gentler schedule); ``on_run`` gets
+    the MLflow run's id as soon as it exists, before the long part. Every evaluation scores the
+    selection part of the dataset's validation split; with ``selection`` (a retrain's) it scores
+    that selection's sets too and keeps the checkpoint the gate's question ranks first."""
+    registry = Registry(config)
+    prepared = prepare(config, dataset_spec, base, settings or config.train, selection, registry)
+    dataset, client = prepared.dataset, registry.client
+    try:
+        run = client.create_run(registry.experiment_id(), run_name=f"train-{dataset.name}-v{dataset.version}",
+                                tags={**prepared.tags, **owner_tags()})
+    except BaseException:
+        shutil.rmtree(prepared.work, ignore_errors=True)
+        raise
+    run_id = run.info.run_id
     try:
         if on_run is not None:
             on_run(run_id)
-        params = _flatten("train", settings.model_dump(mode="json"))
-        params.update(dataset=tags["dataset"], base=base or "", parameters=str(parameters),
-                      vocab_size=str(len(tokenizer)))
-        client.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
+        client.log_batch(run_id, params=prepared.log_params)
         client.log_dict(run_id, dataset.manifest, "data/manifest.json")
-
         connect(config.ray)
         outcome = fit(
             train_dataset=ray.data.read_parquet(str(dataset.train_path)),
-            validation_blocks=val_blocks,
-            score=score,
-            init_model_dir=init_dir,
-            settings=settings,
+            validation_blocks=prepared.val_blocks,
+            score=prepared.score,
+            init_model_dir=prepared.init_dir,
+            settings=prepared.settings,
             storage_path=config.ray_storage_path,
             run_name=f"{run.info.run_name}-{run_id[:8]}",
             tracking_uri=registry.tracking_uri,
             run_id=run_id,
             show_progress=show_progress,
         )
-        export_dir = export_checkpoint(outcome.best_checkpoint, init_dir, settings, work / MODEL_ARTIFACT)
-        report = cost_report(
+        cost = cost_report(
             wall_seconds=outcome.wall_seconds,
             train_seconds=outcome.metrics["train_seconds"],
             device_type=outcome.device_type,
             device_count=outcome.num_devices,
-            parameters=parameters,
+            parameters=prepared.parameters,
             tokens_seen=int(outcome.metrics["tokens_seen"]),
             timed_tokens=int(outcome.metrics["timed_tokens"]),
             prices=config.cost,
-            initial_compute_flops=initial[1] if initial else None,
+            initial_compute_flops=prepared.initial[1] if prepared.initial else None,
         )
-        summary = {
-            "best_val_loss": outcome.metrics["best_val_loss"],
-            "best_val_perplexity": math.exp(outcome.metrics["best_val_loss"]),
-            "initial_val_loss": outcome.metrics["initial_val_loss"],
-            "best_step": outcome.metrics["best_step"],
-            "steps": outcome.metrics["step"],
-            "restarts": outcome.metrics["restarts"],
-        }
-        if selection is not None:
-            summary["best_gate_score"] = outcome.metrics["best_score"]
-        client.log_batch(run_id, metrics=[Metric(k, float(v), 0, 0) for k, v in summary.items()]
-                         + [Metric(k, v, 0, 0) for k, v in report.mlflow_metrics().items()])
-        client.log_dict(run_id, report.model_dump(), "cost_report.json")
-        client.log_artifacts(run_id, str(export_dir), MODEL_ARTIFACT)
-        version = registry.register(run_id, tags={**tags, "run_id": run_id, COST_USD_TAG: f"{report.cost_usd:.6f}"})
-        client.set_terminated(run_id, "FINISHED")
-        logger.info("registered %s v%s (%s)", registry.name, version.version, json.dumps(summary))
-        return TrainingRun(run_id=run_id, version=str(version.version), metrics=summary, cost=report,
-                           selection=client.get_run(run_id).data.tags.get("selection", ""))
+        return register(registry, prepared, run_id, outcome.best_checkpoint, outcome.metrics, cost)
     except BaseException:
         if client.get_run(run_id).info.status == "RUNNING":  # a stopping service may have closed it as KILLED
             client.set_terminated(run_id, "FAILED")
         raise
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(prepared.work, ignore_errors=True)

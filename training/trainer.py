@@ -67,50 +67,11 @@ def fit(
     first. The best checkpoint is the one ``score`` (of the sets' losses and the initial model's,
     higher is better; it travels to the workers by pickle) ranks first, or without one the lowest
     loss on "current"."""
-    reserved = settings.num_workers * settings.cpus_per_worker
-    free = ray.available_resources().get("CPU", 0)  # not the total: serving replicas may hold some
-    # Ray's view of free resources lags the tasks that just ended (the ingest before a retrain, the
-    # Serve start beside a bootstrap): a shortage must last a few seconds to be one.
-    deadline = time.monotonic() + CPU_SETTLE_S
-    while not settings.use_gpu and free - reserved < 1 and time.monotonic() < deadline:
-        time.sleep(0.5)
-        free = ray.available_resources().get("CPU", 0)
-    if not settings.use_gpu and free - reserved < 1:
-        # With every CPU reserved by the workers, Ray Data cannot run the reads that feed them: a hang.
-        raise UserInputError(
-            f"{settings.num_workers} workers × {settings.cpus_per_worker} CPUs leave {free - reserved:g} of the "
-            f"cluster's {free:g} free CPUs for Ray Data; lower train.num_workers or train.cpus_per_worker"
-        )
+    _check_free_cpus(settings)
     progress_queue = ray.util.queue.Queue(maxsize=10_000, actor_options={"num_cpus": 0})
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={
-            "train": settings.model_dump(mode="json"),
-            "init_model_dir": str(init_model_dir),
-            "validation_blocks": ray.put(validation_blocks),
-            "score": score,
-            "tracking_uri": tracking_uri,
-            "run_id": run_id,
-            "progress_queue": progress_queue,
-        },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=settings.num_workers,
-            use_gpu=settings.use_gpu,
-            resources_per_worker={"GPU": 1, "CPU": settings.cpus_per_worker}
-            if settings.use_gpu
-            else {"CPU": settings.cpus_per_worker},
-        ),
-        datasets={"train": train_dataset},
-        run_config=ray.train.RunConfig(
-            name=run_name,
-            storage_path=storage_path,
-            failure_config=ray.train.FailureConfig(max_failures=settings.max_failures),
-            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=2, checkpoint_score_attribute="score", checkpoint_score_order="max"
-            ),
-        ),
-    )
+    trainer = _trainer(train_dataset=train_dataset, validation_blocks=validation_blocks, init_model_dir=init_model_dir,
+                       settings=settings, storage_path=storage_path, run_name=run_name, tracking_uri=tracking_uri,
+                       run_id=run_id, score=score, progress_queue=progress_queue)
     started = time.perf_counter()
     result_box: dict[str, Any] = {}
 
@@ -142,6 +103,83 @@ def fit(
         device_type="cuda" if settings.use_gpu else "cpu",
         num_devices=settings.num_workers,
     )
+
+
+def _check_free_cpus(settings: TrainConfig) -> None:
+    """Refuse a CPU run whose workers would leave Ray Data no CPU to stream their shards (a hang)."""
+    reserved = settings.num_workers * settings.cpus_per_worker
+    free = ray.available_resources().get("CPU", 0)  # not the total: serving replicas may hold some
+    # Ray's view of free resources lags the tasks that just ended (the ingest before a retrain, the
+    # Serve start beside a bootstrap): a shortage must last a few seconds to be one.
+    deadline = time.monotonic() + CPU_SETTLE_S
+    while not settings.use_gpu and free - reserved < 1 and time.monotonic() < deadline:
+        time.sleep(0.5)
+        free = ray.available_resources().get("CPU", 0)
+    if not settings.use_gpu and free - reserved < 1:
+        # With every CPU reserved by the workers, Ray Data cannot run the reads that feed them: a hang.
+        raise UserInputError(
+            f"{settings.num_workers} workers × {settings.cpus_per_worker} CPUs leave {free - reserved:g} of the "
+            f"cluster's {free:g} free CPUs for Ray Data; lower train.num_workers or train.cpus_per_worker"
+        )
+
+
+def _trainer(*, train_dataset: ray.data.Dataset, validation_blocks: dict[str, torch.Tensor], init_model_dir: Path,
+             settings: TrainConfig, storage_path: str, run_name: str, tracking_uri: str, run_id: str,
+             score: Callable[[dict[str, float], dict[str, float]], tuple[float, str]] | None,
+             progress_queue: Any = None, callbacks: list | None = None, verdicts: Any = None,
+             trial_id: str = "") -> TorchTrainer:
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={
+            "train": settings.model_dump(mode="json"),
+            "init_model_dir": str(init_model_dir),
+            "validation_blocks": ray.put(validation_blocks),
+            "score": score,
+            "tracking_uri": tracking_uri,
+            "run_id": run_id,
+            "progress_queue": progress_queue,
+            "verdicts": verdicts,
+            "trial_id": trial_id,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=settings.num_workers,
+            use_gpu=settings.use_gpu,
+            resources_per_worker={"GPU": 1, "CPU": settings.cpus_per_worker}
+            if settings.use_gpu
+            else {"CPU": settings.cpus_per_worker},
+        ),
+        datasets={"train": train_dataset},
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=settings.max_failures),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute="score", checkpoint_score_order="max"
+            ),
+            callbacks=callbacks,
+        ),
+    )
+
+
+def fit_trial(*, train_dataset: ray.data.Dataset, validation_blocks: dict[str, torch.Tensor], init_model_dir: Path,
+              settings: TrainConfig, storage_path: str, run_name: str, tracking_uri: str, run_id: str,
+              score: Callable[[dict[str, float], dict[str, float]], tuple[float, str]] | None,
+              verdicts: Any, trial_id: str) -> None:
+    """``fit`` as one trial of a Ray Tune search (``services.search``): the same Ray Train run, its
+    reports (and checkpoint paths) handed to Tune by Ray's ``TuneReportCallback``, so that Tune's
+    scheduler can decide after every evaluation whether it goes on. The workers wait for that verdict
+    (``verdicts.wait``, an actor of ``services.search``) and end the run cleanly on a stop."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    _check_free_cpus(settings)
+    trainer = _trainer(train_dataset=train_dataset, validation_blocks=validation_blocks, init_model_dir=init_model_dir,
+                       settings=settings, storage_path=storage_path, run_name=run_name, tracking_uri=tracking_uri,
+                       run_id=run_id, score=score, callbacks=[TuneReportCallback()], verdicts=verdicts,
+                       trial_id=trial_id)
+    result = trainer.fit()
+    if result.error:
+        raise TrainingFailed(f"training failed: {result.error}") from result.error
 
 
 def validation_blocks(texts: list[str], tokenizer: PreTrainedTokenizerBase, settings: TrainConfig) -> torch.Tensor:
