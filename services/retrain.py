@@ -34,6 +34,7 @@ from genloop.services.config import GenloopConfig
 from genloop.services.evaluation_report import EvaluationReport
 from genloop.services.lifecycle import PromotionRefused, promote
 from genloop.services.registry import Registry
+from genloop.services.search import search_mixes, search_retrain, trial_plans
 from genloop.services.selection import retrain_selection
 from genloop.services.training_run import TrainingRun, initial_compute, train
 from genloop.serving.inference_log import rated_completions
@@ -41,7 +42,7 @@ from genloop.training.config import TrainConfig
 from genloop.training.datasets import DatasetVersion, ingest, list_versions, resolve_dataset
 from genloop.training.errors import UserInputError
 from genloop.training.incoming import ingest_incoming
-from genloop.training.replay import build_mix, new_documents
+from genloop.training.replay import new_documents
 from genloop.training.sources import Source
 
 logger = logging.getLogger(__name__)
@@ -152,6 +153,7 @@ def retrain(config: GenloopConfig, reason: str, show_progress: bool = False, act
     fresh, seen, count = unseen(config)
     registry = Registry(config)
     champion = registry.alias_version("champion")
+    plans, mixes = [], {}
     if champion is None:  # the first model: from scratch on everything there is
         dataset, base, train_settings = fresh.spec, None, None
     elif count < settings.min_new_documents:
@@ -159,10 +161,13 @@ def retrain(config: GenloopConfig, reason: str, show_progress: bool = False, act
                              detail=f"{count} new documents in {fresh.spec} since champion "
                                     f"v{champion.version}'s data, fewer than {settings.min_new_documents}")
     else:
-        mix = build_mix(config.datasets_dir, fresh, seen, settings.replay_fraction, seed=config.train.seed)
+        plans = trial_plans(settings.search, settings.replay_fraction, config.train.learning_rate, config.train.seed)
+        mixes = search_mixes(config, fresh, seen, plans)
+        mix = mixes[settings.replay_fraction]
         dataset, base = mix.spec, "champion"
     parent = str(champion.version) if champion is not None else ""
-    tried = [v for v in registry.versions() if v.tags.get("dataset") == dataset
+    trained_on = {m.spec for m in mixes.values()} | {dataset}
+    tried = [v for v in registry.versions() if v.tags.get("dataset") in trained_on
              and v.tags.get("parent_version", "") == parent]
     if tried:  # the gate already judged this very round; training it again would only repeat that
         return RetrainResult(outcome="skipped", dataset=dataset, version=str(tried[-1].version),
@@ -178,9 +183,13 @@ def retrain(config: GenloopConfig, reason: str, show_progress: bool = False, act
                     train_settings.max_steps, selection.weights)
     start = f"from v{champion.version}" if champion is not None else "from scratch"
     stage("prepare", f"{dataset}, {start}")  # tokenizer or base model, until the MLflow run exists
-    run = train(config, dataset, base=base, show_progress=show_progress, settings=train_settings,
-                on_run=lambda run_id: stage("train", f"{dataset}, {start}", mlflow_run_id=run_id),
-                selection=selection)
+    on_run = lambda run_id: stage("train", f"{dataset}, {start}", mlflow_run_id=run_id)  # noqa: E731
+    if selection is not None and len(plans) > 1:
+        run = search_retrain(config, plans, mixes, train_settings, selection, show_progress, on_run)
+        dataset = run.dataset  # the mix of the trial that won
+    else:
+        run = train(config, dataset, base=base, show_progress=show_progress, settings=train_settings,
+                    on_run=on_run, selection=selection)
     if run.selection:
         logger.info("v%s kept at %s", run.version, run.selection)
     stage("gate", f"v{run.version}", mlflow_run_id=run.run_id)

@@ -17,6 +17,50 @@ from pydantic import Field, field_validator
 from genloop.training.config import Section
 
 
+class RetrainSearchConfig(Section):
+    """The search a warm-start retrain runs on Ray Tune (``services.search``), all within ``retrain_budget``."""
+
+    trials: int = Field(
+        3, ge=1, le=32, description="Trials at most; each is one Ray Train run. 1 = a single run with "
+        "scheduler.replay_fraction and train.learning_rate, no search.",
+    )
+    replay_fractions: list[float] = Field(
+        default_factory=lambda: [0.25, 0.5, 0.75], min_length=1,
+        description="Replay shares the trials after the first take in turn (the first takes scheduler.replay_fraction; "
+        "later trials skip that share while there are others).",
+    )
+    learning_rate_range: tuple[float, float] = Field(
+        (0.25, 1.0), description="Every trial after the first samples its peak learning rate log-uniformly between "
+        "these multiples of train.learning_rate (the first takes it as it is).",
+    )
+    trial_budget: float = Field(
+        0.5, gt=0, le=1, description="Most of the retrain's budget one trial may spend; what ASHA saves by stopping "
+        "trials early goes to the next.",
+    )
+    reduction_factor: float = Field(
+        2, gt=1, description="ASHA's reduction factor: at each rung a trial goes on only when its gate score is "
+        "in the best 1/this of the trials' scores there.",
+    )
+    concurrent_trials: int = Field(
+        1, ge=1, description="Trials that may run side by side; raise it on a cluster with room for several "
+        "training worker groups.",
+    )
+
+    @field_validator("replay_fractions")
+    @classmethod
+    def _fractions(cls, value: list[float]) -> list[float]:
+        if any(not 0 <= fraction < 1 for fraction in value):
+            raise ValueError("every replay fraction must be in [0, 1)")
+        return value
+
+    @field_validator("learning_rate_range")
+    @classmethod
+    def _range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1]:
+            raise ValueError("give two multiples 0 < low <= high")
+        return value
+
+
 class SchedulerConfig(Section):
     retrain_cron: str | None = Field(
         "0 3 * * *", description="When the retrain job runs (crontab, 5 fields, UTC); null = never on a schedule."
@@ -45,6 +89,9 @@ class SchedulerConfig(Section):
     retrain_budget: float = Field(
         0.2, gt=0, description="Most compute a warm-start retrain may spend: up to 1, a share of its lineage's "
         "from-scratch training compute; above 1, optimizer steps. Early stopping may end it sooner.",
+    )
+    search: RetrainSearchConfig = Field(
+        default_factory=RetrainSearchConfig, description="The warm-start retrain's search on Ray Tune."
     )
     retrain_micro_batch_size: int = Field(
         4, ge=1, description="Sequences per worker per step of a warm start. Smaller than pre-training's: at a "

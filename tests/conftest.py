@@ -17,6 +17,9 @@ for _name in [n for n in os.environ if n.startswith("GENLOOP_")]:
     del os.environ[_name]
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray Train's controller polls its workers every 2 s: each run's end, and each verdict a search's
+# trial waits for, costs up to that. The suite's runs are seconds long; Ray reads it when it starts.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

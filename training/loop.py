@@ -152,9 +152,11 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def train_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point; ``config`` is built by ``training.trainer.fit``."""
+    import ray
     import ray.data
     import ray.train
     import ray.train.torch
+    import ray.util
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
     from transformers import AutoTokenizer
@@ -203,6 +205,7 @@ def train_worker(config: dict[str, Any]) -> None:
     # of each set at every evaluation.
     val_sets = {name: blocks[rank::world] for name, blocks in ray.get(config["validation_blocks"]).items()}
     score_checkpoint = config.get("score")
+    verdicts = config.get("verdicts")  # see ``services.search``
 
     mlflow = MlflowClient(config["tracking_uri"]) if rank == 0 else None
     progress = config.get("progress_queue")
@@ -294,6 +297,8 @@ def train_worker(config: dict[str, Any]) -> None:
                 log_validation(losses, score, state["step"])
                 report(losses["current"], score)
                 stop = state["step"] >= settings.max_steps or state["bad_evals"] >= settings.patience
+                if not stop and verdicts is not None:  # a Tune trial: its scheduler's verdict on this report
+                    stop = ray.get(verdicts.wait.remote(config["trial_id"], state["step"]))
         for _ in rows:  # finish this epoch's stream so every worker's split ends together
             pass
         state["epoch"] += 1
