@@ -316,6 +316,16 @@ def _show_round(config: GenloopConfig, result: RetrainResult, console: Console) 
                            "energy kWh": run.cost.energy_kwh, "compute / v1's": run.cost.compute_ratio}.items():
             table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
         console.print(table)
+        if run.trials:  # a searched retrain: how its budget was spent
+            kept = max(run.trials, key=lambda t: t["best_score"])
+            trials = Table("trial", "replay", "peak lr", "steps run/granted", "best gate score", "",
+                           title=f"search: {len(run.trials)} trials, "
+                                 f"{sum(t['charged_steps'] for t in run.trials)} budget steps spent")
+            for trial in run.trials:
+                trials.add_row(trial["trial"], f"{trial['replay_fraction']:g}", f"{trial['learning_rate']:.2g}",
+                               f"{trial['steps']}/{trial['granted_steps']}", f"{trial['best_score']:+.2%}",
+                               "kept" if trial is kept else trial["stopped"].split(":")[0])
+            console.print(trials)
     if result.report is not None:
         console.print(f"  gate weights: {result.report.traffic}", highlight=False)
         for rule in result.report.rules:
