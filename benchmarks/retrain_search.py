@@ -97,6 +97,7 @@ def main() -> None:
     parser.add_argument("--new-domain", action="append", required=True, help="a source, as `genloop data ingest` takes")
     parser.add_argument("--size", choices=["full", "small"], default="full")
     parser.add_argument("--out", default=str(RESULTS / "retrain_search.json"))
+    parser.add_argument("--trials", type=int, default=3, help="trials of the search (scheduler.search.trials)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory() as folder:
@@ -105,6 +106,7 @@ def main() -> None:
         SIZES[args.size].apply(config)
         config.train.cpus_per_worker = 0.25
         config.ray.num_cpus = 2
+        config.scheduler.search.trials = args.trials
         connect(config.ray)
         started = time.perf_counter()
         ingest(DEMO_SOURCES, DEMO_DATASET, config.data, config.datasets_dir)

@@ -236,7 +236,6 @@ def test_files_landing_in_incoming_become_versions_and_enough_of_them_a_retrain(
     config.scheduler.incoming, config.scheduler.incoming_settle_s = incoming, 30
     config.scheduler.min_new_documents = 25
     config.scheduler.retrain_budget = 4  # steps: the champion was registered, not trained by genloop
-    config.scheduler.search.trials = 1  # one run, whose curves are the registered run's; test_search has the search
     config.train.block_size, config.train.micro_batch_size, config.train.eval_batches = 32, 4, 2
     config.train.num_workers = 1  # the scheduler is the subject; data-parallel training is test_training's
     config.evaluation.max_texts, config.evaluation.prompts, config.evaluation.max_new_tokens = 10, 2, 4
