@@ -49,7 +49,7 @@ from genloop.services.leftovers import owner_tags
 from genloop.services.registry import Registry
 from genloop.services.schedule import RetrainSearchConfig
 from genloop.services.selection import Selection
-from genloop.services.training_run import Prepared, TrainingRun, check_size, prepare, register
+from genloop.services.training_run import Prepared, TrainingRun, check_size, open_run, prepare, register
 from genloop.training.config import TrainConfig
 from genloop.training.cost import cost_report
 from genloop.training.datasets import DatasetVersion
@@ -254,17 +254,15 @@ def search_retrain(config: GenloopConfig, plans: list[TrialPlan], mixes: dict[fl
     try:
         for mix in mixes.values():
             check_size(prepared.tokenizer, mix, settings, prepared.val_blocks["current"])
-        run = client.create_run(registry.experiment_id(), run_name=f"retrain-{first.name}-v{first.version}",
-                                tags={**prepared.tags, **owner_tags(), "search": f"ray-tune, {len(plans)} trials"})
     except BaseException:
         shutil.rmtree(prepared.work, ignore_errors=True)
         raise
-    run_id = run.info.run_id
+    run_id = open_run(registry, prepared, f"retrain-{first.name}-v{first.version}",
+                      tags={"search": f"ray-tune, {len(plans)} trials"},
+                      params={"search.budget_steps": str(budget), "search.trial_steps": str(trial_steps)})
     try:
         if on_run is not None:
             on_run(run_id)
-        client.log_batch(run_id, params=prepared.log_params + [Param("search.budget_steps", str(budget)),
-                                                               Param("search.trial_steps", str(trial_steps))])
         connect(config.ray)
         searcher = BudgetedSearch(plans, budget, trial_steps, eval_every)
         verdicts = Verdicts.remote()

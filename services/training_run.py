@@ -228,6 +228,27 @@ def register(registry: Registry, prepared: Prepared, run_id: str, checkpoint: Pa
                        selection=client.get_run(run_id).data.tags.get("selection", ""), dataset=tags["dataset"])
 
 
+def open_run(registry: Registry, prepared: Prepared, run_name: str, tags: dict[str, str] | None = None,
+             params: dict[str, str] | None = None) -> str:
+    """The MLflow run of ``prepared``, with its parameters and data manifest; removes ``prepared.work``
+    when the run cannot be made (nothing else would)."""
+    client = registry.client
+    try:
+        run_id = client.create_run(registry.experiment_id(), run_name=run_name,
+                                   tags={**prepared.tags, **owner_tags(), **(tags or {})}).info.run_id
+    except BaseException:
+        shutil.rmtree(prepared.work, ignore_errors=True)
+        raise
+    try:
+        client.log_batch(run_id, params=prepared.log_params + [Param(k, v) for k, v in (params or {}).items()])
+        client.log_dict(run_id, prepared.dataset.manifest, "data/manifest.json")
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        shutil.rmtree(prepared.work, ignore_errors=True)
+        raise
+    return run_id
+
+
 def train(
     config: GenloopConfig, dataset_spec: str, base: str | None = None, show_progress: bool = True,
     settings: TrainConfig | None = None, on_run: Callable[[str], None] | None = None,
@@ -242,18 +263,11 @@ def train(
     registry = Registry(config)
     prepared = prepare(config, dataset_spec, base, settings or config.train, selection, registry)
     dataset, client = prepared.dataset, registry.client
-    try:
-        run = client.create_run(registry.experiment_id(), run_name=f"train-{dataset.name}-v{dataset.version}",
-                                tags={**prepared.tags, **owner_tags()})
-    except BaseException:
-        shutil.rmtree(prepared.work, ignore_errors=True)
-        raise
-    run_id = run.info.run_id
+    run_name = f"train-{dataset.name}-v{dataset.version}"
+    run_id = open_run(registry, prepared, run_name)
     try:
         if on_run is not None:
             on_run(run_id)
-        client.log_batch(run_id, params=prepared.log_params)
-        client.log_dict(run_id, dataset.manifest, "data/manifest.json")
         connect(config.ray)
         outcome = fit(
             train_dataset=ray.data.read_parquet(str(dataset.train_path)),
@@ -262,7 +276,7 @@ def train(
             init_model_dir=prepared.init_dir,
             settings=prepared.settings,
             storage_path=config.ray_storage_path,
-            run_name=f"{run.info.run_name}-{run_id[:8]}",
+            run_name=f"{run_name}-{run_id[:8]}",
             tracking_uri=registry.tracking_uri,
             run_id=run_id,
             show_progress=show_progress,
