@@ -118,7 +118,6 @@ class BudgetedSearch(Searcher):
         self._remaining += granted - charged
 
 
-@ray.remote(num_cpus=0)
 class Verdicts:
     """The scheduler's verdict on each evaluation a trial reported, which its workers wait for.
 
@@ -210,7 +209,8 @@ class _Progress(tune.Callback):
     """The budget's steps as one progress bar, with the trial at work and the best score so far."""
 
     def __init__(self, bar: Progress, budget_steps: int) -> None:
-        self._bar, self._steps, self._best = bar, {}, -math.inf
+        self._bar, self._best = bar, -math.inf
+        self._steps: dict[str, int] = {}
         self._task = bar.add_task("search", total=budget_steps, status="starting trials…")
 
     def __getstate__(self) -> dict:  # Tune saves its run config with the experiment; a live bar stays here
@@ -265,7 +265,7 @@ def search_retrain(config: GenloopConfig, plans: list[TrialPlan], mixes: dict[fl
             on_run(run_id)
         connect(config.ray)
         searcher = BudgetedSearch(plans, budget, trial_steps, eval_every)
-        verdicts = Verdicts.remote()
+        verdicts = ray.remote(num_cpus=0)(Verdicts).remote()  # an actor: the trials' workers wait on it
         context = _Context(mixes={f: (str(m.train_path), m.spec) for f, m in mixes.items()}, prepared=prepared,
                            storage_path=config.ray_storage_path, tracking_uri=registry.tracking_uri,
                            experiment_id=registry.experiment_id(), parent_run_id=run_id, owner=owner_tags(),
