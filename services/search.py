@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 import ray.data
-import ray.util
 from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 from ray import tune
@@ -341,7 +341,6 @@ def _trials_table(grid: tune.ResultGrid, searcher: BudgetedSearch, client: Mlflo
             "learning_rate": config.get("learning_rate"), "granted_steps": config.get("max_steps"),
             "charged_steps": searcher.charged.get(trial_id, config.get("max_steps", 0)),
             "error": str(result.error) if result.error else "", "checkpoint": "", "best_score": -math.inf,
-            "run_id": runs[trial_id].info.run_id if trial_id in runs else "", "selection": "",
         }
         if frame is not None and "score" in frame and len(frame):
             top = frame.loc[frame["score"].idxmax()]
@@ -353,11 +352,10 @@ def _trials_table(grid: tune.ResultGrid, searcher: BudgetedSearch, client: Mlflo
                        timed_tokens=int(last["timed_tokens"]))
         else:
             row.update(steps=0, restarts=0, train_seconds=0.0, timed_tokens=0)
-        run = runs.get(trial_id)
-        if run is not None:
-            row["dataset"] = run.data.tags.get("dataset", "")
-            row["selection"] = client.get_run(run.info.run_id).data.tags.get("selection", "")
-            row["stopped"] = client.get_run(run.info.run_id).data.tags.get("stopped", "")
+        run = runs.get(trial_id)  # searched after every trial ended: its tags are final
+        tags = run.data.tags if run is not None else {}
+        row.update(run_id=run.info.run_id if run is not None else "", dataset=tags.get("dataset", ""),
+                   selection=tags.get("selection", ""), stopped=tags.get("stopped", ""))
         rows.append(row)
     return rows
 
