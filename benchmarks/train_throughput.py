@@ -25,6 +25,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from transformers import AutoTokenizer
 
+from genloop.services.cluster import own_state_api
 from genloop.training.config import TrainConfig
 from genloop.training.loop import TEXT_BATCH_ROWS, make_optimizer, make_schedule, packed_batches, train_step
 from genloop.training.models import build_model, parameter_count
@@ -111,6 +112,7 @@ def main() -> None:
         model.save_pretrained(init_dir)
         tokenizer.save_pretrained(init_dir)
 
+        own_state_api()  # a stale `ray start` cluster would add 12 s to the run's end (services.cluster)
         ray.init(address="local", num_cpus=args.threads + 1, include_dashboard=False, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         ours = ray_loop(parquet, init_dir, settings, work, texts)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 import ray
 import ray.data
@@ -41,6 +42,25 @@ def use_fast_serve_data_plane() -> None:
         os.environ.setdefault(name, value)
 
 
+def own_state_api() -> int:
+    """A free port for the dashboard of the Ray this process starts, with Ray's state API
+    (``RAY_API_SERVER_ADDRESS``) pointed at it in this process's environment, which that Ray's
+    processes inherit; an address already set (an operator's) wins.
+
+    Left to itself, the state API finds "the" cluster through ``/tmp/ray/ray_current_cluster``, which
+    ``ray start`` writes and a stopped ``--block`` or killed head leaves behind. Pointed at a dead GCS,
+    each call waits 40 s. Ray Train's placement-group cleaner asks it whether a run's controller
+    lives, and every training run's end waited 12 s for the cleaner to stop: a trivial
+    ``TorchTrainer.fit`` took 22 s here, 8-10 s with the state API pointed at its own cluster.
+    Pointed at another live cluster, the cleaner would find no such controller and remove the run's
+    placement group. Without a dashboard nothing answers at the port, and the cleaner's calls fail at once."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.setdefault("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{port}")
+    return port
+
+
 def connect(settings: RayConfig) -> None:
     """Start or join Ray once per process; a no-op when already connected."""
     # Per-operator bars from every worker, and each execution's plan, drown the one progress bar
@@ -61,7 +81,7 @@ def connect(settings: RayConfig) -> None:
         use_fast_serve_data_plane()
         reap_orphaned_ray_agents()  # what an earlier local Ray, killed with its genloop, left running
         ray.init(address="local", num_cpus=settings.num_cpus, logging_level=logging.WARNING,
-                 configure_logging=not quiet)
+                 configure_logging=not quiet, dashboard_port=own_state_api())
         watch_local_ray()
     if quiet:
         console.take_back_library_loggers()
