@@ -212,12 +212,17 @@ def train_command(
     lora: Annotated[bool, typer.Option("--lora", help="Fine-tune LoRA adapters (needs --base).")] = False,
     max_steps: Annotated[int | None, typer.Option(help="Override train.max_steps.")] = None,
     workers: Annotated[int | None, typer.Option(help="Override train.num_workers.")] = None,
+    settings: Annotated[Path | None, typer.Option(help="Train settings `genloop tune` wrote (its `train:` "
+                                                       "section over the config's).")] = None,
     config_file: ConfigOption = None,
 ) -> None:
     """Train a model on Ray Train and register it as a new version."""
+    from genloop.services.config import load_train_settings
     from genloop.services.training_run import train
 
     config = _load(config_file)
+    if settings is not None:
+        config.train = load_train_settings(settings, config.train)
     if preset is not None and base is not None:
         raise UserInputError("--preset and --base conflict: a warm start keeps the base model's architecture")
     _override(config.train, "preset", preset, "--preset")
@@ -228,6 +233,34 @@ def train_command(
     run = train(config, dataset, base=base)
     console.print(f"registered version v{run.version} (run {run.run_id})")
     console.print(json.dumps({"metrics": run.metrics, "cost": run.cost.model_dump()}, indent=2))
+
+
+@app.command("tune")
+def tune_command(
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help="NAME or NAME:vN.")],
+    base: Annotated[str | None, typer.Option(help="Tune a warm start from a model folder, version or alias.")] = None,
+    preset: Annotated[list[str] | None, typer.Option(help="A preset to try besides train.preset (repeat it); "
+                                                          "default tuning.presets.")] = None,
+    trials: Annotated[int | None, typer.Option(help="Override tuning.trials.")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Steps per trial at most (train.max_steps).")] = None,
+    output: Annotated[Path | None, typer.Option(help="Also write the best settings here.")] = None,
+    config_file: ConfigOption = None,
+) -> None:
+    """Search learning rate, warm-up, batch, weight decay and preset on Ray Tune; write the best settings
+    for `genloop train --settings`."""
+    from genloop.services.tuning import trials_table, tune_training
+
+    config = _load(config_file)
+    if preset and base is not None:
+        raise UserInputError("--preset and --base conflict: a warm start keeps the base model's architecture")
+    _override(config.tuning, "presets", preset or None, "--preset")
+    _override(config.tuning, "trials", trials, "--trials")
+    _override(config.train, "max_steps", max_steps, "--max-steps")
+    result = tune_training(config, dataset, base=base, output=output)
+    console.print(trials_table(result))
+    console.print(f"validation curves: {result.plot}\ntrials: {result.report} (MLflow run {result.run_id})")
+    console.print(f"best settings: {result.settings_file}\ntrain with them: genloop train --dataset {dataset} "
+                  f"--settings {result.settings_file}", highlight=False)
 
 
 @app.command("evaluate")

@@ -39,6 +39,7 @@ from genloop.training.config import (
     Section,
     TokenizerConfig,
     TrainConfig,
+    TuningConfig,
 )
 from genloop.training.errors import UserInputError
 
@@ -216,6 +217,7 @@ class GenloopConfig(BaseSettings):
     serving: ServingConfig = Field(default_factory=ServingConfig, description="The OpenAI-compatible endpoint.")
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig, description="Metrics and drift.")
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig, description="Retraining on a schedule.")
+    tuning: TuningConfig = Field(default_factory=TuningConfig, description="`genloop tune`'s search space.")
     service: ServiceConfig = Field(default_factory=ServiceConfig, description="`genloop up` and its admin API.")
     state_db_url: str | None = Field(
         None, description="SQLAlchemy URL of genloop's own tables (promotion audit); None uses "
@@ -350,12 +352,28 @@ def load_config(path: str | Path | None = None) -> GenloopConfig:
     try:
         return GenloopConfig(**values)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: "
-            + ("unknown key" if err["type"] == "extra_forbidden" else err["msg"])
-            for err in exc.errors()
-        )
-        raise ConfigError(f"invalid configuration ({file}): {problems}") from None
+        raise ConfigError(f"invalid configuration ({file}): {_problems(exc)}") from None
+
+
+def _problems(exc: ValidationError, prefix: str = "") -> str:
+    return "; ".join(f"{prefix}{'.'.join(str(p) for p in err['loc'])}: "
+                     + ("unknown key" if err["type"] == "extra_forbidden" else err["msg"]) for err in exc.errors())
+
+
+def load_train_settings(path: Path, train: TrainConfig) -> TrainConfig:
+    """``train`` with the ``train:`` section of ``path`` over it: the settings ``genloop tune`` wrote."""
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not a YAML settings file: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it: {exc.strerror}") from exc
+    if not isinstance(values, dict) or set(values) != {"train"} or not isinstance(values["train"], dict):
+        raise ConfigError(f"{path}: a settings file holds one mapping, `train:` (as `genloop tune` writes it)")
+    try:
+        return TrainConfig(**{**train.model_dump(), **values["train"]})
+    except ValidationError as exc:
+        raise ConfigError(f"invalid settings ({path}): {_problems(exc, 'train.')}") from None
 
 
 def config_hash(section: BaseModel) -> str:

@@ -14,7 +14,7 @@ from typing import Literal
 from apscheduler.triggers.cron import CronTrigger
 from pydantic import Field, field_validator
 
-from genloop.training.config import Section
+from genloop.training.config import LearningRateRange, Section
 
 
 class RetrainSearchConfig(Section):
@@ -32,7 +32,7 @@ class RetrainSearchConfig(Section):
         description="Replay shares the trials after the first take in turn (the first takes scheduler.replay_fraction; "
         "later trials skip that share while there are others).",
     )
-    learning_rate_range: tuple[float, float] = Field(
+    learning_rate_range: LearningRateRange = Field(
         (0.25, 1.0), description="Every trial after the first samples its peak learning rate log-uniformly between "
         "these multiples of train.learning_rate (the first takes it as it is).",
     )
@@ -54,13 +54,6 @@ class RetrainSearchConfig(Section):
     def _fractions(cls, value: list[float]) -> list[float]:
         if any(not 0 <= fraction < 1 for fraction in value):
             raise ValueError("every replay fraction must be in [0, 1)")
-        return value
-
-    @field_validator("learning_rate_range")
-    @classmethod
-    def _range(cls, value: tuple[float, float]) -> tuple[float, float]:
-        if not 0 < value[0] <= value[1]:
-            raise ValueError("give two multiples 0 < low <= high")
         return value
 
 

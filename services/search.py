@@ -12,7 +12,7 @@ The budget is kept by the search algorithm, not by trusting the scheduler: ``Bud
 Tune ``Searcher``) grants each trial at most ``trial_budget`` of the budget's steps when it starts,
 charges it the steps it ran and gives the rest back to the next trials; it starts no trial the
 budget cannot give an evaluation's worth of steps. A trial runs exactly the steps it reported: ASHA's
-stop reaches its workers at the evaluation it judged (``Verdicts``). So all trials together never
+stop reaches its workers at the evaluation it judged (``services.trials``). So all trials together never
 spend more than ``retrain_budget`` of the lineage's from-scratch compute, side by side on a cluster
 or one at a time here. The trials start in order: today's defaults first, then the other replay
 shares in turn with learning rates sampled log-uniformly (Tune's own ``loguniform``).
@@ -23,7 +23,6 @@ the cost of all trials and the trials' table (``search/trials.json``).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import shutil
@@ -35,13 +34,9 @@ from typing import Any
 
 import numpy as np
 import ray
-import ray.data
-from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search import Searcher
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from genloop.services.cluster import connect
 from genloop.services.config import GenloopConfig
@@ -50,21 +45,25 @@ from genloop.services.registry import Registry
 from genloop.services.schedule import RetrainSearchConfig
 from genloop.services.selection import Selection
 from genloop.services.training_run import Prepared, TrainingRun, check_size, open_run, prepare, register
+from genloop.services.trials import (
+    TrialContext,
+    TrialProgress,
+    make_verdicts,
+    progress_bar,
+    run_search,
+    run_trial,
+    trial_rows,
+)
 from genloop.training.config import TrainConfig
 from genloop.training.cost import cost_report
 from genloop.training.datasets import DatasetVersion
 from genloop.training.errors import UserInputError
 from genloop.training.replay import build_mix
-from genloop.training.trainer import TrainingFailed, fit_trial
+from genloop.training.trainer import TrainingFailed
 
 logger = logging.getLogger(__name__)
 
-PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests a trial's run under the retrain's
 TRIALS_ARTIFACT = "search/trials.json"
-# A trial's trainable only drives a TorchTrainer, whose workers reserve CPUs of their own; Tune
-# refuses an empty request, and a whole CPU would starve Ray Data on a two-CPU machine.
-TRIAL_DRIVER_CPUS = 0.01
-VERDICT_TIMEOUT_S = 600.0  # how long a trial's workers wait for the scheduler's verdict on a report
 
 
 @dataclass(frozen=True)
@@ -118,113 +117,27 @@ class BudgetedSearch(Searcher):
         self._remaining += granted - charged
 
 
-class Verdicts:
-    """The scheduler's verdict on each evaluation a trial reported, which its workers wait for.
-
-    Tune stops a function trial by ending its actor: with a Ray Train run inside, that kills the
-    run's controller mid-flight, so its workers train on for steps nobody counts (the budget would not
-    hold) and its CPUs stay reserved until Ray Train's cleaner notices (which needs the dashboard).
-    Instead the scheduler (``GracefulASHA``) posts ASHA's verdict here and tells Tune to go on; the
-    workers, waiting after each report, end the run themselves on a stop."""
-
-    def __init__(self) -> None:
-        self._verdicts: dict[tuple[str, int], bool] = {}
-
-    def post(self, trial_id: str, step: int, stop: bool) -> None:
-        self._verdicts[(trial_id, step)] = stop
-
-    async def wait(self, trial_id: str, step: int, timeout_s: float = VERDICT_TIMEOUT_S) -> bool:
-        """True to stop; a verdict that never comes (Tune's driver gone) is a stop."""
-        deadline = asyncio.get_running_loop().time() + timeout_s
-        while (trial_id, step) not in self._verdicts and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.05)
-        return self._verdicts.get((trial_id, step), True)
-
-    def stopped_at(self, trial_id: str) -> int | None:
-        return min((step for (trial, step), stop in self._verdicts.items() if trial == trial_id and stop),
-                   default=None)
-
-
-class GracefulASHA(ASHAScheduler):
-    """Tune's ASHA, its stops delivered through ``Verdicts`` (see there) rather than by ending the trial."""
-
-    def __init__(self, verdicts: Any, **asha: Any) -> None:
-        super().__init__(**asha)
-        self._verdicts = verdicts
-
-    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
-        decision = super().on_trial_result(tune_controller, trial, result)
-        ray.get(self._verdicts.post.remote(trial.trial_id, int(result["step"]), decision == TrialScheduler.STOP))
-        return TrialScheduler.CONTINUE
-
-
-@dataclass(frozen=True)
-class _Context:
-    """What every trial needs, put in Ray's object store once (``tune.with_parameters``)."""
-
-    mixes: dict[float, tuple[str, str]]  # replay fraction → (train split, dataset spec)
-    prepared: Prepared
-    storage_path: str
-    tracking_uri: str
-    experiment_id: str
-    parent_run_id: str
-    owner: dict[str, str]
-    verdicts: Any  # a Verdicts actor
-
-
 def trial_settings(settings: TrainConfig, learning_rate: float, max_steps: int) -> TrainConfig:
     """A trial's schedule: warm-up and decay over its own steps, evaluations on the search's grid."""
     return settings.model_copy(update={"learning_rate": learning_rate, "max_steps": max_steps,
                                        "warmup_steps": min(settings.warmup_steps, max_steps // 10)})
 
 
-def _run_trial(trial: dict[str, Any], context: _Context) -> None:
-    """One trial, in Tune's trial actor: a child MLflow run and a Ray Train run that reports to Tune."""
-    prepared = context.prepared
-    train_path, spec = context.mixes[trial["replay_fraction"]]
-    settings = trial_settings(prepared.settings, trial["learning_rate"], trial["max_steps"])
-    client = MlflowClient(context.tracking_uri)
-    name, trial_id = tune.get_context().get_trial_name(), tune.get_context().get_trial_id()
-    run = client.create_run(context.experiment_id, run_name=name, tags={
-        PARENT_TAG: context.parent_run_id, "dataset": spec, "tune_trial_id": trial_id, **context.owner})
-    client.log_batch(run.info.run_id, params=[Param("replay_fraction", str(trial["replay_fraction"])),
-                                              Param("learning_rate", f"{trial['learning_rate']:.3g}"),
-                                              Param("max_steps", str(trial["max_steps"])), Param("dataset", spec)])
-    try:
-        fit_trial(train_dataset=ray.data.read_parquet(train_path), validation_blocks=prepared.val_blocks,
-                  init_model_dir=prepared.init_dir, settings=settings, storage_path=context.storage_path,
-                  run_name=f"{name}-{run.info.run_id[:8]}", tracking_uri=context.tracking_uri,
-                  run_id=run.info.run_id, score=prepared.score, verdicts=context.verdicts, trial_id=trial_id)
-    except BaseException:
-        client.set_terminated(run.info.run_id, "FAILED")
-        raise
-    stopped = ray.get(context.verdicts.stopped_at.remote(trial_id))
-    if stopped is not None:
-        client.set_tag(run.info.run_id, "stopped", f"by ASHA at step {stopped}: its gate score was below the "
-                                                   "trials' cutoff at that rung")
-    client.set_terminated(run.info.run_id, "FINISHED")
+def _run_trial(trial: dict[str, Any], context: TrialContext, prepared: Prepared,
+               mixes: dict[float, tuple[str, str]]) -> None:
+    """One trial: the mix of its replay share (``mixes``: share → train split, dataset spec) at its
+    learning rate and steps."""
+    train_path, spec = mixes[trial["replay_fraction"]]
+    run_trial(context, prepared, train_path, trial_settings(prepared.settings, trial["learning_rate"],
+                                                            trial["max_steps"]),
+              params={"replay_fraction": str(trial["replay_fraction"]),
+                      "learning_rate": f"{trial['learning_rate']:.3g}", "max_steps": str(trial["max_steps"]),
+                      "dataset": spec},
+              tags={"dataset": spec})
 
 
-class _Progress(tune.Callback):
-    """The budget's steps as one progress bar, with the trial at work and the best score so far."""
-
-    def __init__(self, bar: Progress, budget_steps: int) -> None:
-        self._bar, self._best = bar, -math.inf
-        self._steps: dict[str, int] = {}
-        self._task = bar.add_task("search", total=budget_steps, status="starting trials…")
-
-    def __getstate__(self) -> dict:  # Tune saves its run config with the experiment; a live bar stays here
-        return {**self.__dict__, "_bar": None}
-
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        if self._bar is None:
-            return
-        self._steps[trial.trial_id] = int(result.get("step", 0))
-        self._best = max(self._best, float(result.get("score", -math.inf)))
-        config = trial.config
-        self._bar.update(self._task, completed=sum(self._steps.values()), status=(
-            f"{trial.trial_id}: replay {config['replay_fraction']:g}, lr {config['learning_rate']:.2g}, "
-            f"step {result.get('step')}; best gate score {self._best:+.2%}"))
+def _describe(config: dict) -> str:
+    return f"replay {config['replay_fraction']:g}, lr {config['learning_rate']:.2g}"
 
 
 def search_mixes(config: GenloopConfig, fresh: DatasetVersion, seen: list[DatasetVersion],
@@ -265,28 +178,18 @@ def search_retrain(config: GenloopConfig, plans: list[TrialPlan], mixes: dict[fl
             on_run(run_id)
         connect(config.ray)
         searcher = BudgetedSearch(plans, budget, trial_steps, eval_every)
-        verdicts = ray.remote(num_cpus=0)(Verdicts).remote()  # an actor: the trials' workers wait on it
-        context = _Context(mixes={f: (str(m.train_path), m.spec) for f, m in mixes.items()}, prepared=prepared,
-                           storage_path=config.ray_storage_path, tracking_uri=registry.tracking_uri,
-                           experiment_id=registry.experiment_id(), parent_run_id=run_id, owner=owner_tags(),
-                           verdicts=verdicts)
+        context = TrialContext(storage_path=config.ray_storage_path, tracking_uri=registry.tracking_uri,
+                               experiment_id=registry.experiment_id(), parent_run_id=run_id, owner=owner_tags(),
+                               verdicts=make_verdicts())
+        trainable = tune.with_parameters(_run_trial, context=context, prepared=prepared,
+                                         mixes={f: (str(m.train_path), m.spec) for f, m in mixes.items()})
         started = time.perf_counter()
-        columns = [TextColumn("[bold]search"), BarColumn(), TextColumn("{task.completed}/{task.total} budget steps"),
-                   TextColumn("{task.fields[status]}"), TimeElapsedColumn()]
-        with Progress(*columns, disable=not show_progress) as bar:
-            tuner = tune.Tuner(
-                tune.with_resources(tune.with_parameters(_run_trial, context=context), {"cpu": TRIAL_DRIVER_CPUS}),
-                tune_config=tune.TuneConfig(
-                    metric="score", mode="max", search_alg=searcher, num_samples=len(plans),
-                    max_concurrent_trials=search.concurrent_trials,
-                    # max_t past the last step: a trial that ends on its own is never stopped at its end.
-                    scheduler=GracefulASHA(verdicts, time_attr="step", max_t=trial_steps + 1,
-                                           grace_period=eval_every, reduction_factor=search.reduction_factor)),
-                run_config=tune.RunConfig(name=f"search-{run_id[:8]}", storage_path=config.ray_storage_path,
-                                          verbose=0, callbacks=[_Progress(bar, budget)]),
-            )
-            grid = tuner.fit()
-        ray.kill(verdicts)
+        with progress_bar(show_progress, "budget steps") as bar:
+            grid = run_search(trainable, context, name=f"search-{run_id[:8]}", trial_steps=trial_steps,
+                              eval_every=eval_every, reduction_factor=search.reduction_factor,
+                              concurrent_trials=search.concurrent_trials, num_samples=len(plans),
+                              search_alg=searcher, callbacks=[TrialProgress(bar, budget, _describe, "gate score")])
+        ray.kill(context.verdicts)
         wall = time.perf_counter() - started
         trials = _trials_table(grid, searcher, client, run_id)
         best = max((t for t in trials if t["checkpoint"]), key=lambda t: t["best_score"], default=None)
@@ -327,35 +230,9 @@ def search_retrain(config: GenloopConfig, plans: list[TrialPlan], mixes: dict[fl
 
 def _trials_table(grid: tune.ResultGrid, searcher: BudgetedSearch, client: MlflowClient,
                   parent_run_id: str) -> list[dict[str, Any]]:
-    """One row per trial: its settings, what it ran and was charged, its best checkpoint, and why it
-    stopped where ASHA stopped it."""
-    runs = {run.data.tags.get("tune_trial_id"): run for run in client.search_runs(
-        [client.get_run(parent_run_id).info.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'")}
-    rows = []
-    for result in grid:
-        trial_id = (result.metrics or {}).get("trial_id", "")  # Tune adds it to every result
-        frame = result.metrics_dataframe
-        config = result.config or {}
-        row: dict[str, Any] = {
-            "trial": trial_id, "replay_fraction": config.get("replay_fraction"),
-            "learning_rate": config.get("learning_rate"), "granted_steps": config.get("max_steps"),
-            "charged_steps": searcher.charged.get(trial_id, config.get("max_steps", 0)),
-            "error": str(result.error) if result.error else "", "checkpoint": "", "best_score": -math.inf,
-        }
-        if frame is not None and "score" in frame and len(frame):
-            top = frame.loc[frame["score"].idxmax()]
-            last = frame.iloc[-1]
-            row.update(checkpoint=str(top.get("checkpoint_path", "") or ""), best_score=float(top["score"]),
-                       best_step=int(top["step"]), val_loss=float(top["val_loss"]),
-                       initial_val_loss=float(top["initial_val_loss"]), steps=int(last["step"]),
-                       restarts=int(last["restarts"]), train_seconds=float(last["train_seconds"]),
-                       timed_tokens=int(last["timed_tokens"]))
-        else:
-            row.update(steps=0, restarts=0, train_seconds=0.0, timed_tokens=0)
-        run = runs.get(trial_id)  # searched after every trial ended: its tags are final
-        tags = run.data.tags if run is not None else {}
-        row.update(run_id=run.info.run_id if run is not None else "", dataset=tags.get("dataset", ""),
-                   selection=tags.get("selection", ""), stopped=tags.get("stopped", ""))
-        rows.append(row)
+    """``trial_rows`` with what each trial was granted and charged of the budget."""
+    rows = trial_rows(grid, client, parent_run_id)
+    for row in rows:
+        row["granted_steps"] = row.pop("max_steps", None)
+        row["charged_steps"] = searcher.charged.get(row["trial"], row["granted_steps"] or 0)
     return rows
-

@@ -141,8 +141,11 @@ class Prepared:
 
 
 def prepare(config: GenloopConfig, dataset_spec: str, base: str | None, settings: TrainConfig,
-            selection: Selection | None, registry: Registry) -> Prepared:
-    """Check the options and the data and build the initial model; the caller removes ``work``."""
+            selection: Selection | None, registry: Registry,
+            tokenizer: PreTrainedTokenizerBase | None = None) -> Prepared:
+    """Check the options and the data and build the initial model; the caller removes ``work``.
+    From scratch, ``tokenizer`` (one ``prepare`` trained on the same data, for another preset) saves
+    training it again."""
     if settings.lora.enabled and base is None:
         raise UserInputError("--lora fine-tunes an existing model: give --base PATH|VERSION")
     dataset = resolve_dataset(config.datasets_dir, dataset_spec)
@@ -154,7 +157,7 @@ def prepare(config: GenloopConfig, dataset_spec: str, base: str | None, settings
     init_dir = work / "init"
     try:
         if base is None:
-            tokenizer = train_tokenizer(_texts(dataset.train_path, TOKENIZER_SAMPLE_DOCS),
+            tokenizer = tokenizer or train_tokenizer(_texts(dataset.train_path, TOKENIZER_SAMPLE_DOCS),
                                         config.tokenizer.vocab_size, config.tokenizer.min_frequency)
             model = build_model(settings.preset, tokenizer, settings.block_size, settings.seed)
         else:

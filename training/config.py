@@ -7,9 +7,9 @@ that names the key, because a typo silently ignored is a production incident wai
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 
 class Section(BaseModel):
@@ -86,6 +86,41 @@ class TrainConfig(Section):
     )
     max_failures: int = Field(2, ge=0, description="Worker-group restarts (resuming from the last checkpoint).")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA fine-tuning.")
+
+
+def _ordered_multiples(bounds: tuple[float, float]) -> tuple[float, float]:
+    if not 0 < bounds[0] <= bounds[1]:
+        raise ValueError("give two multiples 0 < low <= high")
+    return bounds
+
+
+# Multiples of train.learning_rate a search samples between (a retrain's, ``genloop tune``'s).
+LearningRateRange = Annotated[tuple[float, float], AfterValidator(_ordered_multiples)]
+
+
+class TuningConfig(Section):
+    """``genloop tune``'s search space over ``train``'s settings (``services.tuning``); its first trial
+    is always the settings as they are, so the table shows what tuning bought."""
+
+    trials: int = Field(8, ge=1, le=256, description="Trials, the config's own settings first; each is one Ray "
+                        "Train run of train.max_steps at most.")
+    learning_rate_range: LearningRateRange = Field(
+        (0.3, 3.0), description="Peak learning rates are sampled log-uniformly between these multiples of "
+        "train.learning_rate.")
+    warmup_fractions: list[Annotated[float, Field(ge=0, lt=1)]] = Field(
+        default_factory=lambda: [0.0, 0.05, 0.1, 0.2], min_length=1,
+        description="Warm-up lengths tried, as shares of train.max_steps.")
+    micro_batch_sizes: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [8, 16, 32], min_length=1,
+                                         description="Micro-batch sizes (sequences per worker per step) tried.")
+    weight_decays: list[float] = Field(default_factory=lambda: [0.0, 0.01, 0.1], min_length=1,
+                                       description="AdamW weight decays tried.")
+    presets: list[str] = Field(
+        default_factory=list, description="Model presets tried when training from scratch; empty tries "
+        "train.preset alone. Ignored with --base, whose architecture is fixed.")
+    reduction_factor: float = Field(
+        2, gt=1, description="ASHA's reduction factor: at each evaluation a trial goes on only when its "
+        "validation loss is in the best 1/this of the trials' there.")
+    concurrent_trials: int = Field(1, ge=1, description="Trials side by side; raise it on a cluster.")
 
 
 # The metrics a gate rule may name: the compared fields of training.evaluation.SetMetrics (its BETTER).

@@ -205,7 +205,7 @@ def train_worker(config: dict[str, Any]) -> None:
     # of each set at every evaluation.
     val_sets = {name: blocks[rank::world] for name, blocks in ray.get(config["validation_blocks"]).items()}
     score_checkpoint = config.get("score")
-    verdicts = config.get("verdicts")  # see ``services.search``
+    verdicts = config.get("verdicts")  # see ``services.trials``
 
     mlflow = MlflowClient(config["tracking_uri"]) if rank == 0 else None
     progress = config.get("progress_queue")

@@ -166,10 +166,10 @@ def fit_trial(*, train_dataset: ray.data.Dataset, validation_blocks: dict[str, t
               settings: TrainConfig, storage_path: str, run_name: str, tracking_uri: str, run_id: str,
               score: Callable[[dict[str, float], dict[str, float]], tuple[float, str]] | None,
               verdicts: Any, trial_id: str) -> None:
-    """``fit`` as one trial of a Ray Tune search (``services.search``): the same Ray Train run, its
+    """``fit`` as one trial of a Ray Tune search (``services.trials``): the same Ray Train run, its
     reports (and checkpoint paths) handed to Tune by Ray's ``TuneReportCallback``, so that Tune's
     scheduler can decide after every evaluation whether it goes on. The workers wait for that verdict
-    (``verdicts.wait``, an actor of ``services.search``) and end the run cleanly on a stop."""
+    (``verdicts.wait``, an actor of ``services.trials``) and end the run cleanly on a stop."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     _check_free_cpus(settings)

@@ -48,6 +48,10 @@ def test_bad_names_and_damaged_files_are_one_line_and_exit_2(tmp_path: Path):
     one_error_line(genloop(tmp_path, "serve", "--port", "70000"), "--port 70000: Input should be less than")
     one_error_line(genloop(tmp_path, "data", "ingest", "builtin:python-docs", "--name", "n" * 5000),
                    "invalid dataset name", "(5000 chars)")
+    (tmp_path / "tuned.yaml").write_text("train:\n  learning_rat: 0.002\n")
+    one_error_line(genloop(tmp_path, "train", "-d", "docs", "--settings", "tuned.yaml"),
+                   "tuned.yaml", "train.learning_rat: unknown key")
+    one_error_line(genloop(tmp_path, "tune", "-d", "docs", "--preset", "huge"), "unknown preset huge")
     (tmp_path / "genloop.yaml").write_bytes(b"data:\n  max_documents_per_source: \xff\xfe\n")
     one_error_line(genloop(tmp_path, "config", "show"), "genloop.yaml: not UTF-8")
     (tmp_path / "genloop.yaml").unlink()

@@ -10,7 +10,8 @@ from dataset_factory import write_dataset
 
 from genloop.services.registry import Registry
 from genloop.services.retrain import retrain
-from genloop.services.search import PARENT_TAG, TRIALS_ARTIFACT
+from genloop.services.search import TRIALS_ARTIFACT
+from genloop.services.trials import PARENT_TAG
 
 
 def test_a_retrain_searches_on_ray_tune_within_its_budget(genloop_config, ray_cluster, make_docs_dataset,

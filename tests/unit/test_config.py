@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from genloop.services.config import ConfigError, GenloopConfig, load_config, mask_url
+from genloop.services.config import ConfigError, GenloopConfig, load_config, load_train_settings, mask_url
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -43,6 +43,18 @@ def test_bad_values_and_files(tmp_path: Path):
         load_config(write(tmp_path, "train: [\n"))
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_a_settings_file_is_a_train_section_over_the_config(tmp_path: Path):
+    base = GenloopConfig(train={"max_steps": 7}).train
+    tuned = load_train_settings(write(tmp_path, "train:\n  learning_rate: 0.002\n  preset: small\n"), base)
+    assert (tuned.learning_rate, tuned.preset, tuned.max_steps) == (0.002, "small", 7)
+    with pytest.raises(ConfigError, match=r"train\.micro_batch_size: Input should be greater"):
+        load_train_settings(write(tmp_path, "train:\n  micro_batch_size: 0\n"), base)
+    with pytest.raises(ConfigError, match="one mapping, `train:`"):
+        load_train_settings(write(tmp_path, "gate:\n  max_regression: 0.1\n"), base)
+    with pytest.raises(ConfigError, match="cannot read it"):
+        load_train_settings(tmp_path / "absent.yaml", base)
 
 
 def test_home_is_absolute_for_ray_workers(tmp_path: Path, monkeypatch):
