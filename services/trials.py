@@ -158,6 +158,7 @@ def run_search(trainable: Callable, context: TrialContext, *, name: str, trial_s
             metric="score", mode="max", search_alg=search_alg, num_samples=num_samples,
             # A Searcher is limited by Tune; a generator (genloop tune's) limits itself.
             max_concurrent_trials=concurrent_trials if isinstance(search_alg, Searcher) else None,
+            reuse_actors=True,
             # max_t past the last step: a trial that ends on its own is never stopped at its end.
             scheduler=GracefulASHA(context.verdicts, time_attr="step", max_t=trial_steps + 1,
                                    grace_period=eval_every, reduction_factor=reduction_factor)),
