@@ -19,6 +19,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stdout
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
@@ -138,6 +140,19 @@ def route_ray_output() -> None:
     # The raylet's and GCS's messages to the driver (worker start-up pressure, failed tasks) come by
     # another thread, which calls the module's printer by name.
     ray_worker.print_to_stdstream = lambda data, ignore_prefix=False: write(data)
+
+
+@contextmanager
+def prints_to_log() -> Iterator[None]:
+    """What a library prints (rather than logs) in this process meanwhile, into the log file: Ray
+    Tune prints its experiment's header (a configuration table, the results path) with ``print``
+    at any verbosity. Only stdout: a progress bar meant for the console binds its file first."""
+    stream = _log.get("stream")
+    if stream is None:
+        yield
+        return
+    with redirect_stdout(stream):
+        yield
 
 
 def announce() -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,8 +25,10 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search import Searcher
+from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from genloop.services.console import prints_to_log
 from genloop.services.training_run import Prepared
 from genloop.training.config import TrainConfig
 from genloop.training.trainer import fit_trial
@@ -142,9 +145,10 @@ class TrialProgress(tune.Callback):
 
 
 def progress_bar(show: bool, unit: str) -> Progress:
+    """The search's bar, on this process's stdout as it is now (``run_search`` sends Tune's prints elsewhere)."""
     columns = [TextColumn("[bold]search"), BarColumn(), TextColumn(f"{{task.completed}}/{{task.total}} {unit}"),
                TextColumn("{task.fields[status]}"), TimeElapsedColumn()]
-    return Progress(*columns, disable=not show)
+    return Progress(*columns, disable=not show, console=Console(file=sys.stdout))
 
 
 def run_search(trainable: Callable, context: TrialContext, *, name: str, trial_steps: int, eval_every: int,
@@ -164,7 +168,8 @@ def run_search(trainable: Callable, context: TrialContext, *, name: str, trial_s
                                    grace_period=eval_every, reduction_factor=reduction_factor)),
         run_config=tune.RunConfig(name=name, storage_path=context.storage_path, verbose=0, callbacks=callbacks),
     )
-    return tuner.fit()
+    with prints_to_log():
+        return tuner.fit()
 
 
 def trial_rows(grid: tune.ResultGrid, client: MlflowClient, parent_run_id: str) -> list[dict[str, Any]]:

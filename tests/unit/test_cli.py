@@ -115,3 +115,25 @@ print(path)
     assert result.stderr.splitlines() == [*console, f"mlflow.store reported an error: their error (details in {path})"]
     logged = Path(path).read_text()
     assert all(text in logged for text in in_file) and not any(text in logged for text in not_in_file), logged
+
+
+def test_what_a_library_prints_during_a_search_goes_to_the_log_and_the_bar_stays(tmp_path):
+    # Ray Tune prints its experiment's header with print() at any verbosity; the search's own bar,
+    # bound to stdout before, stays on the console. A process of its own: start_log takes over logging.
+    script = """
+import sys
+from genloop.services.console import prints_to_log, start_log
+from genloop.services.trials import progress_bar
+path = start_log(sys.argv[1], "test")
+bar = progress_bar(True, "steps")
+with prints_to_log():
+    print("Configuration for experiment")
+    bar.console.print("search bar")
+print(path)
+"""
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    *shown, path = result.stdout.strip().splitlines()
+    assert shown == ["search bar"]
+    assert "Configuration for experiment" in Path(path).read_text()
