@@ -26,40 +26,27 @@ from __future__ import annotations
 import logging
 import math
 import shutil
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import ray
-from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.search import Searcher
 
 from genloop.services.cluster import connect
 from genloop.services.config import GenloopConfig
-from genloop.services.leftovers import owner_tags
 from genloop.services.registry import Registry
 from genloop.services.schedule import RetrainSearchConfig
 from genloop.services.selection import Selection
 from genloop.services.training_run import Prepared, TrainingRun, check_size, open_run, prepare, register
-from genloop.services.trials import (
-    TrialContext,
-    TrialProgress,
-    make_verdicts,
-    progress_bar,
-    run_search,
-    run_trial,
-    trial_rows,
-)
+from genloop.services.trials import TrialContext, best_trial, run_trial, run_trials
 from genloop.training.config import TrainConfig
 from genloop.training.cost import cost_report
 from genloop.training.datasets import DatasetVersion
 from genloop.training.errors import UserInputError
 from genloop.training.replay import build_mix
-from genloop.training.trainer import TrainingFailed
 
 logger = logging.getLogger(__name__)
 
@@ -178,24 +165,17 @@ def search_retrain(config: GenloopConfig, plans: list[TrialPlan], mixes: dict[fl
             on_run(run_id)
         connect(config.ray)
         searcher = BudgetedSearch(plans, budget, trial_steps, eval_every)
-        context = TrialContext(storage_path=config.ray_storage_path, tracking_uri=registry.tracking_uri,
-                               experiment_id=registry.experiment_id(), parent_run_id=run_id, owner=owner_tags(),
-                               verdicts=make_verdicts())
-        trainable = tune.with_parameters(_run_trial, context=context, prepared=prepared,
-                                         mixes={f: (str(m.train_path), m.spec) for f, m in mixes.items()})
-        started = time.perf_counter()
-        with progress_bar(show_progress, "budget steps") as bar:
-            grid = run_search(trainable, context, name=f"search-{run_id[:8]}", trial_steps=trial_steps,
-                              eval_every=eval_every, reduction_factor=search.reduction_factor,
-                              concurrent_trials=search.concurrent_trials, num_samples=len(plans),
-                              search_alg=searcher, callbacks=[TrialProgress(bar, budget, _describe, "gate score")])
-        ray.kill(context.verdicts)
-        wall = time.perf_counter() - started
-        trials = _trials_table(grid, searcher, client, run_id)
-        best = max((t for t in trials if t["checkpoint"]), key=lambda t: t["best_score"], default=None)
-        if best is None:
-            raise TrainingFailed("no trial of the search reported a checkpoint: "
-                                 + "; ".join(t["error"] for t in trials if t["error"]))
+        trials, wall = run_trials(
+            _run_trial, registry=registry, run_id=run_id, storage_path=config.ray_storage_path,
+            name=f"search-{run_id[:8]}", show_progress=show_progress, unit="budget steps", total_steps=budget,
+            describe=_describe, score_name="gate score", trial_steps=trial_steps, eval_every=eval_every,
+            reduction_factor=search.reduction_factor, concurrent_trials=search.concurrent_trials,
+            num_samples=len(plans), search_alg=searcher, prepared=prepared,
+            mixes={f: (str(m.train_path), m.spec) for f, m in mixes.items()})
+        for row in trials:  # what each trial was granted and charged of the budget
+            row["granted_steps"] = row.pop("max_steps", None)
+            row["charged_steps"] = searcher.charged.get(row["trial"], row["granted_steps"] or 0)
+        best = best_trial(trials, "search")
         client.set_tag(best["run_id"], "chosen", "true")
         client.set_tag(run_id, "dataset", best["dataset"])
         client.set_tag(run_id, "selection", f"{best['trial']} (replay {best['replay_fraction']:g}, "
@@ -226,13 +206,3 @@ def search_retrain(config: GenloopConfig, plans: list[TrialPlan], mixes: dict[fl
         raise
     finally:
         shutil.rmtree(prepared.work, ignore_errors=True)
-
-
-def _trials_table(grid: tune.ResultGrid, searcher: BudgetedSearch, client: MlflowClient,
-                  parent_run_id: str) -> list[dict[str, Any]]:
-    """``trial_rows`` with what each trial was granted and charged of the budget."""
-    rows = trial_rows(grid, client, parent_run_id)
-    for row in rows:
-        row["granted_steps"] = row.pop("max_steps", None)
-        row["charged_steps"] = searcher.charged.get(row["trial"], row["granted_steps"] or 0)
-    return rows

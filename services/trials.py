@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import math
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -29,9 +30,11 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from genloop.services.console import prints_to_log
+from genloop.services.leftovers import owner_tags
+from genloop.services.registry import Registry
 from genloop.services.training_run import Prepared
 from genloop.training.config import TrainConfig
-from genloop.training.trainer import fit_trial
+from genloop.training.trainer import TrainingFailed, fit_trial
 
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests a trial's run under the search's
 # A trial's trainable only drives a TorchTrainer, whose workers reserve CPUs of their own; Tune
@@ -170,6 +173,38 @@ def run_search(trainable: Callable, context: TrialContext, *, name: str, trial_s
     )
     with prints_to_log():
         return tuner.fit()
+
+
+def run_trials(trial: Callable, *, registry: Registry, run_id: str, storage_path: str, name: str,
+               show_progress: bool, unit: str, total_steps: int, describe: Callable[[dict], str], score_name: str,
+               trial_steps: int, eval_every: int, reduction_factor: float, concurrent_trials: int, num_samples: int,
+               search_alg: Any, param_space: dict | None = None,
+               **trial_args: Any) -> tuple[list[dict[str, Any]], float]:
+    """A search's trials under the MLflow run ``run_id``, each ``trial(config, context, **trial_args)``
+    (which calls ``run_trial``), with a progress bar of ``total_steps``; their rows and the wall time."""
+    context = TrialContext(storage_path=storage_path, tracking_uri=registry.tracking_uri,
+                           experiment_id=registry.experiment_id(), parent_run_id=run_id, owner=owner_tags(),
+                           verdicts=make_verdicts())
+    started = time.perf_counter()
+    try:
+        with progress_bar(show_progress, unit) as bar:
+            grid = run_search(tune.with_parameters(trial, context=context, **trial_args), context, name=name,
+                              trial_steps=trial_steps, eval_every=eval_every, reduction_factor=reduction_factor,
+                              concurrent_trials=concurrent_trials, num_samples=num_samples, search_alg=search_alg,
+                              param_space=param_space,
+                              callbacks=[TrialProgress(bar, total_steps, describe, score_name)])
+    finally:
+        ray.kill(context.verdicts)
+    return trial_rows(grid, registry.client, run_id), time.perf_counter() - started
+
+
+def best_trial(rows: list[dict[str, Any]], search: str) -> dict[str, Any]:
+    """The trial whose best checkpoint scored highest; none reported one is a failed ``search``."""
+    best = max((row for row in rows if row["checkpoint"]), key=lambda row: row["best_score"], default=None)
+    if best is None:
+        raise TrainingFailed(f"no trial of the {search} reported a checkpoint: "
+                             + "; ".join(row["error"] for row in rows if row["error"]))
+    return best
 
 
 def trial_rows(grid: tune.ResultGrid, client: MlflowClient, parent_run_id: str) -> list[dict[str, Any]]:

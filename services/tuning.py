@@ -20,12 +20,10 @@ import json
 import logging
 import math
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import ray
 import yaml
 from mlflow.entities import Metric, Param
 from ray import tune
@@ -34,23 +32,13 @@ from rich.table import Table
 
 from genloop.services.cluster import connect
 from genloop.services.config import GenloopConfig
-from genloop.services.leftovers import owner_tags
 from genloop.services.registry import Registry
 from genloop.services.training_run import Prepared, check_size, open_run, prepare
-from genloop.services.trials import (
-    TrialContext,
-    TrialProgress,
-    make_verdicts,
-    progress_bar,
-    run_search,
-    run_trial,
-    trial_rows,
-)
+from genloop.services.trials import TrialContext, best_trial, run_trial, run_trials
 from genloop.training.config import TrainConfig
 from genloop.training.cost import cost_report
 from genloop.training.errors import UserInputError
 from genloop.training.models import PRESETS
-from genloop.training.trainer import TrainingFailed
 
 logger = logging.getLogger(__name__)
 
@@ -153,32 +141,22 @@ def _search(config: GenloopConfig, registry: Registry, prepared: dict[str, Prepa
     client = registry.client
     try:
         connect(config.ray)
-        context = TrialContext(storage_path=config.ray_storage_path, tracking_uri=registry.tracking_uri,
-                               experiment_id=registry.experiment_id(), parent_run_id=run_id, owner=owner_tags(),
-                               verdicts=make_verdicts())
-        trainable = tune.with_parameters(_run_trial, context=context, prepared=prepared,
-                                         train_path=str(dataset.train_path), spec=dataset.spec)
-        started = time.perf_counter()
-        with progress_bar(show_progress, "steps") as bar:
-            grid = run_search(
-                trainable, context, name=f"tune-{run_id[:8]}", trial_steps=settings.max_steps,
-                eval_every=eval_every, reduction_factor=tuning.reduction_factor,
-                concurrent_trials=tuning.concurrent_trials, num_samples=tuning.trials, param_space=space,
-                # Tune leaves a generator's concurrency to the generator: max_concurrent_trials is for Searchers.
-                search_alg=BasicVariantGenerator(points_to_evaluate=[baseline], random_state=settings.seed,
-                                                 max_concurrent=tuning.concurrent_trials),
-                callbacks=[TrialProgress(bar, tuning.trials * settings.max_steps, _describe, "-val loss")])
-        ray.kill(context.verdicts)
-        trials = trial_rows(grid, client, run_id)
-        best = max((t for t in trials if t["checkpoint"]), key=lambda t: t["best_score"], default=None)
-        if best is None:
-            raise TrainingFailed("no trial of the tune reported a checkpoint: "
-                                 + "; ".join(t["error"] for t in trials if t["error"]))
+        trials, wall = run_trials(
+            _run_trial, registry=registry, run_id=run_id, storage_path=config.ray_storage_path,
+            name=f"tune-{run_id[:8]}", show_progress=show_progress, unit="steps",
+            total_steps=tuning.trials * settings.max_steps, describe=_describe, score_name="-val loss",
+            trial_steps=settings.max_steps, eval_every=eval_every, reduction_factor=tuning.reduction_factor,
+            concurrent_trials=tuning.concurrent_trials, num_samples=tuning.trials, param_space=space,
+            # Tune leaves a generator's concurrency to the generator: max_concurrent_trials is for Searchers.
+            search_alg=BasicVariantGenerator(points_to_evaluate=[baseline], random_state=settings.seed,
+                                             max_concurrent=tuning.concurrent_trials),
+            prepared=prepared, train_path=str(dataset.train_path), spec=dataset.spec)
+        best = best_trial(trials, "tune")
         chosen = trial_settings(settings, best)
         values = {key: getattr(chosen, key) for key in TUNED if key != "preset" or presets}
         tokens = sum(t["steps"] * t["micro_batch_size"] for t in trials) * (
             settings.block_size * settings.grad_accum_steps * settings.num_workers)
-        cost = cost_report(wall_seconds=time.perf_counter() - started,
+        cost = cost_report(wall_seconds=wall,
                            train_seconds=sum(t["train_seconds"] for t in trials),
                            device_type="cuda" if settings.use_gpu else "cpu", device_count=settings.num_workers,
                            parameters=first.parameters, tokens_seen=tokens,
