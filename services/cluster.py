@@ -42,6 +42,10 @@ def use_fast_serve_data_plane() -> None:
         os.environ.setdefault(name, value)
 
 
+STATE_API_ENV = "RAY_API_SERVER_ADDRESS"
+_pinned: dict[str, str] = {}  # the address own_state_api set last, to tell it from an operator's
+
+
 def own_state_api() -> int:
     """A free port for the dashboard of the Ray this process starts, with Ray's state API
     (``RAY_API_SERVER_ADDRESS``) pointed at it in this process's environment, which that Ray's
@@ -57,7 +61,8 @@ def own_state_api() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    os.environ.setdefault("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{port}")
+    if os.environ.get(STATE_API_ENV) in (None, _pinned.get("address")):  # unset, or ours for an earlier Ray
+        _pinned["address"] = os.environ[STATE_API_ENV] = f"http://127.0.0.1:{port}"
     return port
 
 
