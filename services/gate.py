@@ -23,19 +23,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
-import tempfile
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 
 from mlflow.entities.model_registry import ModelVersion
 
 from genloop.monitoring.traffic import traffic_shares
 from genloop.services.config import GateConfig, GenloopConfig
 from genloop.services.evaluation_report import EvaluationReport, ModelSummary, RuleResult, Sample, render_html
+from genloop.services.files import atomic_write
 from genloop.services.registry import Registry
 from genloop.serving.inference_log import caller_prompts
 from genloop.training.cleaning import GATE
@@ -165,13 +163,6 @@ def gate_sets(config: GenloopConfig, dataset: str, reference: list[str] | None) 
     return GateSets(sources, texts, weights, traffic)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp", encoding="utf-8") as tmp:
-        tmp.write(text)
-    os.replace(tmp.name, path)
-
-
 def evaluate(config: GenloopConfig, candidate_ref: str, against: str = "champion") -> EvaluationReport:
     """Evaluate ``candidate_ref`` against ``against`` (an alias or version; may be unset)."""
     registry = Registry(config)
@@ -249,8 +240,8 @@ def _publish(config: GenloopConfig, registry: Registry, candidate: ModelVersion,
     """Write the report (JSON + HTML, atomically), log it to the candidate's run, tag the verdict."""
     folder = config.reports_dir / "evaluations"
     json_path, html_path = folder / f"{report.id}.json", folder / f"{report.id}.html"
-    _atomic_write(json_path, json.dumps(report.model_dump(mode="json"), indent=2))
-    _atomic_write(html_path, render_html(report))
+    atomic_write(json_path, json.dumps(report.model_dump(mode="json"), indent=2))
+    atomic_write(html_path, render_html(report))
     if candidate.run_id:
         for path in (json_path, html_path):
             registry.client.log_artifact(candidate.run_id, str(path), "evaluation")

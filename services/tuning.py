@@ -16,10 +16,12 @@ PNG, under ``reports/tuning/`` and on the tune's MLflow run.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ from rich.table import Table
 
 from genloop.services.cluster import connect
 from genloop.services.config import GenloopConfig
+from genloop.services.files import atomic_write
 from genloop.services.registry import Registry
 from genloop.services.training_run import Prepared, check_size, open_run, prepare
 from genloop.services.trials import TrialContext, best_trial, run_trial, run_trials
@@ -110,6 +113,8 @@ def tune_training(config: GenloopConfig, dataset_spec: str, base: str | None = N
                   show_progress: bool = True, output: Path | None = None) -> TuneResult:
     """Search ``train``'s settings on ``dataset_spec`` (see the module's docstring); write the best
     to ``output`` too when given."""
+    if output is not None:
+        _check_output(output)
     settings = config.train
     presets = _presets(config, base)
     registry = Registry(config)
@@ -125,6 +130,17 @@ def tune_training(config: GenloopConfig, dataset_spec: str, base: str | None = N
     finally:
         for start in prepared.values():
             shutil.rmtree(start.work, ignore_errors=True)
+
+
+def _check_output(output: Path) -> None:
+    """Refuse an ``--output`` the best settings could not be written to, before the trials run."""
+    if output.is_dir():
+        raise UserInputError(f"--output {output}: a folder; give the settings file's path")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=output.parent).close()
+    except OSError as exc:
+        raise UserInputError(f"--output {output}: cannot write there ({exc.strerror})") from None
 
 
 def _search(config: GenloopConfig, registry: Registry, prepared: dict[str, Prepared], presets: list[str],
@@ -162,16 +178,15 @@ def _search(config: GenloopConfig, registry: Registry, prepared: dict[str, Prepa
                            parameters=first.parameters, tokens_seen=tokens,
                            timed_tokens=sum(t["timed_tokens"] for t in trials), prices=config.cost)
         folder = config.reports_dir / "tuning"
-        folder.mkdir(parents=True, exist_ok=True)
         paths = {kind: folder / f"{run_id[:8]}.{kind}" for kind in ("json", "png", "yaml")}
-        _write(paths["json"], json.dumps({"run_id": run_id, "dataset": dataset.spec, "base": first.base,
+        atomic_write(paths["json"], json.dumps({"run_id": run_id, "dataset": dataset.spec, "base": first.base,
                                           "best": best["trial"], "settings": values, "trials": trials,
                                           "cost": cost.model_dump()}, indent=1, default=str))
         _plot(trials, best, paths["png"], f"genloop tune on {dataset.spec}: validation loss per trial")
         text = _settings_yaml(values, best, dataset.spec, run_id)
-        _write(paths["yaml"], text)
+        atomic_write(paths["yaml"], text)
         if output is not None:
-            _write(output, text)
+            atomic_write(output, text)
         client.set_tag(best["run_id"], "chosen", "true")
         summary = {"best_val_loss": best["val_loss"], "best_step": best["best_step"], **cost.mlflow_metrics()}
         client.log_batch(run_id, metrics=[Metric(key, float(value), 0, 0) for key, value in summary.items()],
@@ -195,14 +210,6 @@ def _settings_yaml(values: dict[str, Any], best: dict[str, Any], spec: str, run_
     return header + yaml.safe_dump({"train": values}, sort_keys=False)
 
 
-def _write(path: Path, text: str) -> None:
-    """Whole or not at all: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text, encoding="utf-8")
-    partial.replace(path)
-
-
 def _plot(trials: list[dict[str, Any]], best: dict[str, Any], path: Path, title: str) -> None:
     """The trials' validation curves; a trial ASHA stopped is dashed, the best is drawn thick."""
     import matplotlib
@@ -222,10 +229,10 @@ def _plot(trials: list[dict[str, Any]], best: dict[str, Any], path: Path, title:
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7)
     figure.tight_layout()
-    partial = path.with_name(f".{path.name}.partial")
-    figure.savefig(partial, format="png", dpi=100)
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=100)
     pyplot.close(figure)
-    partial.replace(path)
+    atomic_write(path, png.getvalue())
 
 
 def trials_table(result: TuneResult) -> Table:

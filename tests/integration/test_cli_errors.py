@@ -52,6 +52,7 @@ def test_bad_names_and_damaged_files_are_one_line_and_exit_2(tmp_path: Path):
     one_error_line(genloop(tmp_path, "train", "-d", "docs", "--settings", "tuned.yaml"),
                    "tuned.yaml", "train.learning_rat: unknown key")
     one_error_line(genloop(tmp_path, "tune", "-d", "docs", "--preset", "huge"), "unknown preset huge")
+    one_error_line(genloop(tmp_path, "tune", "-d", "docs", "--output", "."), "--output .: a folder")
     (tmp_path / "genloop.yaml").write_bytes(b"data:\n  max_documents_per_source: \xff\xfe\n")
     one_error_line(genloop(tmp_path, "config", "show"), "genloop.yaml: not UTF-8")
     (tmp_path / "genloop.yaml").unlink()
