@@ -112,7 +112,7 @@ class TuningConfig(Section):
         description="Warm-up lengths tried, as shares of train.max_steps.")
     micro_batch_sizes: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [8, 16, 32], min_length=1,
                                          description="Micro-batch sizes (sequences per worker per step) tried.")
-    weight_decays: list[float] = Field(default_factory=lambda: [0.0, 0.01, 0.1], min_length=1,
+    weight_decays: list[Annotated[float, Field(ge=0)]] = Field(default_factory=lambda: [0.0, 0.01, 0.1], min_length=1,
                                        description="AdamW weight decays tried.")
     presets: list[str] = Field(
         default_factory=list, description="Model presets tried when training from scratch; empty tries "

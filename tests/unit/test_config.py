@@ -57,6 +57,14 @@ def test_a_settings_file_is_a_train_section_over_the_config(tmp_path: Path):
         load_train_settings(tmp_path / "absent.yaml", base)
 
 
+def test_the_tuning_space_refuses_what_training_would(tmp_path: Path):
+    # A trial's settings are copied from these values unvalidated: a bad one must stop the config.
+    for key, value in (("weight_decays", "[-0.1]"), ("warmup_fractions", "[1.5]"), ("micro_batch_sizes", "[0]"),
+                       ("learning_rate_range", "[3, 1]")):
+        with pytest.raises(ConfigError, match=rf"tuning\.{key}"):
+            load_config(write(tmp_path, f"tuning:\n  {key}: {value}\n"))
+
+
 def test_home_is_absolute_for_ray_workers(tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = GenloopConfig(home=Path("relative/state"))
