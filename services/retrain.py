@@ -121,7 +121,8 @@ def unseen(config: GenloopConfig) -> tuple[DatasetVersion, list[DatasetVersion],
 
 def retrain_settings(config: GenloopConfig, registry: Registry) -> TrainConfig:
     """The warm start's schedule: at most ``retrain_budget`` of the lineage's from-scratch compute, in
-    steps of ``retrain_micro_batch_size``, with a short warm-up, validated often enough to stop early."""
+    steps of ``retrain_micro_batch_size`` at ``retrain_learning_rate_scale`` × the peak learning rate,
+    with a short warm-up, validated often enough to stop early."""
     train_settings, settings = config.train, config.scheduler
     tokens_per_step = (train_settings.block_size * settings.retrain_micro_batch_size
                        * train_settings.grad_accum_steps * train_settings.num_workers)
@@ -131,6 +132,7 @@ def retrain_settings(config: GenloopConfig, registry: Registry) -> TrainConfig:
                              "as a number of steps (> 1)")
     steps = min(train_settings.max_steps, settings.budget_steps(initial[0] if initial else 0, tokens_per_step))
     return train_settings.model_copy(update={
+        "learning_rate": train_settings.learning_rate * settings.retrain_learning_rate_scale,
         "micro_batch_size": settings.retrain_micro_batch_size,
         "max_steps": steps,
         "warmup_steps": min(train_settings.warmup_steps, steps // 10),
@@ -161,7 +163,8 @@ def retrain(config: GenloopConfig, reason: str, show_progress: bool = False, act
                              detail=f"{count} new documents in {fresh.spec} since champion "
                                     f"v{champion.version}'s data, fewer than {settings.min_new_documents}")
     else:
-        plans = trial_plans(settings.search, settings.replay_fraction, config.train.learning_rate, config.train.seed)
+        train_settings = retrain_settings(config, registry)
+        plans = trial_plans(settings.search, settings.replay_fraction, train_settings.learning_rate, config.train.seed)
         mixes = search_mixes(config, fresh, seen, plans)
         mix = mixes[settings.replay_fraction]
         dataset, base = mix.spec, "champion"
@@ -175,7 +178,6 @@ def retrain(config: GenloopConfig, reason: str, show_progress: bool = False, act
                                     f"{'v' + parent if parent else 'scratch'} and is not the champion")
     selection = None
     if champion is not None:
-        train_settings = retrain_settings(config, registry)
         selection = retrain_selection(config, dataset, [v.spec for v in seen])
         counts = mix.manifest["counts"]
         logger.info("retrain (%s) on %s: %d new + %d replayed documents, at most %d steps; checkpoints scored "

@@ -85,12 +85,24 @@ class SchedulerConfig(Section):
         "from the data the champion and its ancestors trained on, so it does not forget it; 0 = the new "
         "documents alone.",
     )
+    selection_margin: float = Field(
+        0.01, ge=0, lt=1, description="Room a warm-start retrain's checkpoint must leave under every gate rule, on "
+        "the retrain's own held-out texts, to be chosen for what it learned; the gate scores other texts, which "
+        "read the same model up to half a point apart (services.selection).",
+    )
     retrain_budget: float = Field(
         0.2, gt=0, description="Most compute a warm-start retrain may spend: up to 1, a share of its lineage's "
         "from-scratch training compute; above 1, optimizer steps. Early stopping may end it sooner.",
     )
     search: RetrainSearchConfig = Field(
         default_factory=RetrainSearchConfig, description="The warm-start retrain's search on Ray Tune."
+    )
+    # 2, chosen on the licence shift (full-budget runs at replay 0.5: 1x -24.8 % new / -0.1 % old,
+    # 2x -30.9 % / +0.1 %, 3x -32.3 % / +0.8 %), confirmed on Python's source and manual pages
+    # (benchmarks/results/retrain_search.json): the budget is too short for pre-training's peak to
+    # learn a new domain, and the old one recovers as the rate decays.
+    retrain_learning_rate_scale: float = Field(
+        2.0, gt=0, description="Peak learning rate of a warm-start retrain, as a multiple of train.learning_rate.",
     )
     retrain_micro_batch_size: int = Field(
         4, ge=1, description="Sequences per worker per step of a warm start. Smaller than pre-training's: at a "

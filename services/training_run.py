@@ -185,7 +185,8 @@ def prepare(config: GenloopConfig, dataset_spec: str, base: str | None, settings
                     raise UserInputError(f"the {name} set's held-out texts fill no block of {settings.block_size} "
                                          "tokens: the retrain cannot ask the gate's question on it")
             score = GateScore(selection.policy, selection.weights,
-                              {name: bits_per_nat(blocks, tokenizer) for name, blocks in val_blocks.items()})
+                              {name: bits_per_nat(blocks, tokenizer) for name, blocks in val_blocks.items()},
+                              selection.margin)
         parameters = parameter_count(model)
         del model
         tags = {

@@ -45,6 +45,7 @@ def test_a_retrain_searches_on_ray_tune_within_its_budget(genloop_config, ray_cl
     assert table["budget_steps"] == 8 and table["trial_steps"] == 4
     assert len(trials) == 2 and sum(t["charged_steps"] for t in trials) <= 8, json.dumps(trials, indent=1)
     assert [t["replay_fraction"] for t in trials] == [0.5, 0.25]  # scheduler.replay_fraction first
+    assert trials[0]["learning_rate"] == 1e-6 * config.scheduler.retrain_learning_rate_scale  # a retrain's peak
     # The cost report charges every trial's steps, never more than the budget.
     tokens_per_step = 32 * 4
     assert parent.data.metrics["cost_tokens_seen"] == sum(t["charged_steps"] for t in trials) * tokens_per_step

@@ -70,20 +70,34 @@ INITIAL = {"current": 4.0, "reference": 3.0}  # the champion's losses, where a r
 
 
 def score(losses: dict[str, float], policy: GateConfig | None = None,
-          weights: dict[str, float] | None = None) -> tuple[float, str]:
+          weights: dict[str, float] | None = None, margin: float = 0.0) -> tuple[float, str]:
     scorer = GateScore(training_policy(policy or GateConfig()), weights or {"current": 0.6, "reference": 0.4},
-                       {"current": 0.5, "reference": 0.4})
+                       {"current": 0.5, "reference": 0.4}, margin)
     return scorer(losses, INITIAL)
 
 
-def test_the_checkpoint_score_is_the_margin_of_the_gates_closest_rule():
+def test_a_checkpoint_that_passes_scores_its_gain_and_one_that_fails_its_shortfall():
     kept, why_kept = score({"current": 3.4, "reference": 3.0})  # new domain 15 % better, old one the same
     forgot, why_forgot = score({"current": 3.0, "reference": 3.12})  # 25 % better, the old one 4 % worse
-    # weighted gain 0.6·15 % − 1 % = 8 %; reference 0 % + 2 % = 2 %; perplexity e^3.4 far under 1000
-    assert kept == pytest.approx(0.02) and why_kept.startswith("every rule passes")
+    # passes: weighted gain 0.6·15 % + 0.4·0 % − 1 % = 8 %; fails: reference −4 % + 2 % = −2 %
+    assert kept == pytest.approx(0.08) and why_kept.startswith("every rule passes")
     assert forgot == pytest.approx(-0.04 + 0.02) and why_forgot.startswith("fails")
     assert "reference.bits_per_byte regresses by ≤ 2.0%" in why_forgot and "-4.00%" in why_forgot
+    # Of two that pass, the one that learned more wins, though it forgot more (within the rule).
+    learned, _ = score({"current": 3.0, "reference": 3.03})  # 25 % better, old one 1 % worse
+    assert learned == pytest.approx(0.6 * 0.25 + 0.4 * -0.01 - 0.01) and learned > kept > 0 > forgot
     # The score follows the configured policy: a looser regression rule takes the forgetful one.
-    assert score({"current": 3.0, "reference": 3.12}, GateConfig(max_regression=0.05))[0] == pytest.approx(0.01)
+    loose = score({"current": 3.0, "reference": 3.12}, GateConfig(max_regression=0.05))[0]
+    assert loose == pytest.approx(0.6 * 0.25 + 0.4 * -0.04 - 0.01)
     # And its weights: with traffic all on the old domain, learning the new one buys nothing.
     assert score({"current": 3.4, "reference": 3.0}, weights={"reference": 1.0})[0] == pytest.approx(-0.01)
+
+
+def test_a_checkpoint_chosen_for_its_gain_leaves_the_margin_under_every_rule():
+    # 1.5 % worse on the old domain passes the 2 % rule with 0.5 % to spare: not the 1 % asked.
+    narrow, why = score({"current": 3.0, "reference": 3.045}, margin=0.01)
+    assert narrow == pytest.approx(0.005 - 0.01) and why.startswith("passes with < 1.0% to spare")
+    safe, why_safe = score({"current": 3.4, "reference": 3.0}, margin=0.01)
+    assert safe == pytest.approx(0.08) and "to spare" in why_safe and safe > 0 > narrow
+    # Of two that fall short, the closer one ranks first.
+    assert score({"current": 3.0, "reference": 3.06}, margin=0.01)[0] < narrow
