@@ -177,7 +177,7 @@ def retrain(config: GenloopConfig, reason: str, show_progress: bool = False, act
                              detail=f"v{tried[-1].version} was already trained on {dataset} from "
                                     f"{'v' + parent if parent else 'scratch'} and is not the champion")
     selection = None
-    if champion is not None:
+    if train_settings is not None:  # a warm start of the champion
         selection = retrain_selection(config, dataset, [v.spec for v in seen])
         counts = mix.manifest["counts"]
         logger.info("retrain (%s) on %s: %d new + %d replayed documents, at most %d steps; checkpoints scored "

@@ -21,8 +21,10 @@ class RetrainSearchConfig(Section):
     """The search a warm-start retrain runs on Ray Tune (``services.search``), all within ``retrain_budget``."""
 
     # 1 by default: at the 20 % budget, trials that split it learn the new domain less than one run
-    # given all of it (measured on the demo's shift: -10.5 % against -17.5 % bits/byte, see
-    # benchmarks/results/retrain_search.json), so the search is for budgets with room to explore.
+    # given all of it, on every shift measured (-14.3 % against -21.0 % bits/byte on the demo's,
+    # benchmarks/results/retrain_search.json), and a run with part of the budget has too little of the
+    # rate's decay to recover the old domain (results/retrain_horizon_licences.json): the search is
+    # for budgets with room to spare.
     trials: int = Field(
         1, ge=1, le=32, description="Trials at most; each is one Ray Train run. 1 = a single run with "
         "scheduler.replay_fraction and train.learning_rate, no search.",
