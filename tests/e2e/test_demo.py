@@ -69,7 +69,7 @@ def test_demo_adapts_to_a_domain_shift(tmp_path: Path):
     report = EvaluationReport.model_validate_json(
         (config.reports_dir / "evaluations" / f"{v2.tags['evaluation_report']}.json").read_text())
     bits = {name: {who: m.bits_per_byte for who, m in by.items()} for name, by in report.metrics.items()}
-    # The new domain is learnt and the old one kept (small: 17.6 % better and 1.1 % better measured).
+    # The new domain is learnt and the old one kept (small: 21.0 % better and 0.4 % better measured).
     assert bits["current"]["candidate"] <= 0.85 * bits["current"]["champion"], bits  # new domain ≥ 15 % better
     assert bits["reference"]["candidate"] <= 1.02 * bits["reference"]["champion"], bits  # old ≤ 2 % worse
     assert report.passed and set(report.weights) == {"current", "reference"} and "live" in report.sets
