@@ -24,17 +24,10 @@ import time
 from pathlib import Path
 
 from report import RESULTS, emit  # benchmarks/ is the script's folder, on sys.path
-from retrain_search import judged
+from retrain_search import demo_champion, judged, new_domain_retrain
 
-from genloop.services.cluster import connect
-from genloop.services.config import GenloopConfig
-from genloop.services.demo import DEMO_DATASET, DEMO_SOURCES, SIZES
-from genloop.services.lifecycle import promote
 from genloop.services.registry import Registry
-from genloop.services.retrain import retrain_settings
-from genloop.services.selection import retrain_selection
 from genloop.services.training_run import train
-from genloop.training.datasets import ingest, resolve_dataset
 from genloop.training.replay import build_mix
 
 CURVE_EVERY = 8  # steps between evaluations: the curve's resolution
@@ -56,21 +49,10 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     rows = []
     with tempfile.TemporaryDirectory() as folder:
-        config = GenloopConfig(home=Path(folder))
-        config.data.max_documents_per_source = 3000  # as the demo reads
-        SIZES["full"].apply(config)
-        config.train.cpus_per_worker, config.ray.num_cpus = 0.25, 2
-        connect(config.ray)
         started = time.perf_counter()
-        ingest(DEMO_SOURCES, DEMO_DATASET, config.data, config.datasets_dir)
-        promote(config, train(config, f"{DEMO_DATASET}:v1", show_progress=False).version, actor="benchmark",
-                reason="v1")
+        config = demo_champion(Path(folder), "full")
         registry = Registry(config)
-        fresh = ingest([args.new_domain], "shift", config.data, config.datasets_dir).version
-        seen = [resolve_dataset(config.datasets_dir, spec)
-                for spec in registry.lineage_datasets(registry.resolve("champion"))]
-        default = retrain_settings(config, registry)
-        selection = retrain_selection(config, fresh.spec, [v.spec for v in seen])
+        fresh, seen, default, selection = new_domain_retrain(config, "shift", args.new_domain)
         for replay, scale, share, micro_batch in args.variant:
             steps = max(1, round(default.max_steps * share))
             settings = default.model_copy(update={

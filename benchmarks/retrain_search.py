@@ -34,9 +34,10 @@ from genloop.services.lifecycle import promote
 from genloop.services.registry import Registry
 from genloop.services.retrain import retrain_settings
 from genloop.services.search import search_mixes, search_retrain, trial_plans
-from genloop.services.selection import retrain_selection
+from genloop.services.selection import Selection, retrain_selection
 from genloop.services.training_run import TrainingRun, train
-from genloop.training.datasets import ingest, resolve_dataset
+from genloop.training.config import TrainConfig
+from genloop.training.datasets import DatasetVersion, ingest, resolve_dataset
 from genloop.training.replay import build_mix
 
 SWEEP = (0.25, 0.5, 0.75)
@@ -62,13 +63,34 @@ def best_of(rows: list[dict]) -> dict:
     return max(rows, key=lambda r: r["smallest_margin"])
 
 
-def shift(config: GenloopConfig, index: int, new_domain: str) -> dict:
+def demo_champion(home: Path, size: str) -> GenloopConfig:
+    """A config on ``home`` whose champion is v1, trained as ``genloop demo`` trains it (on a local
+    Ray of two CPUs); retrain_horizon.py starts from the same."""
+    config = GenloopConfig(home=home)
+    config.data.max_documents_per_source = 3000  # as the demo reads
+    SIZES[size].apply(config)
+    config.train.cpus_per_worker, config.ray.num_cpus = 0.25, 2
+    connect(config.ray)
+    ingest(DEMO_SOURCES, DEMO_DATASET, config.data, config.datasets_dir)
+    v1 = train(config, f"{DEMO_DATASET}:v1", show_progress=False)
+    promote(config, v1.version, actor="benchmark", reason="v1")
+    return config
+
+
+def new_domain_retrain(config: GenloopConfig, name: str, new_domain: str
+                       ) -> tuple[DatasetVersion, list[DatasetVersion], TrainConfig, Selection]:
+    """``new_domain`` ingested as dataset ``name``; the champion's lineage, and the default retrain's
+    settings and selection on it."""
     registry = Registry(config)
-    fresh = ingest([new_domain], f"shift{index}", config.data, config.datasets_dir).version
+    fresh = ingest([new_domain], name, config.data, config.datasets_dir).version
     lineage = registry.lineage_datasets(registry.resolve("champion"))
     seen = [resolve_dataset(config.datasets_dir, spec) for spec in lineage]
-    settings = retrain_settings(config, registry)
-    selection = retrain_selection(config, fresh.spec, [v.spec for v in seen])
+    return (fresh, seen, retrain_settings(config, registry),
+            retrain_selection(config, fresh.spec, [v.spec for v in seen]))
+
+
+def shift(config: GenloopConfig, index: int, new_domain: str) -> dict:
+    fresh, seen, settings, selection = new_domain_retrain(config, f"shift{index}", new_domain)
     rows = {}
     for fraction in SWEEP:
         print(f"{new_domain}: replay {fraction} with the whole budget ({settings.max_steps} steps)", file=sys.stderr)
@@ -101,17 +123,9 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory() as folder:
-        config = GenloopConfig(home=Path(folder))
-        config.data.max_documents_per_source = 3000  # as the demo reads
-        SIZES[args.size].apply(config)
-        config.train.cpus_per_worker = 0.25
-        config.ray.num_cpus = 2
-        config.scheduler.search.trials = args.trials
-        connect(config.ray)
         started = time.perf_counter()
-        ingest(DEMO_SOURCES, DEMO_DATASET, config.data, config.datasets_dir)
-        v1 = train(config, f"{DEMO_DATASET}:v1", show_progress=False)
-        promote(config, v1.version, actor="benchmark", reason="v1")
+        config = demo_champion(Path(folder), args.size)
+        config.scheduler.search.trials = args.trials
         shifts = [shift(config, i, domain) for i, domain in enumerate(args.new_domain)]
         emit({"benchmark": "retrain_search", "size": args.size,
               "baseline": "manual sweep: replay 0.25, 0.5 and 0.75, each alone with the whole retrain budget",

@@ -100,9 +100,10 @@ class SchedulerConfig(Section):
         default_factory=RetrainSearchConfig, description="The warm-start retrain's search on Ray Tune."
     )
     # 2, chosen on the licence shift (full-budget runs at replay 0.5: 1x -24.8 % new / -0.1 % old,
-    # 2x -30.9 % / +0.1 %, 3x -32.3 % / +0.8 %), confirmed on Python's source and manual pages
-    # (benchmarks/results/retrain_search.json): the budget is too short for pre-training's peak to
-    # learn a new domain, and the old one recovers as the rate decays.
+    # 2x -30.9 % / +0.1 %, 3x -32.3 % / +0.8 %; benchmarks/results/retrain_horizon_licences.json),
+    # confirmed on Python's source and manual pages (retrain_search.json, retrain_horizon_manpages.json):
+    # the budget is too short for pre-training's peak to learn a new domain, and the old one recovers
+    # as the rate decays.
     retrain_learning_rate_scale: float = Field(
         2.0, gt=0, description="Peak learning rate of a warm-start retrain, as a multiple of train.learning_rate.",
     )
