@@ -135,11 +135,11 @@ class Server:
         import ray
         from ray import serve
 
-        from genloop.services.cluster import use_fast_serve_data_plane
+        from genloop.services.cluster import use_serve_env
         from genloop.serving.app import serve_app
         from genloop.serving.hf.engine import HFEngine
 
-        use_fast_serve_data_plane()  # as `genloop serve` starts its Ray
+        use_serve_env()  # as `genloop serve` starts its Ray
         ray.init(address="local", num_cpus=os.cpu_count(), logging_level="ERROR", include_dashboard=False,
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": str(self.threads)}})
         serve.start(http_options={"host": "127.0.0.1", "port": self.port})

@@ -32,13 +32,19 @@ SERVE_DATA_PLANE_ENV = {
     "RAY_SERVE_FREEZE_GC_ON_STARTUP": "1",
 }
 
+# Serve's controller gives a new HTTP proxy 5 s, counted from the actor's creation, to answer its
+# first readiness check, or kills it; `serve.start` then fails with the proxy's ActorDiedError. The
+# 5 s include starting the proxy's worker process, which a busy node (two test workers training
+# on two cores, in CI) took longer than. 60 s is `serve.start`'s own wait for the proxy.
+SERVE_START_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60"}
 
-def use_fast_serve_data_plane() -> None:
-    """Put ``SERVE_DATA_PLANE_ENV`` and the proxy's OpenAI-shaped errors (``serving.proxy_errors``) in
-    this process's environment, where a Ray it starts passes them to Serve's controller, proxy and
-    replicas; values already set (an operator's) win. A cluster started elsewhere (``ray start``)
-    takes them from its own environment."""
-    for name, value in {**SERVE_DATA_PLANE_ENV, **PROXY_ENV}.items():
+
+def use_serve_env() -> None:
+    """Put ``SERVE_DATA_PLANE_ENV``, ``SERVE_START_ENV`` and the proxy's OpenAI-shaped errors
+    (``serving.proxy_errors``) in this process's environment, where a Ray it starts passes them to
+    Serve's controller, proxy and replicas; values already set (an operator's) win. A cluster started
+    elsewhere (``ray start``) takes them from its own environment."""
+    for name, value in {**SERVE_DATA_PLANE_ENV, **SERVE_START_ENV, **PROXY_ENV}.items():
         os.environ.setdefault(name, value)
 
 
@@ -83,7 +89,7 @@ def connect(settings: RayConfig) -> None:
     else:
         # "local" always starts a fresh instance: without it, ray.init() joins whatever cluster a past
         # `ray start` on this machine recorded in /tmp/ray — even one that has since died.
-        use_fast_serve_data_plane()
+        use_serve_env()
         reap_orphaned_ray_agents()  # what an earlier local Ray, killed with its genloop, left running
         ray.init(address="local", num_cpus=settings.num_cpus, logging_level=logging.WARNING,
                  configure_logging=not quiet, dashboard_port=own_state_api())

@@ -53,10 +53,10 @@ def ray_cluster():
     import ray
     import ray.data
 
-    from genloop.services.cluster import own_state_api, use_fast_serve_data_plane
+    from genloop.services.cluster import own_state_api, use_serve_env
 
     if not ray.is_initialized():
-        use_fast_serve_data_plane()
+        use_serve_env()
         own_state_api()  # no dashboard: the state API's calls fail at once instead of finding a stale cluster
         ray.init(address="local", num_cpus=2, log_to_driver=True,  # never a stale `ray start` cluster
                  include_dashboard=False, object_store_memory=256 * 1024**2,

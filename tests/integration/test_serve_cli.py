@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from genloop.services.cluster import SERVE_START_ENV
 from genloop.services.registry import Registry
 
 pytestmark = pytest.mark.slow
@@ -42,9 +43,11 @@ def test_serve_onto_existing_cluster_and_ctrl_c_drains(genloop_config, make_tiny
         sock.bind(("127.0.0.1", 0))
         gcs_port = sock.getsockname()[1]
     env = {key: value for key, value in os.environ.items() if not key.startswith(("RAY_", "GENLOOP_"))}
-    # Ray 2.60's `ray start` turns token authentication on; this loopback cluster does without.
+    # Ray 2.60's `ray start` turns token authentication on; this loopback cluster does without. Serve's
+    # start-up settings go in the cluster's environment, as the README tells operators to.
     env.update(GENLOOP_HOME=str(config.home), GENLOOP_SERVING__MAX_BATCH_SIZE="1",
-               GENLOOP_MONITORING__EXPORTER_PORT="0", RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
+               GENLOOP_MONITORING__EXPORTER_PORT="0", RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled",
+               **SERVE_START_ENV)
     # --block keeps the head in the foreground: terminating it stops this cluster alone, not the
     # test session's Ray (`ray stop` would stop every Ray on the machine). Without a drain timeout of
     # 0 its SIGTERM waits up to 30 s for the Serve application this test leaves on it to drain.
