@@ -171,7 +171,12 @@ class MonitoringConfig(Section):
 
 class TrackingConfig(Section):
     tracking_uri: str | None = Field(
-        None, description="MLflow tracking URI; None uses sqlite:///$GENLOOP_HOME/mlflow.db."
+        None, description="MLflow tracking URI: a database (sqlite:///…, postgresql+psycopg://…) or a tracking "
+        "server (http(s)://…); None uses sqlite:///$GENLOOP_HOME/mlflow.db."
+    )
+    artifact_location: str | None = Field(
+        None, description="Artifact URI of the experiment genloop creates (s3://…, file://…); None: the tracking "
+        "server's own with an http(s) tracking URI, else $GENLOOP_HOME/mlartifacts."
     )
     experiment: str = Field("genloop", description="MLflow experiment that training runs are logged to.")
     registered_model: str = Field("genloop", description="Registered model whose versions are genloop's models.")

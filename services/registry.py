@@ -43,13 +43,15 @@ class Registry:
         return self.config.mlflow_tracking_uri
 
     def experiment_id(self) -> str:
-        """The training experiment, created on first use with artifacts under GENLOOP_HOME."""
+        """The training experiment, created on first use with artifacts at ``tracking.artifact_location``."""
         name = self.config.tracking.experiment
         experiment = self.client.get_experiment_by_name(name)
         if experiment is not None:
             return experiment.experiment_id
-        location = None
-        if self.config.tracking.tracking_uri is None:
+        # A database tracking URI has no artifact root of its own: MLflow would put artifacts in the
+        # working directory's ./mlruns. A tracking server has one (--artifacts-destination).
+        location = self.config.tracking.artifact_location
+        if location is None and not self.tracking_uri.startswith(("http://", "https://")):
             location = self.config.mlflow_artifacts_dir.as_uri()
         return self.client.create_experiment(name, artifact_location=location)
 

@@ -18,7 +18,8 @@ the same way.
 
 One run at a time: a single executor thread runs every job, and follow-up retrains run in that
 same thread, so a retrain never overlaps another one or a drift check. A second scheduler on the
-same job store would run every job twice; an exclusive lock file next to the store refuses it.
+same job store would run every job twice; an exclusive lock refuses it (``services.state_lock``: an
+advisory lock in the store's database where that is PostgreSQL, a lock file beside a SQLite store).
 
 Every attempt lands in the ``job_runs`` table next to the job store (job, reason with the attempt,
 start, end, outcome, detail), which ``services.exporter`` turns into ``genloop_scheduler_*`` series
@@ -34,7 +35,6 @@ that could not start is skipped (still busy) or missed (too late).
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import threading
 import time
@@ -42,7 +42,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO
 
 from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED, JobEvent
 from apscheduler.executors.pool import ThreadPoolExecutor
@@ -69,6 +68,7 @@ from sqlalchemy import (
 from genloop.monitoring.metrics import JobState
 from genloop.services.config import GenloopConfig
 from genloop.services.schedule import cron_trigger, window_wait
+from genloop.services.state_lock import LockHeld, StateLock
 from genloop.training.datasets import list_versions
 from genloop.training.errors import UserInputError
 
@@ -244,7 +244,7 @@ class GenloopScheduler:
         self.config = config
         self.show_progress = show_progress
         self.history = JobHistory(config.scheduler_db)
-        self._lock_file: IO[str] | None = None
+        self._store_lock: StateLock | None = None
         self.scheduler = BackgroundScheduler(
             jobstores={"default": SQLAlchemyJobStore(engine=self.history.engine, tablename=JOBS_TABLE)},
             executors={"default": ThreadPoolExecutor(max_workers=1)},
@@ -324,9 +324,7 @@ class GenloopScheduler:
                     self._run_lock.release()
         if _running is self:
             _running = None
-        if self._lock_file is not None:
-            self._lock_file.close()
-            self._lock_file = None
+        self._release_store_lock()
         return left
 
     def pause(self) -> None:
@@ -483,24 +481,23 @@ class GenloopScheduler:
         try:
             yield
         finally:
-            if self._lock_file is not None:
-                self._lock_file.close()
-            self._lock_file = None
+            self._release_store_lock()
 
     def _take_store_lock(self) -> None:
-        """One scheduler per job store: an exclusive lock on a file beside a SQLite store (else the home)."""
+        """One scheduler per job store (see the module's docstring)."""
         url = self.config.scheduler_db
-        path = (Path(url.removeprefix("sqlite:///") + ".lock") if url.startswith("sqlite:///")
+        file = (Path(url.removeprefix("sqlite:///") + ".lock") if url.startswith("sqlite:///")
                 else self.config.home / "scheduler.lock")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle = path.open("a")
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            raise UserInputError(f"another genloop scheduler runs on this job store ({path} is locked)") from None
-        self._lock_file = handle
+            self._store_lock = StateLock(url, "scheduler", file)
+        except LockHeld as held:
+            raise UserInputError(f"another genloop scheduler runs on this job store ({held})") from None
         if closed := self.history.interrupted():
             logger.warning("%d job runs were left open by a stopped scheduler: recorded as failed", closed)
+
+    def _release_store_lock(self) -> None:
+        if self._store_lock is not None:
+            self._store_lock.close()
+            self._store_lock = None
 
 

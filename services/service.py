@@ -11,19 +11,17 @@ refused and the scheduler fires no new job; the Serve app drains its in-flight r
 running job goes on; the job then gets ``service.shutdown_grace_s`` to finish,
 after which it is recorded as interrupted (and its MLflow run as KILLED) and left to die with the
 process, which exits at once; the admin API and the exporter stop. Only one ``genloop up`` may run on
-a state folder: a lock file in it refuses a second one before anything starts.
+a state (``services.state_lock``: an advisory lock in the state database where that is PostgreSQL,
+on any host; a lock file in the state folder otherwise): a second one is refused before anything starts.
 """
 
 from __future__ import annotations
 
-import fcntl
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO
 
 import uvicorn
 from rich.console import Console
@@ -36,6 +34,7 @@ from genloop.services.exporter import start_exporter
 from genloop.services.retrain import BOOTSTRAP
 from genloop.services.scheduler import ACTIVE, GenloopScheduler
 from genloop.services.serving_control import ChampionWatcher, current_target, start_serving, stop_serving
+from genloop.services.state_lock import LockHeld, StateLock
 from genloop.training.errors import UserInputError
 
 logger = logging.getLogger(__name__)
@@ -47,7 +46,7 @@ LOCK_FILE = "up.lock"
 class _Parts:
     """What has been started, so that ``stop`` stops exactly that, in reverse."""
 
-    lock: IO[str] | None = None
+    lock: StateLock | None = None
     scheduler: GenloopScheduler | None = None
     watcher: ChampionWatcher | None = None
     exporter: ScrapeTarget | None = None
@@ -98,21 +97,11 @@ class GenloopService:
             self.console.print(f"will serve at {base}/v1 once the first model passes the gate (Ctrl-C to stop)")
 
     def _lock(self) -> None:
-        path = self.config.home / LOCK_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle = path.open("a+")
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            owner = handle.read().strip() or "unknown"
-            handle.close()
-            raise UserInputError(f"genloop up already runs on {self.config.home} (pid {owner}); stop it first, or "
-                                 "give this one another GENLOOP_HOME") from None
-        handle.truncate(0)
-        handle.write(str(os.getpid()))
-        handle.flush()
-        self.parts.lock = handle
+            self.parts.lock = StateLock(self.config.state_db, "up", self.config.home / LOCK_FILE)
+        except LockHeld as held:
+            raise UserInputError(f"genloop up already runs on this state ({held}); stop it first, or give this "
+                                 "one another GENLOOP_HOME and state_db_url") from None
 
     def _start_admin(self, scheduler: GenloopScheduler, tokens: dict[str, str]) -> None:
         settings = self.config.service
