@@ -147,7 +147,7 @@ class Server:
         from genloop.serving.settings import DeploymentOptions, ServerSettings
 
         # One load generator is one client: no per-client limit, or concurrency past it would measure 429s.
-        settings = ServerSettings(model_path=str(self.model_dir), model_version="1", engine_class=HFEngine,
+        settings = ServerSettings(model_uri=str(self.model_dir), model_version="1", engine_class=HFEngine,
                                   engine_options=HFEngineOptions(max_batch_size=32, device=self.device),
                                   max_requests_per_client=None)
         # Ray hides GPUs from an actor that reserves none.

@@ -10,14 +10,13 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from urllib.parse import unquote, urlparse
 
-import mlflow
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from genloop.services.config import GenloopConfig
+from genloop.serving.model_store import local_model
 from genloop.training.errors import UserInputError
 
 logger = logging.getLogger(__name__)
@@ -103,21 +102,8 @@ class Registry:
             return None
 
     def local_path(self, version: ModelVersion) -> Path:
-        """A local folder holding the version's Hugging Face files (downloaded when remote)."""
-        parsed = urlparse(version.source)
-        if parsed.scheme in ("", "file"):
-            path = Path(unquote(parsed.path))
-            if path.exists():
-                return path
-        target = self.config.home / "cache" / "models" / f"v{version.version}"
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            downloaded = mlflow.artifacts.download_artifacts(
-                artifact_uri=version.source, dst_path=str(target.parent / f".v{version.version}.tmp"),
-                tracking_uri=self.tracking_uri,
-            )
-            Path(downloaded).rename(target)
-        return target
+        """A folder on this node holding the version's Hugging Face files (``serving.model_store``)."""
+        return local_model(version.source, str(version.version), tracking_uri=self.tracking_uri)
 
     def lineage(self, version: ModelVersion) -> list[ModelVersion]:
         """``version``, its parent, and so on back to the model trained from scratch."""

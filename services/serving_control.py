@@ -91,7 +91,8 @@ def settings_for(config: GenloopConfig, version: str) -> ServerSettings:
     keys = [key.strip() for key in os.environ.get(API_KEYS_ENV, "").split(",") if key.strip()]
     return ServerSettings(
         served_model_name=serving.model_name,
-        model_path=str(registry.local_path(model_version)),
+        model_uri=model_version.source,  # fetched by each replica on its own node
+        registry_uri=registry.tracking_uri if registry.tracking_uri.startswith(("http://", "https://")) else None,
         model_version=str(model_version.version),
         engine_class=engine_class,
         engine_options=options,

@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from genloop.serving.engine import Engine, EngineOptions
+from genloop.serving.model_store import local_model
 
 # What the inference log keeps of prompts and outputs (monitoring.log_text).
 LogText = Literal["full", "redacted", "hashed"]
@@ -26,7 +27,12 @@ class ServerSettings(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     served_model_name: str = Field("genloop", description="The model name clients pass as `model`.")
-    model_path: str = Field(description="Local Hugging Face folder of the version served.")
+    model_uri: str = Field(
+        description="The served version's Hugging Face folder: a path, or the registry's artifact URI (file://, "
+        "s3://, mlflow-artifacts:/…), which each replica fetches onto its own node (``serving.model_store``).")
+    registry_uri: str | None = Field(
+        None, description="The MLflow tracking server that resolves mlflow-artifacts:/ model URIs; None when the "
+        "URI is direct.")
     model_version: str = Field(description="Registry version served (stamped on every response).")
     engine_class: type[Engine] = Field(description="Engine subclass to instantiate.")
     engine_options: EngineOptions | None = Field(
@@ -63,7 +69,8 @@ class ServerSettings(BaseModel):
         None, description="Where each replica announces its own /metrics port to Prometheus; None = not announced.")
 
     def build_engine(self) -> Engine:
-        return self.engine_class(self.model_path, self.model_version, self.engine_options)
+        model = local_model(self.model_uri, self.model_version, tracking_uri=self.registry_uri)
+        return self.engine_class(model, self.model_version, self.engine_options)
 
 
 class DeploymentOptions(BaseModel):

@@ -19,6 +19,7 @@ import random
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from itertools import groupby
+from pathlib import Path
 from typing import Any
 
 from fastapi.testclient import TestClient
@@ -173,7 +174,9 @@ class FakeEngine(Engine):
 def fake_replica(**settings: Any) -> Iterator[OpenAIServer]:
     """A replica over a FakeEngine, ``settings`` overriding ServerSettings' fields; closed afterwards as
     Serve closes one. ``build_api(replica)`` is its ASGI app."""
-    settings = {"model_path": "fake", "model_version": "7", "engine_class": FakeEngine, "log_flush_s": 0.1, **settings}
+    # The fake engine reads no files; the folder only has to exist, as a served model's must.
+    settings = {"model_uri": str(Path(__file__).parent), "model_version": "7", "engine_class": FakeEngine,
+                "log_flush_s": 0.1, **settings}
     replica = asyncio.run(OpenAIServer.create(ServerSettings(**settings)))
     try:
         yield replica

@@ -52,7 +52,7 @@ def test_serve_replica_reserves_the_gpu_and_answers(ray_cluster, tmp_path, make_
     from ray import serve
 
     serve.start(http_options={"host": "127.0.0.1", "port": free_port})
-    settings = ServerSettings(served_model_name="genloop", model_path=str(make_tiny_model()),
+    settings = ServerSettings(served_model_name="genloop", model_uri=str(make_tiny_model()),
                               model_version="1", engine_class=HFEngine,
                               engine_options=HFEngineOptions(device="cuda"))
     try:

@@ -38,7 +38,7 @@ def server(ray_cluster, tmp_path_factory, make_tiny_model):
         port = sock.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     settings = ServerSettings(
-        served_model_name="genloop", model_path=str(make_tiny_model()), model_version="7",
+        served_model_name="genloop", model_uri=str(make_tiny_model()), model_version="7",
         engine_class=HFEngine, engine_options=HFEngineOptions(max_batch_size=8),
         api_keys=[API_KEY, FLOOD_KEY, STREAMS_KEY],
         inference_log_dir=str(root / "inference-log"), max_requests_per_client=PER_CLIENT,
@@ -136,7 +136,7 @@ def test_backpressure_refuses_instead_of_queueing_forever(server, make_tiny_mode
 
     from ray import serve
 
-    settings = ServerSettings(served_model_name="genloop", model_path=str(make_tiny_model()),
+    settings = ServerSettings(served_model_name="genloop", model_uri=str(make_tiny_model()),
                               model_version="8", engine_class=HFEngine,
                               engine_options=HFEngineOptions(max_batch_size=1))
     serve.run(build_app(settings, DeploymentOptions(max_ongoing_requests=1, max_queued_requests=1)), name="tight",
