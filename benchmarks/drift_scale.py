@@ -42,7 +42,7 @@ def prepare(home: Path, prompts: int) -> None:
     from genloop.services.config import GenloopConfig
     from genloop.services.registry import MODEL_ARTIFACT, Registry
     from genloop.serving.inference_log import InferenceLog, InferenceRecord
-    from genloop.training.datasets import MANIFEST_FILE, TRAIN_FILE, VALIDATION_FILE
+    from genloop.training.dataset_store import MANIFEST_FILE, TRAIN_FILE, VALIDATION_FILE
     from genloop.training.models import build_model
     from genloop.training.tokenizer import train_tokenizer
 
@@ -54,7 +54,7 @@ def prepare(home: Path, prompts: int) -> None:
         code += ["\n".join(lines[i:i + 12]) for i in range(0, len(lines), 12)]
     rng = random.Random(0)
     rng.shuffle(docs)
-    folder = config.datasets_dir / "docs" / "v1"
+    folder = Path(config.datasets_dir) / "docs" / "v1"
     folder.mkdir(parents=True)
     pq.write_table(pa.table({"text": docs[: len(docs) // 2]}), folder / TRAIN_FILE)
     pq.write_table(pa.table({"text": docs[:10]}), folder / VALIDATION_FILE)

@@ -37,7 +37,8 @@ from genloop.services.search import search_mixes, search_retrain, trial_plans
 from genloop.services.selection import Selection, retrain_selection
 from genloop.services.training_run import TrainingRun, train
 from genloop.training.config import TrainConfig
-from genloop.training.datasets import DatasetVersion, ingest, resolve_dataset
+from genloop.training.dataset_store import DatasetVersion, resolve_dataset
+from genloop.training.datasets import ingest
 from genloop.training.replay import build_mix
 
 SWEEP = (0.25, 0.5, 0.75)

@@ -17,7 +17,7 @@ from genloop.services.config import GenloopConfig
 from genloop.services.registry import Registry
 from genloop.serving.inference_log import feedback_by_version
 from genloop.training.cost import COST_USD_TAG
-from genloop.training.datasets import check_name, list_versions, resolve_dataset
+from genloop.training.dataset_store import check_name, list_versions, resolve_dataset
 
 
 class ModelRow(BaseModel):

@@ -142,7 +142,8 @@ def data_ingest(
 ) -> None:
     """Clean, deduplicate and split SOURCES into a new version of dataset NAME."""
     from genloop.services.cluster import connect
-    from genloop.training.datasets import check_name, ingest
+    from genloop.training.dataset_store import check_name
+    from genloop.training.datasets import ingest
 
     config = _load(config_file)
     check_name(name)  # before Ray starts and the sources are read

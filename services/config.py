@@ -224,6 +224,10 @@ class GenloopConfig(BaseSettings):
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig, description="Retraining on a schedule.")
     tuning: TuningConfig = Field(default_factory=TuningConfig, description="`genloop tune`'s search space.")
     service: ServiceConfig = Field(default_factory=ServiceConfig, description="`genloop up` and its admin API.")
+    datasets_uri: str | None = Field(
+        None, description="Where dataset versions live: a folder, or an object-store URI every node reads "
+        "(s3://bucket/prefix, with the standard AWS variables); None uses $GENLOOP_HOME/datasets."
+    )
     state_db_url: str | None = Field(
         None, description="SQLAlchemy URL of genloop's own tables (promotion audit); None uses "
         "sqlite:///$GENLOOP_HOME/genloop.db."
@@ -249,8 +253,9 @@ class GenloopConfig(BaseSettings):
 
     # Derived locations (DESIGN.md "Data and state").
     @property
-    def datasets_dir(self) -> Path:
-        return self.home / "datasets"
+    def datasets_dir(self) -> str:
+        """The dataset store's root (``training.dataset_store``): a folder or URI, as a string."""
+        return self.datasets_uri or str(self.home / "datasets")
 
     @property
     def reports_dir(self) -> Path:

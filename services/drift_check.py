@@ -27,7 +27,7 @@ from genloop.services.config import GenloopConfig
 from genloop.services.registry import Registry
 from genloop.serving.inference_log import caller_prompts
 from genloop.training.cleaning import TRAIN
-from genloop.training.datasets import resolve_dataset
+from genloop.training.dataset_store import resolve_dataset
 from genloop.training.errors import UserInputError
 from genloop.training.evaluation import load_for_evaluation
 

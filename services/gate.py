@@ -37,7 +37,7 @@ from genloop.services.files import atomic_write
 from genloop.services.registry import Registry
 from genloop.serving.inference_log import caller_prompts
 from genloop.training.cleaning import GATE
-from genloop.training.datasets import resolve_dataset
+from genloop.training.dataset_store import resolve_dataset
 from genloop.training.errors import UserInputError
 from genloop.training.evaluation import (
     BETTER,

@@ -39,7 +39,8 @@ from genloop.services.selection import retrain_selection
 from genloop.services.training_run import TrainingRun, initial_compute, train
 from genloop.serving.inference_log import rated_completions
 from genloop.training.config import TrainConfig
-from genloop.training.datasets import DatasetVersion, ingest, list_versions, resolve_dataset
+from genloop.training.dataset_store import DatasetVersion, list_versions, resolve_dataset
+from genloop.training.datasets import ingest
 from genloop.training.errors import UserInputError
 from genloop.training.incoming import ingest_incoming
 from genloop.training.replay import new_documents

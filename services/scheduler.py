@@ -69,7 +69,7 @@ from genloop.monitoring.metrics import JobState
 from genloop.services.config import GenloopConfig
 from genloop.services.schedule import cron_trigger, window_wait
 from genloop.services.state_lock import LockHeld, StateLock
-from genloop.training.datasets import list_versions
+from genloop.training.dataset_store import list_versions
 from genloop.training.errors import UserInputError
 
 logger = logging.getLogger(__name__)

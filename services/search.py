@@ -28,7 +28,6 @@ import math
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -44,7 +43,7 @@ from genloop.services.training_run import Prepared, TrainingRun, check_size, ope
 from genloop.services.trials import TrialContext, best_trial, run_trial, run_trials
 from genloop.training.config import TrainConfig
 from genloop.training.cost import cost_report
-from genloop.training.datasets import DatasetVersion
+from genloop.training.dataset_store import DatasetVersion
 from genloop.training.errors import UserInputError
 from genloop.training.replay import build_mix
 
@@ -195,7 +194,7 @@ def search_retrain(config: GenloopConfig, plans: list[TrialPlan], mixes: dict[fl
         metrics = {"best_val_loss": best["val_loss"], "initial_val_loss": best["initial_val_loss"],
                    "best_step": best["best_step"], "step": sum(t["steps"] for t in trials),
                    "restarts": sum(t["restarts"] for t in trials), "best_score": best["best_score"]}
-        result = replace(register(registry, prepared, run_id, Path(best["checkpoint"]), metrics, cost),
+        result = replace(register(registry, prepared, run_id, best["checkpoint"], metrics, cost),
                          trials=tuple(trials))
         logger.info("search: %d trials, %d of %d budget steps; kept %s", len(trials),
                     sum(t["charged_steps"] for t in trials), budget, result.selection)

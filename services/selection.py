@@ -37,7 +37,7 @@ from transformers import PreTrainedTokenizerBase
 from genloop.services.config import GateConfig, GenloopConfig
 from genloop.services.gate import apply_policy, gate_sets
 from genloop.training.cleaning import SELECTION
-from genloop.training.datasets import resolve_dataset
+from genloop.training.dataset_store import resolve_dataset
 from genloop.training.evaluation import SetMetrics
 
 LOSS_METRICS = ("bits_per_byte", "perplexity")  # what a token loss gives without generating

@@ -31,7 +31,7 @@ from genloop.services.selection import GateScore, Selection, bits_per_nat
 from genloop.training.cleaning import SELECTION
 from genloop.training.config import TrainConfig
 from genloop.training.cost import COST_USD_TAG, CostReport, cost_report, logged_cost
-from genloop.training.datasets import DatasetVersion, resolve_dataset
+from genloop.training.dataset_store import DatasetVersion, filesystem, resolve_dataset
 from genloop.training.errors import UserInputError
 from genloop.training.models import build_model, context_length, load_model, parameter_count
 from genloop.training.tokenizer import train_tokenizer
@@ -53,9 +53,11 @@ class TrainingRun:
     trials: tuple[dict, ...] = ()  # a searched retrain's trials (``services.search``), as its trials.json holds them
 
 
-def _texts(path: Path, limit: int | None = None) -> list[str]:
+def _texts(path: str, limit: int | None = None) -> list[str]:
+    """The first ``limit`` texts of a split (a folder or URI), read in batches: no more of it than needed."""
     texts: list[str] = []
-    for batch in pq.ParquetFile(path).iter_batches(columns=["text"], batch_size=4096):
+    fs, inner = filesystem(path)
+    for batch in pq.ParquetFile(fs.open_input_file(inner)).iter_batches(columns=["text"], batch_size=4096):
         texts.extend(batch.column("text").to_pylist())
         if limit and len(texts) >= limit:
             return texts[:limit]
@@ -204,7 +206,7 @@ def prepare(config: GenloopConfig, dataset_spec: str, base: str | None, settings
                     val_blocks=val_blocks, score=score, parameters=parameters, tags=tags, initial=initial)
 
 
-def register(registry: Registry, prepared: Prepared, run_id: str, checkpoint: Path,
+def register(registry: Registry, prepared: Prepared, run_id: str, checkpoint: str,
              metrics: dict, cost: CostReport) -> TrainingRun:
     """Log the summary and the cost of the run ``run_id``, its ``checkpoint`` as the model, and
     register it: the last step, so that a run that fails before leaves no version behind."""
@@ -274,7 +276,7 @@ def train(
             on_run(run_id)
         connect(config.ray)
         outcome = fit(
-            train_dataset=ray.data.read_parquet(str(dataset.train_path)),
+            train_dataset=ray.data.read_parquet(dataset.train_path),
             validation_blocks=prepared.val_blocks,
             score=prepared.score,
             init_model_dir=prepared.init_dir,

@@ -34,7 +34,7 @@ from genloop.services.leftovers import owner_tags
 from genloop.services.registry import Registry
 from genloop.services.training_run import Prepared
 from genloop.training.config import TrainConfig
-from genloop.training.trainer import TrainingFailed, fit_trial
+from genloop.training.trainer import TrainingFailed, checkpoint_uri, fit_trial
 
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests a trial's run under the search's
 # A trial's trainable only drives a TorchTrainer, whose workers reserve CPUs of their own; Tune
@@ -195,7 +195,7 @@ def run_trials(trial: Callable, *, registry: Registry, run_id: str, storage_path
                               callbacks=[TrialProgress(bar, total_steps, describe, score_name)])
     finally:
         ray.kill(context.verdicts)
-    return trial_rows(grid, registry.client, run_id), time.perf_counter() - started
+    return trial_rows(grid, registry.client, run_id, storage_path), time.perf_counter() - started
 
 
 def best_trial(rows: list[dict[str, Any]], search: str) -> dict[str, Any]:
@@ -207,7 +207,8 @@ def best_trial(rows: list[dict[str, Any]], search: str) -> dict[str, Any]:
     return best
 
 
-def trial_rows(grid: tune.ResultGrid, client: MlflowClient, parent_run_id: str) -> list[dict[str, Any]]:
+def trial_rows(grid: tune.ResultGrid, client: MlflowClient, parent_run_id: str,
+               storage_path: str) -> list[dict[str, Any]]:
     """One row per trial: its config, what it ran, its best checkpoint, its validation curve, its run,
     and why it stopped where ASHA stopped it."""
     runs = {run.data.tags.get("tune_trial_id"): run for run in client.search_runs(
@@ -223,7 +224,8 @@ def trial_rows(grid: tune.ResultGrid, client: MlflowClient, parent_run_id: str) 
             top = frame.loc[frame["score"].idxmax()]
             last = frame.iloc[-1]
             losses = zip(frame["step"], frame["val_loss"], strict=True)
-            row.update(checkpoint=str(top.get("checkpoint_path", "") or ""), best_score=float(top["score"]),
+            path = str(top.get("checkpoint_path", "") or "")
+            row.update(checkpoint=checkpoint_uri(storage_path, path) if path else "", best_score=float(top["score"]),
                        best_step=int(top["step"]), val_loss=float(top["val_loss"]),
                        initial_val_loss=float(top["initial_val_loss"]), steps=int(last["step"]),
                        restarts=int(last["restarts"]), train_seconds=float(last["train_seconds"]),

@@ -187,12 +187,12 @@ def make_docs_dataset():
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from genloop.training.datasets import MANIFEST_FILE, TRAIN_FILE, VALIDATION_FILE
+    from genloop.training.dataset_store import MANIFEST_FILE, TRAIN_FILE, VALIDATION_FILE
 
     def make(config) -> list[str]:
         docs = [p for t in pydoc_data.topics.topics.values() for p in t.split("\n\n") if len(p.split()) >= 8]
         random.Random(0).shuffle(docs)
-        folder = config.datasets_dir / "docs" / "v1"
+        folder = Path(config.datasets_dir) / "docs" / "v1"
         folder.mkdir(parents=True)
         pq.write_table(pa.table({"text": docs[: len(docs) // 2]}), folder / TRAIN_FILE)
         pq.write_table(pa.table({"text": docs[:10]}), folder / VALIDATION_FILE)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from genloop.training.cleaning import content_hash
-from genloop.training.datasets import OUTPUT_SCHEMA, DatasetVersion, write_version
+from genloop.training.dataset_store import OUTPUT_SCHEMA, DatasetVersion, write_version
 
 
 def write_dataset(root: Path, name: str, number: int, train: list[str], validation: list[str]) -> DatasetVersion:

@@ -1,9 +1,7 @@
-"""The versioned dataset store, and ``ingest``, which turns sources into a new version of it.
+"""``ingest``: sources in, a new version of a dataset out (the store is ``training.dataset_store``).
 
-Layout: ``datasets_dir/NAME/vN/`` holds ``train.parquet``, ``validation.parquet`` (columns
-text, source, licence, content_hash; rows sorted by content_hash) and ``manifest.json``.
-Versions are immutable and identified by a content hash, so a model can always be traced
-to the exact text it saw, and re-ingesting unchanged sources does not create a new version.
+Re-ingesting unchanged sources does not create a new version: a version is identified by the
+content hash of its documents and their splits.
 
 The per-document work (parsing, normalising, filtering, hashing, MinHash signatures) runs in
 Ray Data; deduplication runs on the driver while it streams the batches in a fixed order,
@@ -15,13 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import re
-import shutil
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,7 +23,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -38,67 +31,25 @@ from genloop.training.cleaning import (
     DROP_REASONS,
     VALIDATION,
     DuplicateIndex,
-    HeldOutPart,
     clean,
     content_hash,
-    held_out_part,
     minhash_signatures,
     split_of,
 )
 from genloop.training.config import DataConfig
-from genloop.training.errors import UserInputError, echo
+from genloop.training.dataset_store import (
+    OUTPUT_SCHEMA,
+    DatasetVersion,
+    check_name,
+    join,
+    list_versions,
+    read_split,
+    write_version,
+)
+from genloop.training.errors import UserInputError
 from genloop.training.sources import Source, resolve_source
 
 logger = logging.getLogger(__name__)
-
-MANIFEST_FILE = "manifest.json"
-TRAIN_FILE = "train.parquet"
-VALIDATION_FILE = "validation.parquet"
-OUTPUT_SCHEMA = pa.schema(
-    [("text", pa.string()), ("source", pa.string()), ("licence", pa.string()), ("content_hash", pa.string())]
-)
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # a folder name on every filesystem
-_VERSION_DIR = re.compile(r"v([0-9]+)")
-_VERSION_SPEC = re.compile(r"v?([0-9]+)")
-
-
-@dataclass(frozen=True)
-class DatasetVersion:
-    """One immutable version of a dataset on disk."""
-
-    name: str
-    version: int
-    path: Path
-    manifest: dict[str, Any] = field(compare=False, repr=False)
-
-    @property
-    def train_path(self) -> Path:
-        return self.path / TRAIN_FILE
-
-    @property
-    def validation_path(self) -> Path:
-        return self.path / VALIDATION_FILE
-
-    @property
-    def content_hash(self) -> str:
-        return self.manifest["content_hash"]
-
-    def texts(self, split: str = VALIDATION) -> list[str]:
-        """The texts of one split ("train" or "validation")."""
-        path = self.validation_path if split == VALIDATION else self.train_path
-        return pq.read_table(path, columns=["text"]).column("text").to_pylist()
-
-    def held_out(self, part: HeldOutPart) -> list[str]:
-        """The validation texts of one part (``cleaning.held_out_part``): "gate" or "selection"."""
-        table = read_split(self.validation_path)
-        return [text for text, doc_hash in zip(table.column("text").to_pylist(),
-                                               table.column("content_hash").to_pylist(), strict=True)
-                if held_out_part(doc_hash) == part]
-
-    @property
-    def spec(self) -> str:
-        """``NAME:vN``, the form ``resolve_dataset`` accepts and model versions are tagged with."""
-        return f"{self.name}:v{self.version}"
 
 
 @dataclass(frozen=True)
@@ -109,82 +60,7 @@ class IngestResult:
     created: bool
 
 
-# --- the store --------------------------------------------------------------------------------
-
-
-def list_datasets(datasets_dir: Path) -> list[str]:
-    """Names of the datasets that have at least one version."""
-    if not Path(datasets_dir).is_dir():
-        return []
-    return sorted(d.name for d in Path(datasets_dir).iterdir() if list_versions(datasets_dir, d.name))
-
-
-def check_name(name: str) -> str:
-    """``name`` when it can name a dataset (its folder), else the UserInputError that says why."""
-    if not _NAME.fullmatch(name):
-        raise UserInputError(f"invalid dataset name {echo(name)!r}: 1 to 100 letters, digits, '.', '_' and '-', "
-                             "starting with a letter or digit")
-    return name
-
-
-def list_versions(datasets_dir: Path, name: str) -> list[DatasetVersion]:
-    """Versions of ``name``, oldest first; empty when the dataset does not exist.
-
-    Only complete versions count: a folder is a version once it is renamed to ``vN``, and the
-    rename happens after all its files are written (temporary folders start with a dot).
-    """
-    folder = Path(datasets_dir) / name
-    if not _NAME.fullmatch(name) or not folder.is_dir():
-        return []
-    versions = []
-    for entry in folder.iterdir():
-        match = _VERSION_DIR.fullmatch(entry.name)
-        if match and (entry / MANIFEST_FILE).is_file():
-            try:
-                manifest = json.loads((entry / MANIFEST_FILE).read_text(encoding="utf-8"))
-            except (OSError, ValueError) as exc:
-                raise UserInputError(f"{entry / MANIFEST_FILE}: unreadable manifest ({exc})") from None
-            versions.append(DatasetVersion(name=name, version=int(match.group(1)), path=entry, manifest=manifest))
-    return sorted(versions, key=lambda v: v.version)
-
-
-def resolve_dataset(datasets_dir: Path, spec: str) -> DatasetVersion:
-    """``NAME`` (latest version), ``NAME:vN`` or ``NAME:N`` → that version; UserInputError otherwise."""
-    name, has_version, wanted = spec.partition(":")
-    versions = list_versions(datasets_dir, check_name(name))
-    if not versions:
-        existing = ", ".join(list_datasets(datasets_dir)) or "none"
-        raise UserInputError(f"no dataset named {name!r} in {datasets_dir} (existing datasets: {existing})")
-    if not has_version:
-        return versions[-1]
-    match = _VERSION_SPEC.fullmatch(wanted)
-    if match:
-        for version in versions:
-            if version.version == int(match.group(1)):
-                return version
-    existing = ", ".join(f"v{v.version}" for v in versions)
-    raise UserInputError(f"dataset {name!r} has no version {echo(wanted)!r} (versions: {existing})")
-
-
-def read_split(path: Path) -> pa.Table:
-    """A split's rows as OUTPUT_SCHEMA; texts of a table written without content hashes are hashed
-    here, so versions made by hand (or by older code) read like ingested ones."""
-    table = pq.read_table(path)
-    columns = {}
-    for column in OUTPUT_SCHEMA:
-        if column.name in table.column_names:
-            columns[column.name] = table.column(column.name).cast(column.type)
-        elif column.name == "content_hash":
-            columns[column.name] = pa.array([content_hash(t) for t in table.column("text").to_pylist()], pa.string())
-        else:
-            columns[column.name] = pa.nulls(table.num_rows, column.type)
-    return pa.table(columns, schema=OUTPUT_SCHEMA)
-
-
-# --- ingest -----------------------------------------------------------------------------------
-
-
-def ingest(sources: list[str | Source], name: str, data: DataConfig, datasets_dir: Path,
+def ingest(sources: list[str | Source], name: str, data: DataConfig, datasets_dir: str | Path,
            extend: DatasetVersion | None = None, manifest_extra: dict[str, Any] | None = None,
            show_progress: bool = False) -> IngestResult:
     """Read, clean, deduplicate and split ``sources`` into a new version of dataset ``name``.
@@ -216,7 +92,6 @@ def ingest(sources: list[str | Source], name: str, data: DataConfig, datasets_di
                             + (json.dumps(manifest_extra, sort_keys=True).encode() if manifest_extra else b"")
                             ).hexdigest()
 
-    datasets_dir = Path(datasets_dir)
     versions = list_versions(datasets_dir, name)
     # Only the latest counts as "unchanged": re-ingesting what v1 held after a different v2
     # must make that content the latest again, so it becomes v3.
@@ -246,7 +121,7 @@ def ingest(sources: list[str | Source], name: str, data: DataConfig, datasets_di
         **({"extends": extend.spec} if extend is not None else {}),
         **(manifest_extra or {}),
     }
-    path = write_version(datasets_dir / name, version, train, validation, manifest)
+    path = write_version(join(datasets_dir, name), version, train, validation, manifest)
     logger.info("wrote %s: %d documents kept of %d read", path, table.num_rows, read)
     return IngestResult(version=DatasetVersion(name=name, version=version, path=path, manifest=manifest), created=True)
 
@@ -355,25 +230,3 @@ def _read_and_clean(
                 raise UserInputError(f"source {source.spec!r} has no documents")
             source_stats.append({"source": source.spec, "licence": source.licence, "documents_read": read})
     return pa.table(kept, schema=OUTPUT_SCHEMA), source_stats, dropped
-
-
-def write_version(folder: Path, version: int, train: pa.Table, validation: pa.Table, manifest: dict) -> Path:
-    """Write into a hidden temporary folder, then rename it to ``vN``: readers never see half a version."""
-    made_folder = not folder.exists()
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".tmp-{uuid.uuid4().hex}"
-    target = folder / f"v{version}"
-    try:
-        tmp.mkdir()
-        pq.write_table(train, tmp / TRAIN_FILE)
-        pq.write_table(validation, tmp / VALIDATION_FILE)
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        if target.exists():  # another ingest won the race for this number
-            raise FileExistsError(f"{target} appeared while writing; ingest again")
-        os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if made_folder and not any(folder.iterdir()):
-            folder.rmdir()
-        raise
-    return target

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from genloop.training.config import DataConfig
-from genloop.training.datasets import IngestResult, ingest, list_versions
+from genloop.training.dataset_store import list_versions
+from genloop.training.datasets import IngestResult, ingest
 from genloop.training.errors import UserInputError
 from genloop.training.sources import SUPPORTED_EXTENSIONS, Source
 
@@ -35,7 +36,7 @@ class LandedFile:
     data: bytes
 
 
-def ingested_hashes(datasets_dir: Path, name: str) -> set[str]:
+def ingested_hashes(datasets_dir: str | Path, name: str) -> set[str]:
     """sha256 of every file the versions of ``name`` ingested from a watched folder."""
     return {entry["sha256"] for version in list_versions(datasets_dir, name)
             for entry in version.manifest.get("files", [])}
@@ -66,7 +67,7 @@ def landed_files(folder: Path, settle_s: float, known: set[str]) -> list[LandedF
     return landed
 
 
-def ingest_incoming(folder: Path, name: str, data: DataConfig, datasets_dir: Path,
+def ingest_incoming(folder: Path, name: str, data: DataConfig, datasets_dir: str | Path,
                     settle_s: float) -> IngestResult | None:
     """Ingest the files newly landed in ``folder`` into a new version of ``name`` that keeps the
     latest version's documents; None when no new file has settled."""

@@ -161,7 +161,7 @@ def train_worker(config: dict[str, Any]) -> None:
     from mlflow.tracking import MlflowClient
     from transformers import AutoTokenizer
 
-    from genloop.training.models import load_model, with_lora
+    from genloop.training.models import load_model, unpacked, with_lora
 
     settings = TrainConfig.model_validate(config["train"])
     data_context = ray.data.DataContext.get_current()
@@ -173,8 +173,9 @@ def train_worker(config: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, round(settings.cpus_per_worker)))
     torch.manual_seed(settings.seed + rank)
 
-    tokenizer = AutoTokenizer.from_pretrained(config["init_model_dir"])
-    model = load_model(config["init_model_dir"])
+    with unpacked(ray.get(config["init_model"])) as folder:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = load_model(folder)
     if settings.lora.enabled:
         model = with_lora(model, settings.lora)
 

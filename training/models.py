@@ -8,8 +8,10 @@ loads ours.
 
 from __future__ import annotations
 
+import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -163,3 +165,21 @@ def merge_lora(model: torch.nn.Module) -> torch.nn.Module:
 def parameter_count(model: torch.nn.Module) -> int:
     """Parameters once, tied embeddings counted once."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def pack_folder(folder: Path) -> dict[str, bytes]:
+    """A model folder's files by value, for Ray's object store: training workers on any node get the
+    initial model from there, where a path would name a folder on the driver's machine."""
+    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in sorted(folder.rglob("*"))
+            if path.is_file()}
+
+
+@contextmanager
+def unpacked(files: dict[str, bytes]) -> Iterator[Path]:
+    """``pack_folder``'s files written to a private temporary folder, removed on exit."""
+    with tempfile.TemporaryDirectory(prefix="genloop-model-") as directory:
+        for name, data in files.items():
+            path = Path(directory) / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        yield Path(directory)

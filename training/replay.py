@@ -22,7 +22,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from genloop.training.datasets import DatasetVersion, list_versions, read_split, write_version
+from genloop.training.dataset_store import DatasetVersion, join, list_versions, read_split, write_version
 
 MIX_SUFFIX = "-mix"
 
@@ -42,7 +42,7 @@ def new_documents(fresh: DatasetVersion, seen: list[DatasetVersion]) -> int:
     return sum(h not in known for h in read_split(fresh.train_path).column("content_hash").to_pylist())
 
 
-def build_mix(datasets_dir: Path, fresh: DatasetVersion, seen: list[DatasetVersion], fraction: float,
+def build_mix(datasets_dir: str | Path, fresh: DatasetVersion, seen: list[DatasetVersion], fraction: float,
               seed: int = 0) -> DatasetVersion | None:
     """The train documents of ``fresh`` absent from ``seen``, plus a seeded sample of ``seen``'s train
     splits making up ``fraction`` of the result's text (less when there is not that much); the
@@ -96,5 +96,5 @@ def build_mix(datasets_dir: Path, fresh: DatasetVersion, seen: list[DatasetVersi
                    "validation": validation.num_rows, "kept": mixed.num_rows + validation.num_rows},
         "content_hash": digest,
     }
-    path = write_version(Path(datasets_dir) / name, number, mixed, validation, manifest)
+    path = write_version(join(datasets_dir, name), number, mixed, validation, manifest)
     return DatasetVersion(name=name, version=number, path=path, manifest=manifest)

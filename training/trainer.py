@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import ray
 import ray.train
@@ -28,7 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from genloop.training.config import TrainConfig
 from genloop.training.errors import UserInputError
 from genloop.training.loop import STATE_FILE, TEXT_BATCH_ROWS, packed_batches, train_worker
-from genloop.training.models import merge_lora, with_lora
+from genloop.training.models import merge_lora, pack_folder, with_lora
 
 CPU_SETTLE_S = 10.0  # how long a shortage of free CPUs must last before a run is refused
 
@@ -41,7 +42,7 @@ class TrainingFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class TrainOutcome:
-    best_checkpoint: Path
+    best_checkpoint: str  # a URI on the run's storage (see ``checkpoint_uri``)
     metrics: dict[str, Any]
     wall_seconds: float
     device_type: str
@@ -97,7 +98,7 @@ def fit(
     if best is None:
         raise TrainingFailed("training reported no checkpoint")
     return TrainOutcome(
-        best_checkpoint=Path(best.path),
+        best_checkpoint=checkpoint_uri(storage_path, best.path),
         metrics=dict(result.metrics),
         wall_seconds=wall,
         device_type="cuda" if settings.use_gpu else "cpu",
@@ -132,7 +133,7 @@ def _trainer(*, train_dataset: ray.data.Dataset, validation_blocks: dict[str, to
         train_worker,
         train_loop_config={
             "train": settings.model_dump(mode="json"),
-            "init_model_dir": str(init_model_dir),
+            "init_model": ray.put(pack_folder(init_model_dir)),  # by value: workers may run on other nodes
             "validation_blocks": ray.put(validation_blocks),
             "score": score,
             "tracking_uri": tracking_uri,
@@ -222,12 +223,21 @@ def _follow(thread: threading.Thread, queue: Any, max_steps: int, show: bool) ->
             bar.update(task, completed=message["step"], status=status)
 
 
-def export_checkpoint(checkpoint_dir: Path, init_model_dir: Path, settings: TrainConfig, out_dir: Path) -> Path:
-    """Write the checkpoint's weights as a Hugging Face folder (LoRA merged) with the tokenizer."""
+def checkpoint_uri(storage_path: str, path: str) -> str:
+    """Where a checkpoint is, as a URI any node can open. Ray reports a checkpoint's path within its
+    storage's filesystem (``bucket/key`` for ``s3://``), which names nothing without that filesystem."""
+    scheme = urlparse(storage_path).scheme
+    return f"{scheme}://{path}" if scheme not in ("", "file") else path
+
+
+def export_checkpoint(checkpoint: str, init_model_dir: Path, settings: TrainConfig, out_dir: Path) -> Path:
+    """Write the checkpoint (a URI from ``checkpoint_uri``) as a Hugging Face folder (LoRA merged) with
+    the tokenizer; a checkpoint in object storage is downloaded for the while."""
     model = AutoModelForCausalLM.from_pretrained(init_model_dir)
     if settings.lora.enabled:
         model = with_lora(model, settings.lora)
-    saved = torch.load(checkpoint_dir / STATE_FILE, map_location="cpu", weights_only=False)
+    with ray.train.Checkpoint(checkpoint).as_directory() as directory:
+        saved = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
     model.load_state_dict(saved["model"])
     model = merge_lora(model)
     model.save_pretrained(out_dir, safe_serialization=True)

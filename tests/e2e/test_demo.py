@@ -26,7 +26,7 @@ from genloop.services.registry import Registry
 from genloop.services.scheduler import JobHistory
 from genloop.serving.inference_log import read_inference_log
 from genloop.training.cost import logged_cost
-from genloop.training.datasets import resolve_dataset
+from genloop.training.dataset_store import resolve_dataset
 
 pytestmark = pytest.mark.slow
 

@@ -21,7 +21,8 @@ from genloop.services.config import GenloopConfig
 from genloop.services.gate import evaluate
 from genloop.services.lifecycle import PromotionRefused, promote, roles, rollback
 from genloop.services.registry import Registry
-from genloop.training.datasets import ingest, resolve_dataset
+from genloop.training.dataset_store import resolve_dataset
+from genloop.training.datasets import ingest
 from genloop.training.errors import UserInputError
 from genloop.training.replay import build_mix
 
@@ -191,7 +192,7 @@ def test_bad_candidates_leave_the_champion_untouched(world, tmp_path: Path):
         shutil.copy(backup, weights)
     assert roles(config).champion == v["champion"]
 
-    mix = config.datasets_dir / "code-mix"
+    mix = Path(config.datasets_dir) / "code-mix"
     hidden = tmp_path / "code-mix-hidden"
     shutil.move(mix, hidden)
     try:

@@ -14,14 +14,8 @@ import ray
 
 from genloop.training.cleaning import split_of
 from genloop.training.config import DataConfig
-from genloop.training.datasets import (
-    MANIFEST_FILE,
-    IngestResult,
-    _deterministic_ray_data,
-    ingest,
-    list_versions,
-    resolve_dataset,
-)
+from genloop.training.dataset_store import MANIFEST_FILE, list_versions, resolve_dataset
+from genloop.training.datasets import IngestResult, _deterministic_ray_data, ingest
 from genloop.training.errors import UserInputError
 
 VOCAB = (
@@ -134,7 +128,7 @@ def test_files_hold_the_kept_documents_sorted_by_hash(store):
         hashes = table.column("content_hash").to_pylist()
         assert hashes == sorted(hashes)
         assert all(split_of(h, CONFIG.validation_fraction) == side for h in hashes)
-    on_disk = json.loads((version.path / MANIFEST_FILE).read_text())
+    on_disk = json.loads((Path(version.path) / MANIFEST_FILE).read_text())
     assert on_disk == version.manifest
 
 
@@ -169,7 +163,8 @@ def test_resolve_dataset(store):
     assert resolve_dataset(datasets_dir, "corpus").version == 2
     assert resolve_dataset(datasets_dir, "corpus:v1") == store["first"].version
     assert resolve_dataset(datasets_dir, "corpus:1").version == 1
-    assert resolve_dataset(datasets_dir, "corpus:v2").train_path == datasets_dir / "corpus" / "v2" / "train.parquet"
+    expected = str(datasets_dir / "corpus" / "v2" / "train.parquet")
+    assert resolve_dataset(datasets_dir, "corpus:v2").train_path == expected
     with pytest.raises(UserInputError, match=r"no version 'v9'.*v1, v2"):
         resolve_dataset(datasets_dir, "corpus:v9")
     with pytest.raises(UserInputError, match=r"no dataset named 'nope'.*corpus"):

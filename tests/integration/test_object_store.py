@@ -39,8 +39,8 @@ def s3(tmp_path_factory) -> Iterator[tuple[dict[str, str], Path]]:
         port = sock.getsockname()[1]
     log = tmp_path_factory.mktemp("moto") / "requests.log"
     with log.open("w") as out:
-        server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                                  stdout=out, stderr=subprocess.STDOUT)
+        server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1",
+                                   "-p", str(port)], stdout=out, stderr=subprocess.STDOUT)
     endpoint = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
@@ -112,3 +112,81 @@ def test_a_version_in_s3_is_fetched_once_per_node(s3, tmp_path, make_tiny_model,
     again = _fetch_in_process(source, version, node, offline)
     out, err = again.communicate(timeout=120)
     assert again.returncode == 0 and Path(out.strip()) in folders, err
+
+
+def test_dataset_versions_in_s3_are_committed_by_their_manifest(s3, ray_cluster):
+    import boto3
+
+    from genloop.training.config import DataConfig
+    from genloop.training.dataset_store import (
+        MANIFEST_FILE,
+        TRAIN_FILE,
+        list_versions,
+        read_split,
+        resolve_dataset,
+        write_version,
+    )
+    from genloop.training.datasets import ingest
+
+    root = f"s3://{BUCKET}/store-test"
+    first = ingest(["builtin:python-docs"], "docs", DataConfig(max_documents_per_source=200), root).version
+    assert first.path == f"{root}/docs/v1" and first.texts("train")
+
+    # What a writer killed before its manifest leaves is no version, and the next one overwrites it.
+    s3_client = boto3.client("s3")
+    s3_client.put_object(Bucket=BUCKET, Key=f"store-test/docs/v2/{TRAIN_FILE}", Body=b"half a file")
+    assert [v.version for v in list_versions(root, "docs")] == [1]
+    assert resolve_dataset(root, "docs").version == 1
+    second = ingest(["builtin:python-docs"], "docs", DataConfig(max_documents_per_source=300), root).version
+    assert second.version == 2 and len(second.texts("train")) > len(first.texts("train"))
+
+    # A write that fails leaves nothing behind; a version is never written twice.
+    table = read_split(first.train_path)
+    with pytest.raises(TypeError):
+        write_version(f"{root}/docs", 3, table, table, {"bad": object()})  # fails after the parts are written
+    assert not s3_client.list_objects_v2(Bucket=BUCKET, Prefix="store-test/docs/v3/").get("Contents")
+    with pytest.raises(FileExistsError):
+        write_version(f"{root}/docs", 2, table, table, {"content_hash": "again"})
+    assert resolve_dataset(root, "docs:v2").manifest["content_hash"] == second.manifest["content_hash"]
+    assert MANIFEST_FILE in [key["Key"].rsplit("/", 1)[1] for key in s3_client.list_objects_v2(
+        Bucket=BUCKET, Prefix="store-test/docs/v2/")["Contents"]]
+
+
+def test_training_reads_and_writes_only_the_object_store(s3, tmp_path, ray_cluster):
+    """`genloop train` as a user runs it, with the datasets, Ray Train's storage and MLflow's artifacts
+    in the object store: it reads the dataset from there, checkpoints and registers there, and writes
+    none of it on local disk."""
+    from genloop.training.datasets import ingest
+    from genloop.training.loop import STATE_FILE
+
+    variables, _ = s3
+    config = GenloopConfig(home=tmp_path / "home", datasets_uri=f"s3://{BUCKET}/datasets")
+    config.data.max_documents_per_source = 300
+    ingest(["builtin:python-docs"], "docs", config.data, config.datasets_dir)
+    settings = {"GENLOOP_DATASETS_URI": config.datasets_dir, "GENLOOP_RAY__STORAGE_PATH": f"s3://{BUCKET}/ray",
+                "GENLOOP_TRACKING__ARTIFACT_LOCATION": f"s3://{BUCKET}/mlflow", "GENLOOP_RAY__NUM_CPUS": "2",
+                "GENLOOP_TOKENIZER__VOCAB_SIZE": "512", "GENLOOP_TRAIN__MAX_STEPS": "20",
+                "GENLOOP_TRAIN__EVAL_EVERY": "10", "GENLOOP_TRAIN__EVAL_BATCHES": "1",
+                "GENLOOP_TRAIN__MICRO_BATCH_SIZE": "4", "GENLOOP_TRAIN__NUM_WORKERS": "1"}
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("GENLOOP_", "RAY_ADDRESS"))}
+    env.update(variables, **settings, GENLOOP_HOME=str(config.home))
+    process = subprocess.run([sys.executable, "-m", "genloop.services.cli", "train", "--dataset", "docs",
+                              "--preset", "tiny"], env=env, capture_output=True, text=True, timeout=600)
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+
+    import boto3
+
+    keys = [item["Key"] for page in boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=BUCKET,
+                                                                                                  Prefix="ray/")
+            for item in page.get("Contents", [])]
+    assert any(key.endswith(f"/{STATE_FILE}") and "/checkpoint_" in key for key in keys), keys
+    assert not (config.home / "ray").exists() and not (config.home / "datasets").exists()
+    registry = Registry(config)
+    version = registry.resolve("1")
+    assert version.source.startswith(f"s3://{BUCKET}/mlflow/")
+    assert version.tags["dataset"] == "docs:v1"
+    os.environ[CACHE_ENV] = str(tmp_path / "cache")
+    try:
+        assert (registry.local_path(version) / WEIGHTS).stat().st_size > 0
+    finally:
+        del os.environ[CACHE_ENV]

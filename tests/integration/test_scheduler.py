@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -23,7 +24,7 @@ from genloop.services.schedule import window_wait
 from genloop.services.scheduler import ACTIVE, DEFERRED, GenloopScheduler, JobHistory
 from genloop.serving.inference_log import InferenceLog, InferenceRecord
 from genloop.training.cleaning import TRAIN, VALIDATION
-from genloop.training.datasets import list_versions, resolve_dataset, write_version
+from genloop.training.dataset_store import list_versions, resolve_dataset, write_version
 from genloop.training.errors import UserInputError
 
 
@@ -308,7 +309,7 @@ def test_a_failing_stage_is_retried_then_the_champion_keeps_serving(
     config.scheduler.max_attempts, config.scheduler.retry_backoff_s = 3, 0.05
     champion, docs = champion_on_docs(config, make_docs_dataset, make_tiny_model, register_model, tmp_path)
     table = pa.table({"text": docs[:40]})
-    folder = write_version(config.datasets_dir / "live", 1, table, table, {"content_hash": "live1"})
+    folder = write_version(Path(config.datasets_dir) / "live", 1, table, table, {"content_hash": "live1"})
     (folder / "train.parquet").write_bytes(b"PAR1 a disk that lost most of this file")  # the data stage fails
 
     scheduler = GenloopScheduler(config)

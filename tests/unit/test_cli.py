@@ -75,7 +75,7 @@ def test_data_list_and_scheduler_status_as_json_and_tables(genloop, tmp_path, ma
     assert listing.exit_code == 0, listing.output
     assert json.loads(listing.stdout) == [{
         "name": "docs", "version": 1, "spec": "docs:v1", "created_at": "now", "counts": {}, "content_hash": "docs",
-        "extends": None, "path": str(config.datasets_dir / "docs" / "v1")}]
+        "extends": None, "path": str(Path(config.datasets_dir) / "docs" / "v1")}]
     assert genloop("data", "list", "docs").stdout.startswith("v1  now")
 
     history = JobHistory(config.scheduler_db)
