@@ -228,6 +228,10 @@ class GenloopConfig(BaseSettings):
         None, description="Where dataset versions live: a folder, or an object-store URI every node reads "
         "(s3://bucket/prefix, with the standard AWS variables); None uses $GENLOOP_HOME/datasets."
     )
+    inference_log_uri: str | None = Field(
+        None, description="Where every replica writes the inference log, and drift, the gate and feedback read "
+        "it: a folder, or an object-store URI (s3://bucket/prefix); None uses $GENLOOP_HOME/inference-log."
+    )
     state_db_url: str | None = Field(
         None, description="SQLAlchemy URL of genloop's own tables (promotion audit); None uses "
         "sqlite:///$GENLOOP_HOME/genloop.db."
@@ -270,8 +274,9 @@ class GenloopConfig(BaseSettings):
         return (self.home / "mlartifacts").resolve()
 
     @property
-    def inference_log_dir(self) -> Path:
-        return self.home / "inference-log"
+    def inference_log_dir(self) -> str:
+        """The inference log's root (``serving.inference_log``): a folder or URI, as a string."""
+        return self.inference_log_uri or str(self.home / "inference-log")
 
     @property
     def scrape_targets_dir(self) -> Path:

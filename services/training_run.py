@@ -31,9 +31,10 @@ from genloop.services.selection import GateScore, Selection, bits_per_nat
 from genloop.training.cleaning import SELECTION
 from genloop.training.config import TrainConfig
 from genloop.training.cost import COST_USD_TAG, CostReport, cost_report, logged_cost
-from genloop.training.dataset_store import DatasetVersion, filesystem, resolve_dataset
+from genloop.training.dataset_store import DatasetVersion, resolve_dataset
 from genloop.training.errors import UserInputError
 from genloop.training.models import build_model, context_length, load_model, parameter_count
+from genloop.training.storage import filesystem
 from genloop.training.tokenizer import train_tokenizer
 from genloop.training.trainer import export_checkpoint, fit, validation_blocks
 

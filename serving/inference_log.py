@@ -3,8 +3,10 @@
 Requests hand a record to ``InferenceLog.append``: one JSON line appended to the writer's spool
 file (a single ``write`` system call, so a killed replica loses nothing it logged) and a list
 append; a background thread writes batches to ``inference-log/date=YYYY-MM-DD/part-*.parquet``
-(Hive-style partitions, so Ray Data, pandas and DuckDB read a date range directly). Each file is
-written to a temporary name and renamed, so a reader never sees half a file. The buffer is
+(Hive-style partitions, so Ray Data, pandas and DuckDB read a date range directly). The log's root is
+a folder or an object-store URI (``training.storage``): on a cluster every replica writes to, and
+drift, the gate and feedback read, the same bucket. A local file is written to a temporary name and
+renamed, an object in one PUT, so a reader never sees half a file. The buffer is
 bounded: when the writer falls behind, new records are dropped and counted rather than growing
 memory until the replica dies. Drift detection and retraining read this log.
 
@@ -29,11 +31,13 @@ from pathlib import Path
 import psutil
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
 from genloop.serving.settings import LogText
 from genloop.training.cleaning import scrub_pii
+from genloop.training.storage import filesystem, is_local
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +101,18 @@ def _stored(record: InferenceRecord, mode: LogText) -> InferenceRecord:
 
 
 SPOOL_DIR = ".spool"
+SPOOL_ENV = "GENLOOP_SPOOL_DIR"
+
+
+def spool_dir(root: str | Path) -> Path:
+    """Where this node's writers of the log at ``root`` spool: beside a local log; for a log in object
+    storage, on this node's disk (``GENLOOP_SPOOL_DIR``, default ``~/.cache/genloop/inference-spool``),
+    one folder per log, where the next replica on this node finds what a killed one left."""
+    if is_local(root):
+        return Path(filesystem(root)[1]) / SPOOL_DIR
+    base = Path(os.environ.get(SPOOL_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+                / "genloop" / "inference-spool")
+    return base / hashlib.sha256(str(root).encode()).hexdigest()[:12]
 
 
 class InferenceLog:
@@ -112,9 +128,9 @@ class InferenceLog:
     operator asked not to keep touches the disk.
     """
 
-    def __init__(self, root: Path, *, max_buffer: int = 10_000, batch_rows: int = 512,
+    def __init__(self, root: str | Path, *, max_buffer: int = 10_000, batch_rows: int = 512,
                  flush_seconds: float = 1.0, text: LogText = "full"):
-        self.root = Path(root)
+        self.root = str(root)
         self.max_buffer = max_buffer
         self.batch_rows = batch_rows
         self.flush_seconds = flush_seconds
@@ -123,7 +139,8 @@ class InferenceLog:
         self.written = 0
         self._buffer: list[InferenceRecord] = []
         self._lock = threading.Lock()  # one spool file and its buffer change together
-        (self.root / SPOOL_DIR).mkdir(parents=True, exist_ok=True)
+        self.spool_dir = spool_dir(self.root)
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
         self.recovered = recover_spools(self.root)
         self._spool = self._new_spool()
         self._wake = threading.Event()
@@ -132,7 +149,7 @@ class InferenceLog:
         self._thread.start()
 
     def _new_spool(self) -> tuple[int, Path]:
-        path = self.root / SPOOL_DIR / f"{socket.gethostname()}_{os.getpid()}_{uuid.uuid4().hex[:12]}.jsonl"
+        path = self.spool_dir / f"{socket.gethostname()}_{os.getpid()}_{uuid.uuid4().hex[:12]}.jsonl"
         return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), path
 
     def append(self, record: InferenceRecord) -> bool:
@@ -183,27 +200,34 @@ class InferenceLog:
                 path.unlink(missing_ok=True)
 
 
-def _write_parquet(root: Path, name: str, records: list[InferenceRecord], text: LogText) -> int:
-    """``records`` as ``date=…/part-<name>.parquet``, one file per day, each written under a hidden
-    name and renamed, so a reader never sees half a file and a rewrite replaces it whole."""
+def _write_parquet(root: str, name: str, records: list[InferenceRecord], text: LogText) -> int:
+    """``records`` as ``date=…/part-<name>.parquet``, one file per day, whole or not at all (a local
+    file under a hidden name then renamed, an object in one PUT), so a reader never sees half a file
+    and a rewrite replaces it whole."""
+    fs, base = filesystem(root)
+    local = is_local(root)
     by_day: dict[date, list[dict]] = {}
     for record in records:
         by_day.setdefault(record.time.astimezone(UTC).date(), []).append({**record.model_dump(), "text_mode": text})
     for day, rows in by_day.items():
-        folder = root / f"date={day.isoformat()}"
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".part-{name}.parquet.tmp"
-        pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), tmp)
-        os.replace(tmp, folder / f"part-{name}.parquet")
+        folder = f"{base}/date={day.isoformat()}"
+        table = pa.Table.from_pylist(rows, schema=SCHEMA)
+        if local:  # an object store has no folders to make (pyarrow would write empty marker objects)
+            fs.create_dir(folder, recursive=True)
+            tmp = f"{folder}/.part-{name}.parquet.tmp"
+            pq.write_table(table, tmp)
+            os.replace(tmp, f"{folder}/part-{name}.parquet")
+        else:
+            pq.write_table(table, f"{folder}/part-{name}.parquet", filesystem=fs)
     return len(records)
 
 
-def recover_spools(root: Path) -> int:
+def recover_spools(root: str | Path) -> int:
     """Convert the spool files that writers on this host left when they died into parquet; the
     number of rows recovered. A last line cut short by the kill is skipped (its write never
     returned, so no request counted on it)."""
     host, recovered = socket.gethostname(), 0
-    for path in sorted((Path(root) / SPOOL_DIR).glob(f"{host}_*.jsonl")):
+    for path in sorted(spool_dir(root).glob(f"{host}_*.jsonl")):
         pid = path.stem.split("_")[1]
         if not pid.isdigit() or psutil.pid_exists(int(pid)):
             continue
@@ -216,23 +240,25 @@ def recover_spools(root: Path) -> int:
                 continue
         # One spool holds one writer's rows, all in one text mode.
         if records:
-            recovered += _write_parquet(root, path.stem, [r for r, _ in records], records[0][1])
+            recovered += _write_parquet(str(root), path.stem, [r for r, _ in records], records[0][1])
         path.unlink()
     if recovered:
         logger.warning("inference log: recovered %d rows that a killed replica had spooled", recovered)
     return recovered
 
 
-def _dataset(root: Path) -> pads.Dataset | None:
+def _dataset(root: str | Path) -> pads.Dataset | None:
     """The log as one dataset read with ``SCHEMA``, so files written before a column existed read it as
     null; None when nothing has been written yet."""
-    root = Path(root)
-    if not root.exists() or not any(root.glob("date=*/*.parquet")):
+    fs, base = filesystem(root)
+    if fs.get_file_info(base).type == pafs.FileType.NotFound:
         return None
-    return pads.dataset(root, format="parquet", schema=SCHEMA, partitioning="hive", exclude_invalid_files=True)
+    dataset = pads.dataset(base, filesystem=fs, format="parquet", schema=SCHEMA, partitioning="hive",
+                           exclude_invalid_files=True)
+    return dataset if dataset.files else None
 
 
-def read_inference_log(root: Path, since: datetime | None = None, until: datetime | None = None) -> pa.Table:
+def read_inference_log(root: str | Path, since: datetime | None = None, until: datetime | None = None) -> pa.Table:
     """Rows of the log in [since, until), oldest first; an empty table when there is none."""
     dataset = _dataset(root)
     if dataset is None:
@@ -246,7 +272,7 @@ def read_inference_log(root: Path, since: datetime | None = None, until: datetim
     return dataset.to_table(filter=condition).sort_by("time")
 
 
-def caller_prompts(root: Path, since: datetime, until: datetime | None = None) -> list[str]:
+def caller_prompts(root: str | Path, since: datetime, until: datetime | None = None) -> list[str]:
     """Prompts callers sent (status 200, not shadow copies, not stored as hashes) in [since, until).
 
     Feedback rows carry no prompt, so they are never among them."""
@@ -277,7 +303,7 @@ def _answers(dataset: pads.Dataset, ids: pa.Array, columns: list[str], text_kept
     return dataset.to_table(columns=columns, filter=condition)
 
 
-def feedback_by_version(root: Path) -> dict[str, dict[int, int]]:
+def feedback_by_version(root: str | Path) -> dict[str, dict[int, int]]:
     """Model version → rating → responses rated so: each rated response counted once, at its latest
     rating, under the version that answered it. Ratings of ids the log holds no answer for (never
     answered, or answered before the log began) are not counted."""
@@ -298,7 +324,7 @@ def feedback_by_version(root: Path) -> dict[str, dict[int, int]]:
     return result
 
 
-def rated_completions(root: Path, min_rating: int) -> list[str]:
+def rated_completions(root: str | Path, min_rating: int) -> list[str]:
     """Answers rated at least ``min_rating`` (at their latest rating) as training texts: each choice's
     prompt followed by its output, oldest first. Answers whose text the log keeps only as a hash
     have none to train on and are left out."""

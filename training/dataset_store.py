@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 
 from genloop.training.cleaning import VALIDATION, HeldOutPart, content_hash, held_out_part
 from genloop.training.errors import UserInputError, echo
+from genloop.training.storage import filesystem, join
 
 MANIFEST_FILE = "manifest.json"
 TRAIN_FILE = "train.parquet"
@@ -44,19 +45,6 @@ OUTPUT_SCHEMA = pa.schema(
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # a folder name on every filesystem
 _VERSION_DIR = re.compile(r"v([0-9]+)")
 _VERSION_SPEC = re.compile(r"v?([0-9]+)")
-
-
-def filesystem(location: str | Path) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow filesystem of a folder or URI, and the path within it."""
-    text = str(location)
-    if "://" in text:
-        return pafs.FileSystem.from_uri(text)
-    return pafs.LocalFileSystem(), str(Path(text).resolve())
-
-
-def join(location: str | Path, *parts: str) -> str:
-    """``location`` (a folder or URI) and ``parts``, as one location of the same kind."""
-    return "/".join([str(location).rstrip("/"), *parts])
 
 
 def _is_file(fs: pafs.FileSystem, path: str) -> bool:
@@ -186,7 +174,8 @@ def write_version(folder: str | Path, version: int, train: pa.Table, validation:
     if not local and _is_file(fs, f"{draft}/{MANIFEST_FILE}"):
         raise FileExistsError(f"{target} appeared while writing; ingest again")
     try:
-        fs.create_dir(draft, recursive=True)
+        if local:  # an object store has no folders to make (pyarrow would write empty marker objects)
+            fs.create_dir(draft, recursive=True)
         pq.write_table(train, f"{draft}/{TRAIN_FILE}", filesystem=fs)
         pq.write_table(validation, f"{draft}/{VALIDATION_FILE}", filesystem=fs)
         with fs.open_output_stream(f"{draft}/{MANIFEST_FILE}") as stream:  # last: it commits the version

@@ -41,13 +41,13 @@ from genloop.training.dataset_store import (
     OUTPUT_SCHEMA,
     DatasetVersion,
     check_name,
-    join,
     list_versions,
     read_split,
     write_version,
 )
 from genloop.training.errors import UserInputError
 from genloop.training.sources import Source, resolve_source
+from genloop.training.storage import join
 
 logger = logging.getLogger(__name__)
 

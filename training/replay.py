@@ -22,7 +22,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from genloop.training.dataset_store import DatasetVersion, join, list_versions, read_split, write_version
+from genloop.training.dataset_store import DatasetVersion, list_versions, read_split, write_version
+from genloop.training.storage import join
 
 MIX_SUFFIX = "-mix"
 

@@ -190,3 +190,54 @@ def test_training_reads_and_writes_only_the_object_store(s3, tmp_path, ray_clust
         assert (registry.local_path(version) / WEIGHTS).stat().st_size > 0
     finally:
         del os.environ[CACHE_ENV]
+
+
+def test_the_inference_log_in_s3_keeps_what_a_killed_replica_spooled(s3, tmp_path, monkeypatch):
+    """Replicas write the log to the bucket; one killed outright leaves its rows in its node's spool,
+    and the next replica on that node writes them there. Drift's reader sees every row."""
+    import signal
+    from datetime import UTC, datetime, timedelta
+
+    import boto3
+
+    from genloop.serving.inference_log import (
+        SPOOL_ENV,
+        InferenceLog,
+        InferenceRecord,
+        caller_prompts,
+        read_inference_log,
+    )
+
+    variables, _ = s3
+    root = f"s3://{BUCKET}/inference-log"
+    monkeypatch.setenv(SPOOL_ENV, str(tmp_path / "node-spool"))
+    writer = subprocess.Popen([sys.executable, "-c", (
+        "import time\n"
+        "from genloop.serving.inference_log import InferenceLog, InferenceRecord\n"
+        f"log = InferenceLog({root!r}, flush_seconds=3600)\n"
+        "for i in range(20):\n"
+        "    log.append(InferenceRecord(request_id=f'killed-{i}', route='completions', model_version='1',\n"
+        "                               status=200, prompt=f'prompt {i}', output='answer'))\n"
+        "print('logged', flush=True)\n"
+        "time.sleep(600)\n")], env={**os.environ, **variables}, stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout is not None and writer.stdout.readline().strip() == "logged"
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+    assert read_inference_log(root).num_rows == 0  # its buffer died with it; its spool did not
+
+    log = InferenceLog(root, flush_seconds=0.05)  # the next replica on this node
+    assert log.recovered == 20
+    for i in range(5):
+        log.append(InferenceRecord(request_id=f"next-{i}", route="completions", model_version="1", status=200,
+                                   prompt=f"later {i}", output="answer"))
+    log.close()
+
+    ids = sorted(read_inference_log(root).column("request_id").to_pylist())
+    assert ids == sorted([f"killed-{i}" for i in range(20)] + [f"next-{i}" for i in range(5)])
+    keys = [item["Key"] for item in boto3.client("s3").list_objects_v2(Bucket=BUCKET, Prefix="inference-log/")
+            ["Contents"]]
+    assert all("/date=" in key and key.endswith(".parquet") and "/part-" in key for key in keys), keys
+    assert not [path for path in (tmp_path / "node-spool").rglob("*") if path.is_file()]  # all written out
+    assert len(caller_prompts(root, since=datetime.now(UTC) - timedelta(hours=1))) == 25
