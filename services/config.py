@@ -30,7 +30,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from genloop.monitoring.drift_settings import DriftSettings
 from genloop.services.schedule import SchedulerConfig
 from genloop.serving.hf.options import HFEngineOptions
-from genloop.serving.settings import DeploymentOptions, LogText, ServerSettings
+from genloop.serving.settings import Autoscaling, DeploymentOptions, LogText, ServerSettings
 from genloop.training.config import (
     CostConfig,
     DataConfig,
@@ -100,6 +100,7 @@ class ServingConfig(Section):
     engine: Literal["hf", "vllm"] = Field("hf", description="hf (transformers, CPU/GPU) or vllm (GPU only).")
     device: str = _reuse(HFEngineOptions, "device")
     num_replicas: int = _reuse(DeploymentOptions, "num_replicas")
+    autoscaling: Autoscaling | None = _reuse(DeploymentOptions, "autoscaling")
     replica_cpus: float = _reuse(DeploymentOptions, "replica_cpus")
     replica_gpus: float | None = Field(
         None, ge=0, description="GPUs Ray reserves for each replica; None: 1 for a cuda device or the vllm engine, "
@@ -132,7 +133,8 @@ class ServingConfig(Section):
         return 1.0 if self.engine == "vllm" or self.device.startswith("cuda") else 0.0
 
     def deployment(self) -> DeploymentOptions:
-        return DeploymentOptions(num_replicas=self.num_replicas, max_ongoing_requests=self.max_ongoing_requests,
+        return DeploymentOptions(num_replicas=self.num_replicas, autoscaling=self.autoscaling,
+                                 max_ongoing_requests=self.max_ongoing_requests,
                                  max_queued_requests=self.max_queued_requests, replica_cpus=self.replica_cpus,
                                  replica_gpus=self.gpus_per_replica)
 

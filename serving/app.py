@@ -551,9 +551,11 @@ def build_app(settings: ServerSettings, deployment: DeploymentOptions | None = N
     options = {"ray_actor_options": {"num_cpus": deployment.replica_cpus, "num_gpus": deployment.replica_gpus}}
     # serve.deployment made ShadowModel a Deployment; mypy keeps a class decorator's input type.
     shadow_app = ShadowModel.options(**options).bind(shadow) if shadow is not None else None  # type: ignore[attr-defined]
+    scaling: dict[str, Any] = ({"autoscaling_config": deployment.autoscaling.model_dump()}
+                               if deployment.autoscaling is not None else {"num_replicas": deployment.num_replicas})
     return OpenAIDeployment.options(
-        num_replicas=deployment.num_replicas, max_ongoing_requests=deployment.max_ongoing_requests,
-        max_queued_requests=deployment.max_queued_requests,
+        max_ongoing_requests=deployment.max_ongoing_requests, max_queued_requests=deployment.max_queued_requests,
+        **scaling,
         backpressure_config=BackpressureConfig(status_code=429, retry_after_s=1), **options,
     ).bind(settings, shadow_app)
 

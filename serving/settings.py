@@ -12,7 +12,7 @@ from __future__ import annotations
 import secrets
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from genloop.serving.engine import Engine, EngineOptions
 from genloop.serving.model_store import local_model
@@ -73,6 +73,32 @@ class ServerSettings(BaseModel):
         return self.engine_class(model, self.model_version, self.engine_options)
 
 
+class Autoscaling(BaseModel):
+    """Serve's request-driven autoscaling of the model's replicas (its ``autoscaling_config``): Serve adds
+    replicas while each holds more than ``target_ongoing_requests`` on average, and removes them when
+    fewer would do, between ``min_replicas`` and ``max_replicas``. Replicas spread over the cluster's
+    nodes (Serve's default placement)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    min_replicas: int = Field(1, ge=1, description="Replicas kept however quiet it is (at least one: a replica "
+                              "loads its model for seconds to minutes, so none would mean a cold first request).")
+    max_replicas: int = Field(ge=1, description="Replicas at most, however busy.")
+    target_ongoing_requests: float = Field(
+        8, gt=0, description="Requests per replica Serve aims at; with continuous batching a replica serves "
+        "several at once, so this is well above 1.")
+    upscale_delay_s: float = Field(10, ge=0, description="How long load must stay above target before a replica "
+                                   "is added.")
+    downscale_delay_s: float = Field(300, ge=0, description="How long load must stay below target before a "
+                                     "replica is removed (long: a new replica costs a model load).")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Autoscaling:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})")
+        return self
+
+
 class DeploymentOptions(BaseModel):
     """How Serve runs the model's deployment: replicas, their resources and the backpressure limits.
 
@@ -83,7 +109,9 @@ class DeploymentOptions(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    num_replicas: int = Field(1, ge=1, description="Serve replicas (one engine each).")
+    num_replicas: int = Field(1, ge=1, description="Serve replicas (one engine each); ignored with autoscaling.")
+    autoscaling: Autoscaling | None = Field(
+        None, description="Serve's autoscaling of the replicas by load; None keeps num_replicas replicas.")
     max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica takes at once (Serve).")
     max_queued_requests: int = Field(256, ge=1, description="Requests waiting for a replica; beyond this 429.")
     replica_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves for each replica (and the shadow's).")

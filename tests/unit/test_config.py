@@ -122,3 +122,25 @@ def test_gpu_replicas_reserve_a_gpu_unless_told_otherwise(serving, gpus):
 ])
 def test_urls_are_shown_without_their_secrets(url, shown):
     assert mask_url(url) == shown
+
+
+def test_autoscaling_reads_from_yaml_and_refuses_inverted_bounds(tmp_path: Path):
+    config = load_config(write(tmp_path, "serving:\n  autoscaling:\n    max_replicas: 4\n"
+                                          "    target_ongoing_requests: 3\n"))
+    options = config.serving.deployment().autoscaling
+    assert options is not None and (options.min_replicas, options.max_replicas, options.target_ongoing_requests) \
+        == (1, 4, 3)
+    assert GenloopConfig().serving.deployment().autoscaling is None  # fixed replicas unless asked
+    with pytest.raises(ConfigError, match=r"max_replicas \(1\) is below min_replicas \(2\)"):
+        load_config(write(tmp_path, "serving:\n  autoscaling:\n    min_replicas: 2\n    max_replicas: 1\n"))
+    with pytest.raises(ConfigError, match=r"serving\.autoscaling\.max_replica: unknown key"):
+        load_config(write(tmp_path, "serving:\n  autoscaling:\n    max_replica: 4\n"))
+
+
+def test_storage_locations_default_under_home_and_take_uris(tmp_path: Path):
+    config = GenloopConfig(home=tmp_path)
+    assert config.datasets_dir == str(tmp_path / "datasets")
+    assert config.inference_log_dir == str(tmp_path / "inference-log")
+    config = load_config(write(tmp_path, "datasets_uri: s3://bucket/ds\ninference_log_uri: s3://bucket/log\n"
+                                          "tracking:\n  artifact_location: s3://bucket/mlflow\n"))
+    assert (config.datasets_dir, config.inference_log_dir) == ("s3://bucket/ds", "s3://bucket/log")
