@@ -84,6 +84,9 @@ class TrainConfig(Section):
         description="CPUs reserved per training worker (torch threads = max(1, round(this))). Leave at least one "
         "CPU of the cluster unreserved: Ray Data needs it to stream the shards.",
     )
+    placement_strategy: Literal["PACK", "SPREAD"] = Field(
+        "PACK", description="Where Ray puts the workers: PACK fills a node before the next (fast collectives), "
+        "SPREAD puts them on as many nodes as it can (a node lost takes fewer workers with it).")
     max_failures: int = Field(2, ge=0, description="Worker-group restarts (resuming from the last checkpoint).")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA fine-tuning.")
 

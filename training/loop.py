@@ -209,6 +209,12 @@ def train_worker(config: dict[str, Any]) -> None:
     verdicts = config.get("verdicts")  # see ``services.trials``
 
     mlflow = MlflowClient(config["tracking_uri"]) if rank == 0 else None
+    # Where the workers run (node id and address per rank), for an operator asking where a run went.
+    nodes: list[Any] = [f"{ray.get_runtime_context().get_node_id()[:12]}@{ray.util.get_node_ip_address()}"] * world
+    if world > 1:
+        torch.distributed.all_gather_object(nodes, nodes[0])
+    if mlflow is not None:
+        mlflow.set_tag(config["run_id"], "worker_nodes", " ".join(nodes))
     progress = config.get("progress_queue")
 
     def log(metrics: dict[str, float], step: int) -> None:

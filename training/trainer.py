@@ -145,6 +145,7 @@ def _trainer(*, train_dataset: ray.data.Dataset, validation_blocks: dict[str, to
         scaling_config=ray.train.ScalingConfig(
             num_workers=settings.num_workers,
             use_gpu=settings.use_gpu,
+            placement_strategy=settings.placement_strategy,
             resources_per_worker={"GPU": 1, "CPU": settings.cpus_per_worker}
             if settings.use_gpu
             else {"CPU": settings.cpus_per_worker},
