@@ -1,0 +1,347 @@
+"""genloop's loop on a two-node Ray cluster, each node a network namespace with its own address.
+
+Real all the way: ``ray start`` in two namespaces (``ip netns`` + veth on a bridge, as root), an S3
+API server (moto) and the machine's PostgreSQL reached over the bridge, and genloop's CLI run on the
+head node as an operator runs it, from a ``genloop.yaml`` that differs from the default in URLs (and
+in test sizes). Both nodes share this machine's filesystem, so each gets caches of its own through
+its environment, and nothing genloop hands across the cluster may be a path: datasets, checkpoints,
+models and the inference log travel through the bucket, state through PostgreSQL.
+
+Where namespaces cannot be made (not root, no ``ip``), the module is skipped, saying why.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from sqlalchemy import create_engine, text
+from sqlalchemy.pool import NullPool
+
+from genloop.services.cluster import SERVE_DATA_PLANE_ENV, SERVE_START_ENV
+from genloop.serving.proxy_errors import PROXY_ENV
+
+pytestmark = pytest.mark.slow
+
+BUCKET = "genloop-cluster"
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def network() -> Iterator[dict[str, str]]:
+    """A bridge on this host (the "network") and two namespaces on it: head and worker."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("network namespaces need root and iproute2's `ip`")
+    tag = f"{os.getpid() % 10000}"
+    subnet = f"10.{77 + os.getpid() % 100}.{os.getpid() % 250}"
+    bridge, names = f"glbr{tag}", {"head": f"gl-head-{tag}", "worker": f"gl-work-{tag}"}
+    addresses = {"bridge": f"{subnet}.1", "head": f"{subnet}.2", "worker": f"{subnet}.3"}
+    made: list[list[str]] = []
+    try:
+        _ip("link", "add", bridge, "type", "bridge")
+        made.append(["link", "del", bridge])
+        _ip("addr", "add", f"{addresses['bridge']}/24", "dev", bridge)
+        _ip("link", "set", bridge, "up")
+        for role, namespace in names.items():
+            _ip("netns", "add", namespace)
+            made.append(["netns", "del", namespace])
+            host_end, node_end = f"{namespace[:7]}{tag}h", f"{namespace[:7]}{tag}n"
+            _ip("link", "add", host_end, "type", "veth", "peer", "name", node_end)
+            _ip("link", "set", host_end, "master", bridge, "up")
+            _ip("link", "set", node_end, "netns", namespace)
+            for args in (["addr", "add", f"{addresses[role]}/24", "dev", node_end], ["link", "set", node_end, "up"],
+                         ["link", "set", "lo", "up"]):
+                _ip("netns", "exec", namespace, "ip", *args)
+    except subprocess.CalledProcessError as exc:
+        for undo in reversed(made):
+            subprocess.run(["ip", *undo], capture_output=True)
+        pytest.skip(f"network namespaces refused here: {exc.stderr.strip()}")
+    yield {**addresses, "head_ns": names["head"], "worker_ns": names["worker"],
+           "head_if": f"{names['head'][:7]}{tag}n", "worker_if": f"{names['worker'][:7]}{tag}n"}
+    for undo in reversed(made):
+        subprocess.run(["ip", *undo], capture_output=True)
+
+
+def _relay(listen: tuple[str, int], target: tuple[str, int], stop: threading.Event) -> None:
+    """A TCP relay: PostgreSQL listens on this host's loopback only, which no namespace reaches."""
+    server = socket.create_server(listen)
+    server.settimeout(0.5)
+
+    def pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                end.close()
+
+    def serve() -> None:
+        with server:
+            while not stop.is_set():
+                try:
+                    client, _ = server.accept()
+                except TimeoutError:
+                    continue
+                upstream = socket.create_connection(target)
+                for ends in ((client, upstream), (upstream, client)):
+                    threading.Thread(target=pipe, args=ends, daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait(condition, what: str, timeout: float, *processes: subprocess.Popen, logs: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        for process in processes:
+            told = "".join(f"\n{log.name}:\n{log.read_text()[-3000:]}" for log in sorted(logs.glob("*.log"))) \
+                if logs else ""
+            assert process.poll() is None, f"{what}: a process exited ({process.args}){told}"
+        assert time.monotonic() < deadline, f"{what}: not within {timeout:g} s"
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def cluster(network, tmp_path_factory) -> Iterator[dict]:
+    """Two Ray nodes, moto and a PostgreSQL relay on the bridge, the databases and genloop.yaml."""
+    root = tmp_path_factory.mktemp("cluster")
+    bridge = network["bridge"]
+    started: list[subprocess.Popen] = []
+    temp_dirs: list[Path] = []
+    stop = threading.Event()
+    pg_port, s3_port, gcs_port = _free_port(), _free_port(), _free_port()
+    _relay((bridge, pg_port), ("127.0.0.1", 5432), stop)
+    admin = create_engine("postgresql+psycopg://postgres@127.0.0.1:5432/postgres", poolclass=NullPool,
+                          isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3})
+    try:
+        admin.connect().close()
+    except Exception as exc:  # noqa: BLE001 - whatever the driver raises, the server is not there
+        pytest.skip(f"no PostgreSQL on 127.0.0.1:5432 ({type(exc).__name__})")
+    databases = {role: f"genloop_cluster_{role}_{uuid.uuid4().hex[:8]}" for role in ("mlflow", "state")}
+    with admin.connect() as connection:
+        for name in databases.values():
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+    s3 = f"http://{bridge}:{s3_port}"
+    aws = {"AWS_ACCESS_KEY_ID": "genloop", "AWS_SECRET_ACCESS_KEY": "genloop-secret", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": s3, "MLFLOW_S3_ENDPOINT_URL": s3}
+    base_env = {key: value for key, value in os.environ.items() if not key.startswith(("GENLOOP_", "RAY_", "AWS_"))}
+    base_env.update(aws, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    try:
+        started.append(subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", bridge,
+                                         "-p", str(s3_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        _wait(lambda: _answers(f"{s3}/moto-api/"), "moto", 60, *started)
+        import boto3
+
+        boto3.client("s3", endpoint_url=s3, **{k.lower(): v for k, v in aws.items()
+                                              if k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")},
+                     region_name="us-east-1").create_bucket(Bucket=BUCKET)
+        nodes = {}
+        for role in ("head", "worker"):
+            node_env = {**base_env, **SERVE_DATA_PLANE_ENV, **SERVE_START_ENV, **PROXY_ENV,
+                        "GENLOOP_MODEL_CACHE": str(root / role / "models"),
+                        "GENLOOP_SPOOL_DIR": str(root / role / "spool"),
+                        # Both namespaces share this machine's hostname, which resolves to loopback: gloo
+                        # (torch.distributed on CPU) must be told the node's own interface, as on any host
+                        # whose hostname does not resolve to the address the other nodes reach.
+                        "GLOO_SOCKET_IFNAME": network[f"{role}_if"]}
+            place = (["--head", f"--port={gcs_port}", "--include-dashboard=false"] if role == "head"
+                     else [f"--address={network['head']}:{gcs_port}"])
+            # Three CPUs a node: a training worker (1) and a replica (0.5) on each still leave a whole CPU
+            # on some node for Ray Data's read tasks, which a CPU split in halves over two nodes would not.
+            # Ray's sockets live in its temp dir, and a Unix socket's path has at most 107 bytes.
+            temp = Path(tempfile.mkdtemp(prefix=f"gl-{role}-", dir="/tmp"))
+            temp_dirs.append(temp)
+            with (root / f"ray-{role}.log").open("w") as log:
+                started.append(subprocess.Popen(
+                    ["ip", "netns", "exec", network[f"{role}_ns"], RAY, "start", "--block", *place,
+                     f"--node-ip-address={network[role]}", "--num-cpus=3", f"--temp-dir={temp}"],
+                    env={**node_env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}, stdout=log,
+                    stderr=subprocess.STDOUT))
+            nodes[role] = node_env
+            if role == "head":
+                _wait(lambda: _ray_status(network, gcs_port, base_env) >= 1, "ray head", 120, *started, logs=root)
+        _wait(lambda: _ray_status(network, gcs_port, base_env) >= 2, "ray worker node", 120, *started, logs=root)
+
+        def url(role: str) -> str:
+            return f"postgresql+psycopg://postgres@{bridge}:{pg_port}/{databases[role]}"
+
+        config = {
+            "ray": {"address": f"{network['head']}:{gcs_port}", "storage_path": f"s3://{BUCKET}/ray"},
+            "datasets_uri": f"s3://{BUCKET}/datasets",
+            "inference_log_uri": f"s3://{BUCKET}/inference-log",
+            "tracking": {"tracking_uri": url("mlflow"), "artifact_location": f"s3://{BUCKET}/mlflow"},
+            "state_db_url": url("state"),
+            "scheduler": {"job_store_url": url("state")},
+            # test sizes, and where the replicas and workers go
+            "data": {"max_documents_per_source": 300},
+            "tokenizer": {"vocab_size": 512},
+            "train": {"max_steps": 20, "eval_every": 10, "eval_batches": 1, "micro_batch_size": 4,
+                      "num_workers": 2, "cpus_per_worker": 1, "placement_strategy": "SPREAD"},
+            "evaluation": {"max_texts": 20, "prompts": 4, "max_new_tokens": 8},
+            "serving": {"num_replicas": 2, "replica_cpus": 0.5, "max_batch_size": 4},
+            "monitoring": {"exporter_port": 0},
+        }
+        config_file = root / "genloop.yaml"
+        config_file.write_text(yaml.safe_dump(config))
+        cli_env = {**nodes["head"], "GENLOOP_HOME": str(root / "control-plane")}
+        yield {"network": network, "config_file": config_file, "env": cli_env, "root": root, "aws": aws,
+               "databases": databases, "s3": s3}
+    finally:
+        stop.set()
+        for process in reversed(started):
+            process.send_signal(signal.SIGTERM)
+        for process in reversed(started):
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        with admin.connect() as connection:
+            for name in databases.values():
+                connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        for temp in temp_dirs:
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code < 500
+    except httpx.HTTPError:
+        return False
+
+
+def _ray_status(network: dict, port: int, env: dict) -> int:
+    """Alive nodes of the cluster, as ``ray status`` on the head node counts them."""
+    result = subprocess.run(["ip", "netns", "exec", network["head_ns"], RAY, "status",
+                             f"--address={network['head']}:{port}"], env=env, capture_output=True, text=True,
+                            timeout=60)
+    active = result.stdout.partition("Active:")[2].partition("Pending:")[0]
+    return sum(line.strip().startswith("1 node_") for line in active.splitlines()) if result.returncode == 0 else 0
+
+
+def genloop(cluster: dict, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """A genloop command on the head node, as an operator runs it there."""
+    command = ["ip", "netns", "exec", cluster["network"]["head_ns"], sys.executable, "-m", "genloop.services.cli",
+               *args]
+    started = time.monotonic()
+    result = subprocess.run(command, env=cluster["env"], capture_output=True, text=True, timeout=timeout)
+    print(f"genloop {' '.join(args[:2])}: {time.monotonic() - started:.1f} s (exit {result.returncode})")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return result
+
+
+def test_the_loop_on_two_nodes(cluster, monkeypatch):
+    from mlflow.tracking import MlflowClient
+    from openai import OpenAI
+
+    from genloop.serving.inference_log import read_inference_log
+
+    network, root, config = cluster["network"], cluster["root"], ["--config", str(cluster["config_file"])]
+    genloop(cluster, "data", "ingest", "builtin:python-docs", "--name", "docs", *config)
+    genloop(cluster, "train", "--dataset", "docs", "--preset", "tiny", *config)
+
+    # The training workers ran one on each node; the model is in the bucket, its record in PostgreSQL.
+    tracking = f"postgresql+psycopg://postgres@127.0.0.1:5432/{cluster['databases']['mlflow']}"
+    client = MlflowClient(tracking_uri=tracking, registry_uri=tracking)
+    first = client.get_model_version("genloop", "1")
+    placed = client.get_run(first.run_id).data.tags["worker_nodes"].split()
+    print(f"training workers: {placed}")
+    assert {node.split("@")[1] for node in placed} == {network["head"], network["worker"]}
+    assert first.source.startswith(f"s3://{BUCKET}/mlflow/")
+    genloop(cluster, "promote", "1", *config)  # the gate, reading the held-out sets from the bucket
+
+    lines: list[str] = []
+    started = time.monotonic()
+    server = subprocess.Popen(["ip", "netns", "exec", network["head_ns"], sys.executable, "-m",
+                               "genloop.services.cli", "serve", "--host", "0.0.0.0", "--port", "8000", *config],
+                              env=cluster["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    threading.Thread(target=lambda: lines.extend(server.stdout or []), daemon=True).start()
+    base = f"http://{network['head']}:8000"
+    try:
+        _wait(lambda: _answers(f"{base}/health") and httpx.get(f"{base}/health").status_code == 200,
+              "genloop serve", 300, server)
+        print(f"genloop serve: healthy after {time.monotonic() - started:.1f} s")
+        # Each node's replica fetched v1 from the bucket into that node's own cache.
+        for role in ("head", "worker"):
+            assert [p.name for p in (root / role / "models").glob("v1-*")], f"no v1 in the {role} node's cache"
+        openai = OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+        completion = openai.completions.create(model="genloop", prompt="The for statement", max_tokens=8)
+        assert completion.choices[0].text and completion.usage.completion_tokens > 0
+
+        # v2, warm-started from v1 while v1 serves; promoted under load: a rolling update over both nodes.
+        genloop(cluster, "train", "--dataset", "docs", "--base", "1", *config)
+        answered: list[tuple[int, str | None, str]] = []
+        stop = threading.Event()
+
+        def load() -> None:
+            with httpx.Client(timeout=120) as http:
+                while not stop.is_set():
+                    try:
+                        response = http.post(f"{base}/v1/completions", json={
+                            "model": "genloop", "prompt": "The list", "max_tokens": 6})
+                        answered.append((response.status_code, response.headers.get("x-genloop-model-version"),
+                                         response.json().get("id", "") if response.status_code == 200 else
+                                         response.text))
+                    except httpx.HTTPError as exc:
+                        answered.append((0, None, repr(exc)))
+
+        with ThreadPoolExecutor(4) as pool:
+            for _ in range(4):
+                pool.submit(load)
+            try:
+                _wait(lambda: len(answered) >= 20, "load before the rollout", 120, server)
+                rollout = time.monotonic()
+                genloop(cluster, "promote", "2", "--force", "--reason", "rollout on two nodes", *config)
+                _wait(lambda: sum(version == "2" for _, version, _ in answered) >= 20, "v2 answering", 300, server)
+                print(f"rollout: v2 answering 20 requests {time.monotonic() - rollout:.1f} s after the promotion")
+            finally:
+                stop.set()
+        failures = [entry for entry in answered if entry[0] != 200]
+        assert not failures, failures[:5]
+        print(f"rollout under load: {len(answered)} requests, {len(failures)} failed")
+        for role in ("head", "worker"):
+            assert [p.name for p in (root / role / "models").glob("v2-*")], f"no v2 in the {role} node's cache"
+    finally:
+        server.send_signal(signal.SIGINT)  # drains: replicas answer what they hold and write their log rows
+        try:
+            server.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    assert server.returncode == 0, "".join(lines)[-4000:]
+
+    # Every answer has its row in the log in the bucket, written by replicas on both nodes.
+    for name, value in cluster["aws"].items():
+        monkeypatch.setenv(name, value)
+    rows = read_inference_log(f"s3://{BUCKET}/inference-log")
+    ids = set(rows.column("request_id").to_pylist())
+    assert {request_id for status, _, request_id in answered if status == 200} <= ids
+    import boto3
+
+    parts = [item["Key"] for item in boto3.client("s3").list_objects_v2(Bucket=BUCKET, Prefix="inference-log/")
+             .get("Contents", [])]
+    writers = {key.rsplit("/part-", 1)[1].split("_")[1] for key in parts}  # part-<host>_<pid>_<spool>.parquet
+    assert len(writers) >= 2, parts
