@@ -235,8 +235,9 @@ class GenloopConfig(BaseSettings):
         "it: a folder, or an object-store URI (s3://bucket/prefix); None uses $GENLOOP_HOME/inference-log."
     )
     state_db_url: str | None = Field(
-        None, description="SQLAlchemy URL of genloop's own tables (promotion audit); None uses "
-        "sqlite:///$GENLOOP_HOME/genloop.db."
+        None, description="SQLAlchemy URL of genloop's own tables (the promotion audit and the lock on alias "
+        "changes) and of the one-`genloop up` lock: PostgreSQL (postgresql+psycopg://…) for more than one host; "
+        "None uses sqlite:///$GENLOOP_HOME/genloop.db."
     )
 
     @field_validator("home")
