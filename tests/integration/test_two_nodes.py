@@ -285,7 +285,8 @@ def test_the_loop_on_two_nodes(cluster, monkeypatch):
         _wait(lambda: _answers(f"{base}/health") and httpx.get(f"{base}/health").status_code == 200,
               "genloop serve", 300, server)
         print(f"genloop serve: healthy after {time.monotonic() - started:.1f} s")
-        # Each node's replica fetched v1 from the bucket into that node's own cache.
+        # Each node's replica fetched v1 from the bucket into that node's own cache (on an idle cluster
+        # Serve spreads the replicas over the nodes).
         for role in ("head", "worker"):
             assert [p.name for p in (root / role / "models").glob("v1-*")], f"no v1 in the {role} node's cache"
         openai = OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
@@ -323,8 +324,9 @@ def test_the_loop_on_two_nodes(cluster, monkeypatch):
         failures = [entry for entry in answered if entry[0] != 200]
         assert not failures, failures[:5]
         print(f"rollout under load: {len(answered)} requests, {len(failures)} failed")
-        for role in ("head", "worker"):
-            assert [p.name for p in (root / role / "models").glob("v2-*")], f"no v2 in the {role} node's cache"
+        # Serve places a rollout's new replicas where there is room (spreading is its best effort, not a
+        # guarantee): v2 was fetched from the bucket onto whichever nodes run it.
+        assert any((root / role / "models").glob("v2-*") for role in ("head", "worker"))
     finally:
         server.send_signal(signal.SIGINT)  # drains: replicas answer what they hold and write their log rows
         try:
