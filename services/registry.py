@@ -41,6 +41,12 @@ class Registry:
     def tracking_uri(self) -> str:
         return self.config.mlflow_tracking_uri
 
+    @property
+    def tracking_server(self) -> str | None:
+        """The tracking URI when it is an MLflow server (which has an artifact store of its own and
+        resolves ``mlflow-artifacts:/`` URIs), None when it is a database."""
+        return self.tracking_uri if self.tracking_uri.startswith(("http://", "https://")) else None
+
     def experiment_id(self) -> str:
         """The training experiment, created on first use with artifacts at ``tracking.artifact_location``."""
         name = self.config.tracking.experiment
@@ -50,7 +56,7 @@ class Registry:
         # A database tracking URI has no artifact root of its own: MLflow would put artifacts in the
         # working directory's ./mlruns. A tracking server has one (--artifacts-destination).
         location = self.config.tracking.artifact_location
-        if location is None and not self.tracking_uri.startswith(("http://", "https://")):
+        if location is None and self.tracking_server is None:
             location = self.config.mlflow_artifacts_dir.as_uri()
         return self.client.create_experiment(name, artifact_location=location)
 

@@ -92,7 +92,7 @@ def settings_for(config: GenloopConfig, version: str) -> ServerSettings:
     return ServerSettings(
         served_model_name=serving.model_name,
         model_uri=model_version.source,  # fetched by each replica on its own node
-        registry_uri=registry.tracking_uri if registry.tracking_uri.startswith(("http://", "https://")) else None,
+        registry_uri=registry.tracking_server,
         model_version=str(model_version.version),
         engine_class=engine_class,
         engine_options=options,

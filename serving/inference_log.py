@@ -205,7 +205,7 @@ def _write_parquet(root: str, name: str, records: list[InferenceRecord], text: L
     file under a hidden name then renamed, an object in one PUT), so a reader never sees half a file
     and a rewrite replaces it whole."""
     fs, base = filesystem(root)
-    local = is_local(root)
+    local = isinstance(fs, pafs.LocalFileSystem)
     by_day: dict[date, list[dict]] = {}
     for record in records:
         by_day.setdefault(record.time.astimezone(UTC).date(), []).append({**record.model_dump(), "text_mode": text})
