@@ -17,5 +17,5 @@ def write_dataset(root: Path, name: str, number: int, train: list[str], validati
                          "content_hash": [content_hash(t) for t in texts]}, schema=OUTPUT_SCHEMA)
 
     manifest = {"name": name, "version": number, "content_hash": f"{name}{number}"}
-    path = write_version(Path(root) / name, number, table(train), table(validation), manifest)
+    path = write_version(Path(root) / name, number, [(table(train), table(validation))], manifest)
     return DatasetVersion(name=name, version=number, path=path, manifest=manifest)

@@ -1,9 +1,8 @@
-"""Text cleaning: pure per-document functions plus the duplicate index that needs global memory.
+"""Text cleaning: pure per-document functions (deduplication across documents is ``training.dedup``).
 
-Everything here is deterministic and free of I/O, so the Ray Data workers (which run the
-per-document functions in ``map_batches``) and the driver (which owns the duplicate index,
-the only step that must see every document) compute exactly the same thing on every run.
-That determinism is what lets an unchanged input reproduce the same dataset hash.
+Everything here is deterministic and free of I/O, so the Ray Data workers that run these functions
+in ``map_batches`` compute exactly the same thing on every node and every run. That determinism is
+what lets an unchanged input reproduce the same dataset hash.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
-from datasketch import LeanMinHash, MinHash, MinHashLSH
+from datasketch import MinHash
 
 from genloop.training.config import DataConfig
 
@@ -209,35 +208,3 @@ def minhash_signatures(texts: Sequence[str], num_perm: int, shingle_words: int) 
     sets = [sorted(shingles(t, shingle_words)) for t in texts]
     sketches = MinHash.generator(sets, num_perm=num_perm, seed=MINHASH_SEED, scheme=MINHASH_SCHEME)
     return [m.hashvalues for m in sketches]
-
-
-class DuplicateIndex:
-    """Memory of the documents seen so far: exact hashes plus a MinHash LSH of those kept.
-
-    It lives on the driver because deduplication is the one step that must compare each
-    document with every earlier one; feeding it in a fixed order makes "first seen is kept"
-    reproducible. LSH only proposes candidates (tuned to miss few: weights favour recall);
-    each candidate is confirmed by its estimated Jaccard similarity against the threshold.
-    """
-
-    def __init__(self, threshold: float, num_perm: int) -> None:
-        self.threshold = threshold
-        self._seen: set[str] = set()
-        self._lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=(0.1, 0.9))
-        self._kept: dict[str, LeanMinHash] = {}
-
-    def __len__(self) -> int:
-        return len(self._kept)
-
-    def add(self, doc_hash: str, signature: Sequence[int] | np.ndarray) -> str | None:
-        """Register a document; return the duplicate reason if it must be dropped, else None."""
-        if doc_hash in self._seen:
-            return EXACT_DUPLICATE
-        self._seen.add(doc_hash)
-        sketch = LeanMinHash(seed=MINHASH_SEED, hashvalues=np.asarray(signature), scheme=MINHASH_SCHEME)
-        for key in self._lsh.query(sketch):
-            if sketch.jaccard(self._kept[key]) >= self.threshold:
-                return NEAR_DUPLICATE
-        self._lsh.insert(doc_hash, sketch)
-        self._kept[doc_hash] = sketch
-        return None

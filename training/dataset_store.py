@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,7 +152,11 @@ def read_split(path: str | Path) -> pa.Table:
     """A split's rows as OUTPUT_SCHEMA; texts of a table written without content hashes are hashed
     here, so versions made by hand (or by older code) read like ingested ones."""
     fs, inner = filesystem(path)
-    table = pq.read_table(inner, filesystem=fs)
+    return as_output(pq.read_table(inner, filesystem=fs))
+
+
+def as_output(table: pa.Table) -> pa.Table:
+    """Rows of a split as OUTPUT_SCHEMA (see ``read_split``), for readers that read the files themselves."""
     columns = {}
     for column in OUTPUT_SCHEMA:
         if column.name in table.column_names:
@@ -163,9 +168,11 @@ def read_split(path: str | Path) -> pa.Table:
     return pa.table(columns, schema=OUTPUT_SCHEMA)
 
 
-def write_version(folder: str | Path, version: int, train: pa.Table, validation: pa.Table, manifest: dict) -> str:
+def write_version(folder: str | Path, version: int, parts: Iterable[tuple[pa.Table, pa.Table]],
+                  manifest: dict) -> str:
     """Write version ``version`` of the dataset at ``folder`` (``ROOT/NAME``), atomically for readers
-    (see the module's docstring); returns its location."""
+    (see the module's docstring); returns its location. ``parts`` are (train rows, validation rows)
+    pairs, streamed into the two files in turn, so a version larger than memory can be written."""
     fs, base = filesystem(folder)
     target = join(folder, f"v{version}")
     local = isinstance(fs, pafs.LocalFileSystem)
@@ -176,8 +183,11 @@ def write_version(folder: str | Path, version: int, train: pa.Table, validation:
     try:
         if local:  # an object store has no folders to make (pyarrow would write empty marker objects)
             fs.create_dir(draft, recursive=True)
-        pq.write_table(train, f"{draft}/{TRAIN_FILE}", filesystem=fs)
-        pq.write_table(validation, f"{draft}/{VALIDATION_FILE}", filesystem=fs)
+        with (pq.ParquetWriter(f"{draft}/{TRAIN_FILE}", OUTPUT_SCHEMA, filesystem=fs) as train,
+              pq.ParquetWriter(f"{draft}/{VALIDATION_FILE}", OUTPUT_SCHEMA, filesystem=fs) as validation):
+            for train_rows, validation_rows in parts:
+                train.write_table(as_output(train_rows))
+                validation.write_table(as_output(validation_rows))
         with fs.open_output_stream(f"{draft}/{MANIFEST_FILE}") as stream:  # last: it commits the version
             stream.write((json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
         if local:

@@ -97,5 +97,5 @@ def build_mix(datasets_dir: str | Path, fresh: DatasetVersion, seen: list[Datase
                    "validation": validation.num_rows, "kept": mixed.num_rows + validation.num_rows},
         "content_hash": digest,
     }
-    path = write_version(join(datasets_dir, name), number, mixed, validation, manifest)
+    path = write_version(join(datasets_dir, name), number, [(mixed, validation)], manifest)
     return DatasetVersion(name=name, version=number, path=path, manifest=manifest)

@@ -41,8 +41,14 @@ PYTHON_CODE = "builtin:python-code"
 BUILTIN_SOURCES = (PYTHON_CODE, PYTHON_DOCS)
 BUILTIN_LICENCE = "PSF-2.0"
 
-#: Rows every reader yields: the raw text, where it came from, and a problem found while parsing.
-DOCUMENT_SCHEMA = pa.schema([("text", pa.string()), ("source", pa.string()), ("error", pa.string())])
+#: Rows every reader yields: the raw text, where it came from, a problem found while parsing, and its
+#: place in the source (``place``), which decides which of two duplicates is "first seen".
+DOCUMENT_SCHEMA = pa.schema(
+    [("text", pa.string()), ("source", pa.string()), ("error", pa.string()), ("order", pa.int64())]
+)
+#: ``order`` is file (or builtin reference) number << PLACE_BITS | document number within it.
+PLACE_BITS = 28
+MAX_PLACES = 1 << PLACE_BITS
 
 # Folders of the standard library that are tests or third-party packages, not the library itself.
 _STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
@@ -64,12 +70,12 @@ class Source:
     def read(self, data: DataConfig) -> ray.data.Dataset:
         """Rows of ``DOCUMENT_SCHEMA`` in a fixed order, capped at ``data.max_documents_per_source``.
 
-        The order is deterministic only with ``DataContext.execution_options.preserve_order``,
-        which ``datasets.ingest`` sets.
+        The cap takes the first documents only with ``DataContext.execution_options.preserve_order``,
+        which ``datasets.ingest`` sets; ``order`` says each row's place whatever the execution order.
         """
         if self.builtin is not None:
             refs = _builtin_refs(self.builtin)
-            ds = ray.data.from_items([{"ref": ref} for ref in refs]).map_batches(
+            ds = ray.data.from_items([{"ref": ref, "item": i} for i, ref in enumerate(refs)]).map_batches(
                 _builtin_documents, fn_kwargs={"builtin": self.builtin}, batch_format="pyarrow", batch_size=16
             )
         else:
@@ -77,7 +83,8 @@ class Source:
                      if self.payload else ray.data.read_binary_files(list(self.files), include_paths=True))
             ds = files.map_batches(
                 _file_documents,
-                fn_kwargs={"txt_mode": data.txt_mode, "text_field": data.text_field},
+                fn_kwargs={"txt_mode": data.txt_mode, "text_field": data.text_field,
+                           "items": {path: i for i, path in enumerate(self.files)}},
                 batch_format="pyarrow",
                 batch_size=1,
             )
@@ -106,6 +113,9 @@ def resolve_source(spec: str, data: DataConfig) -> Source:
             f"source {spec!r} does not exist (expected a file, a folder, a glob, or one of "
             f"{', '.join(BUILTIN_SOURCES)})"
         )
+    if len(files) >= MAX_PLACES:
+        raise UserInputError(f"source {spec!r} has {len(files)} files; split it into sources of fewer "
+                             f"than {MAX_PLACES}")
     return Source(spec=spec, licence=data.licence, files=tuple(sorted(str(f.resolve()) for f in files)))
 
 
@@ -283,22 +293,31 @@ _PARSERS: dict[str, Callable[[bytes, str, str, str], list[str]]] = {
 }
 
 
-def _file_documents(batch: pa.Table, txt_mode: str, text_field: str) -> pa.Table:
-    """map_batches: (bytes, path) rows → document rows; a bad file becomes one ``error`` row."""
+def _places(item: int, count: int) -> list[int]:
+    return [(item << PLACE_BITS) | n for n in range(count)]
+
+
+def _file_documents(batch: pa.Table, txt_mode: str, text_field: str, items: dict[str, int]) -> pa.Table:
+    """map_batches: (bytes, path) rows → document rows; a bad file becomes one ``error`` row.
+    ``items`` numbers the source's files in their sorted order."""
     texts: list[str | None] = []
     sources: list[str] = []
     errors: list[str | None] = []
+    places: list[int] = []
     for raw, path in zip(batch.column("bytes").to_pylist(), batch.column("path").to_pylist(), strict=True):
         docs: Sequence[str | None]
         error: str | None = None
         try:
             docs = _PARSERS[Path(path).suffix.lower()](raw, path, txt_mode, text_field)
+            if len(docs) >= MAX_PLACES:
+                raise UserInputError(f"{path}: {len(docs)} documents in one file; split it below {MAX_PLACES}")
         except UserInputError as exc:
             docs, error = [None], str(exc)
         texts += docs
         sources += [path] * len(docs)
         errors += [error] * len(docs)
-    return pa.table({"text": texts, "source": sources, "error": errors}, schema=DOCUMENT_SCHEMA)
+        places += _places(items[path], len(docs))
+    return pa.table({"text": texts, "source": sources, "error": errors, "order": places}, schema=DOCUMENT_SCHEMA)
 
 
 def _docstrings(source: str) -> list[str]:
@@ -313,8 +332,8 @@ def _builtin_documents(batch: pa.Table, builtin: str) -> pa.Table:
     """map_batches: stdlib references → documents. Files that fail to decode or parse are skipped:
     they are Python's own test fixtures, not a user's mistake."""
     root = _stdlib_root()
-    texts, sources = [], []
-    for ref in batch.column("ref").to_pylist():
+    texts, sources, places = [], [], []
+    for ref, item in zip(batch.column("ref").to_pylist(), batch.column("item").to_pylist(), strict=True):
         if ref.startswith("topics/"):
             from pydoc_data.topics import topics
 
@@ -329,4 +348,6 @@ def _builtin_documents(batch: pa.Table, builtin: str) -> pa.Table:
         docs = [d for d in docs if d.strip()]
         texts += docs
         sources += [f"{builtin}/{ref}"] * len(docs)
-    return pa.table({"text": texts, "source": sources, "error": [None] * len(texts)}, schema=DOCUMENT_SCHEMA)
+        places += _places(item, len(docs))
+    return pa.table({"text": texts, "source": sources, "error": [None] * len(texts), "order": places},
+                    schema=DOCUMENT_SCHEMA)

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
+from genloop.training import datasets
 from genloop.training.cleaning import split_of
 from genloop.training.config import DataConfig
 from genloop.training.dataset_store import MANIFEST_FILE, list_versions, resolve_dataset
@@ -130,6 +131,24 @@ def test_files_hold_the_kept_documents_sorted_by_hash(store):
         assert all(split_of(h, CONFIG.validation_fraction) == side for h in hashes)
     on_disk = json.loads((Path(version.path) / MANIFEST_FILE).read_text())
     assert on_disk == version.manifest
+
+
+def test_shuffled_across_partitions_the_same_documents_are_kept(store, tmp_path, monkeypatch):
+    """Above one partition's worth, deduplication runs as Ray Data hash shuffles and a join (on a
+    cluster, across its nodes); forced here with 4 documents per partition, it must make the same
+    version, document for document, as the one-partition path."""
+    monkeypatch.setattr(datasets, "ROWS_PER_PARTITION", 4)
+    shuffled = ingest([str(store["corpus"])], "corpus", CONFIG, tmp_path / "datasets")
+    assert rows_of(shuffled) == rows_of(store["second"])
+    assert shuffled.version.manifest["counts"] == store["second"].version.manifest["counts"]
+    # Extending it: its documents all stay, and they drop the new source's copies and near twins.
+    write_jsonl(tmp_path / "new.jsonl", [store["docs"]["A"], one_word_changed(store["docs"]["C"]), prose(321)])
+    extended = ingest([str(tmp_path / "new.jsonl")], "corpus", CONFIG, tmp_path / "datasets",
+                      extend=shuffled.version)
+    counts = extended.version.manifest["counts"]
+    assert counts["kept"] == shuffled.version.manifest["counts"]["kept"] + 1
+    assert counts["dropped"]["exact_duplicate"] == 1 and counts["dropped"]["near_duplicate"] == 1
+    assert {r["text"] for r in rows_of(extended)} == {r["text"] for r in rows_of(shuffled)} | {prose(321)}
 
 
 def test_first_seen_is_kept(store):
@@ -284,7 +303,7 @@ def test_failure_while_writing_leaves_only_complete_versions(ray_cluster, tmp_pa
     def disk_full(*args, **kwargs):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(pq, "write_table", disk_full)
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", disk_full)
     with pytest.raises(OSError, match="No space left"):
         ingest([str(tmp_path / "a.txt")], "atomic", CONFIG, datasets_dir)
     files = ["manifest.json", "train.parquet", "validation.parquet"]
@@ -295,6 +314,6 @@ def test_ingest_preserves_row_order_and_restores_the_callers_settings():
     ctx = ray.data.DataContext.get_current()
     before = (ctx.execution_options.preserve_order, ctx.enable_progress_bars)
     with _deterministic_ray_data():
-        assert ctx.execution_options.preserve_order is True  # "first seen is kept" needs a fixed order
+        assert ctx.execution_options.preserve_order is True  # a source's cap takes its first documents
         assert ctx.enable_progress_bars is False
     assert (ctx.execution_options.preserve_order, ctx.enable_progress_bars) == before

@@ -145,10 +145,10 @@ def test_dataset_versions_in_s3_are_committed_by_their_manifest(s3, ray_cluster)
     # A write that fails leaves nothing behind; a version is never written twice.
     table = read_split(first.train_path)
     with pytest.raises(TypeError):
-        write_version(f"{root}/docs", 3, table, table, {"bad": object()})  # fails after the parts are written
+        write_version(f"{root}/docs", 3, [(table, table)], {"bad": object()})  # fails after the parts are written
     assert not s3_client.list_objects_v2(Bucket=BUCKET, Prefix="store-test/docs/v3/").get("Contents")
     with pytest.raises(FileExistsError):
-        write_version(f"{root}/docs", 2, table, table, {"content_hash": "again"})
+        write_version(f"{root}/docs", 2, [(table, table)], {"content_hash": "again"})
     assert resolve_dataset(root, "docs:v2").manifest["content_hash"] == second.manifest["content_hash"]
     assert MANIFEST_FILE in [key["Key"].rsplit("/", 1)[1] for key in s3_client.list_objects_v2(
         Bucket=BUCKET, Prefix="store-test/docs/v2/")["Contents"]]

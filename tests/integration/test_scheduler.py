@@ -309,7 +309,7 @@ def test_a_failing_stage_is_retried_then_the_champion_keeps_serving(
     config.scheduler.max_attempts, config.scheduler.retry_backoff_s = 3, 0.05
     champion, docs = champion_on_docs(config, make_docs_dataset, make_tiny_model, register_model, tmp_path)
     table = pa.table({"text": docs[:40]})
-    folder = write_version(Path(config.datasets_dir) / "live", 1, table, table, {"content_hash": "live1"})
+    folder = write_version(Path(config.datasets_dir) / "live", 1, [(table, table)], {"content_hash": "live1"})
     (Path(folder) / "train.parquet").write_bytes(b"PAR1 a disk that lost most of this file")  # the data stage fails
 
     scheduler = GenloopScheduler(config)

@@ -7,15 +7,12 @@ import random
 import pytest
 
 from genloop.training.cleaning import (
-    EXACT_DUPLICATE,
-    NEAR_DUPLICATE,
     REPEATED_LINES,
     TOO_LONG,
     TOO_MANY_SYMBOLS,
     TOO_SHORT,
     TRAIN,
     VALIDATION,
-    DuplicateIndex,
     clean,
     content_hash,
     minhash_signatures,
@@ -156,33 +153,6 @@ def test_clean_scrubs_only_when_configured():
 def test_content_hash_is_sha256_of_normalised_text():
     assert content_hash("abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
     assert content_hash(normalise("two  spaces\r\n")) == content_hash(normalise("two spaces"))
-
-
-def index_with(texts: list[str], config: DataConfig | None = None) -> tuple[DuplicateIndex, list[str | None]]:
-    config = config or DataConfig()
-    index = DuplicateIndex(config.near_dup_threshold, config.minhash_num_perm)
-    signatures = minhash_signatures(texts, config.minhash_num_perm, config.shingle_words)
-    return index, [index.add(content_hash(t), s) for t, s in zip(texts, signatures, strict=True)]
-
-
-def test_exact_duplicate_is_dropped_and_first_is_kept():
-    doc = prose(1)
-    _, reasons = index_with([doc, prose(2), doc])
-    assert reasons == [None, None, EXACT_DUPLICATE]
-
-
-def test_near_duplicate_with_one_word_changed_is_caught():
-    doc = prose(3)
-    words = doc.split()
-    words[30] = "zeppelin"
-    _, reasons = index_with([doc, " ".join(words)])
-    assert reasons == [None, NEAR_DUPLICATE]
-
-
-def test_different_document_is_not_a_near_duplicate():
-    index, reasons = index_with([prose(4), prose(5), prose(6)])
-    assert reasons == [None, None, None]
-    assert len(index) == 3
 
 
 def test_signatures_are_deterministic_and_case_insensitive():
