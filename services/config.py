@@ -101,6 +101,7 @@ class ServingConfig(Section):
     device: str = _reuse(HFEngineOptions, "device")
     num_replicas: int = _reuse(DeploymentOptions, "num_replicas")
     autoscaling: Autoscaling | None = _reuse(DeploymentOptions, "autoscaling")
+    max_replicas_per_node: int | None = _reuse(DeploymentOptions, "max_replicas_per_node")
     replica_cpus: float = _reuse(DeploymentOptions, "replica_cpus")
     replica_gpus: float | None = Field(
         None, ge=0, description="GPUs Ray reserves for each replica; None: 1 for a cuda device or the vllm engine, "
@@ -134,6 +135,7 @@ class ServingConfig(Section):
 
     def deployment(self) -> DeploymentOptions:
         return DeploymentOptions(num_replicas=self.num_replicas, autoscaling=self.autoscaling,
+                                 max_replicas_per_node=self.max_replicas_per_node,
                                  max_ongoing_requests=self.max_ongoing_requests,
                                  max_queued_requests=self.max_queued_requests, replica_cpus=self.replica_cpus,
                                  replica_gpus=self.gpus_per_replica)

@@ -553,6 +553,8 @@ def build_app(settings: ServerSettings, deployment: DeploymentOptions | None = N
     shadow_app = ShadowModel.options(**options).bind(shadow) if shadow is not None else None  # type: ignore[attr-defined]
     scaling: dict[str, Any] = ({"autoscaling_config": deployment.autoscaling.model_dump()}
                                if deployment.autoscaling is not None else {"num_replicas": deployment.num_replicas})
+    if deployment.max_replicas_per_node is not None:
+        scaling["max_replicas_per_node"] = deployment.max_replicas_per_node
     return OpenAIDeployment.options(
         max_ongoing_requests=deployment.max_ongoing_requests, max_queued_requests=deployment.max_queued_requests,
         **scaling,

@@ -112,6 +112,10 @@ class DeploymentOptions(BaseModel):
     num_replicas: int = Field(1, ge=1, description="Serve replicas (one engine each); ignored with autoscaling.")
     autoscaling: Autoscaling | None = Field(
         None, description="Serve's autoscaling of the replicas by load; None keeps num_replicas replicas.")
+    max_replicas_per_node: int | None = Field(
+        None, ge=1, description="Replicas one node may hold (Serve's max_replicas_per_node): 1 puts each replica on "
+        "its own node, so losing a node loses one replica; a rollout then replaces replicas one at a time. None: "
+        "Serve spreads them by best effort.")
     max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica takes at once (Serve).")
     max_queued_requests: int = Field(256, ge=1, description="Requests waiting for a replica; beyond this 429.")
     replica_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves for each replica (and the shadow's).")

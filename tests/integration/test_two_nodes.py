@@ -203,7 +203,7 @@ def cluster(network, tmp_path_factory) -> Iterator[dict]:
             "train": {"max_steps": 20, "eval_every": 10, "eval_batches": 1, "micro_batch_size": 4,
                       "num_workers": 2, "cpus_per_worker": 1, "placement_strategy": "SPREAD"},
             "evaluation": {"max_texts": 20, "prompts": 4, "max_new_tokens": 8},
-            "serving": {"num_replicas": 2, "replica_cpus": 0.5, "max_batch_size": 4},
+            "serving": {"num_replicas": 2, "max_replicas_per_node": 1, "replica_cpus": 0.5, "max_batch_size": 4},
             "monitoring": {"exporter_port": 0},
         }
         config_file = root / "genloop.yaml"
@@ -285,11 +285,9 @@ def test_the_loop_on_two_nodes(cluster, monkeypatch):
         _wait(lambda: _answers(f"{base}/health") and httpx.get(f"{base}/health").status_code == 200,
               "genloop serve", 300, server)
         print(f"genloop serve: healthy after {time.monotonic() - started:.1f} s")
-        # Each node's replica fetched v1 from the bucket into that node's own cache (on an idle cluster
-        # Serve spreads the replicas over the nodes).
-        # Serve's spreading is best effort (CI once put both replicas on the head): v1 was fetched from the
-        # bucket onto whichever nodes run it. Pinning a replica per node needs max_replicas_per_node.
-        assert any((root / role / "models").glob("v1-*") for role in ("head", "worker"))
+        # A replica per node (max_replicas_per_node: 1; Serve's own spreading is best effort, and CI once
+        # put both on the head), each of which fetched v1 from the bucket into its node's own cache.
+        assert all(any((root / role / "models").glob("v1-*")) for role in ("head", "worker"))
         openai = OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
         completion = openai.completions.create(model="genloop", prompt="The for statement", max_tokens=8)
         assert completion.choices[0].text and completion.usage.completion_tokens > 0
@@ -325,9 +323,8 @@ def test_the_loop_on_two_nodes(cluster, monkeypatch):
         failures = [entry for entry in answered if entry[0] != 200]
         assert not failures, failures[:5]
         print(f"rollout under load: {len(answered)} requests, {len(failures)} failed")
-        # Serve places a rollout's new replicas where there is room (spreading is its best effort, not a
-        # guarantee): v2 was fetched from the bucket onto whichever nodes run it.
-        assert any((root / role / "models").glob("v2-*") for role in ("head", "worker"))
+        # The rollout replaced the replicas one node at a time: each node fetched v2 for its own.
+        assert all(any((root / role / "models").glob("v2-*")) for role in ("head", "worker"))
     finally:
         server.send_signal(signal.SIGINT)  # drains: replicas answer what they hold and write their log rows
         try:

@@ -144,3 +144,11 @@ def test_storage_locations_default_under_home_and_take_uris(tmp_path: Path):
     config = load_config(write(tmp_path, "datasets_uri: s3://bucket/ds\ninference_log_uri: s3://bucket/log\n"
                                           "tracking:\n  artifact_location: s3://bucket/mlflow\n"))
     assert (config.datasets_dir, config.inference_log_dir) == ("s3://bucket/ds", "s3://bucket/log")
+
+
+def test_max_replicas_per_node_reaches_the_deployment(tmp_path: Path):
+    config = load_config(write(tmp_path, "serving:\n  num_replicas: 2\n  max_replicas_per_node: 1\n"))
+    assert config.serving.deployment().max_replicas_per_node == 1
+    assert GenloopConfig().serving.deployment().max_replicas_per_node is None  # Serve's own spreading
+    with pytest.raises(ConfigError, match=r"serving\.max_replicas_per_node"):
+        load_config(write(tmp_path, "serving:\n  max_replicas_per_node: 0\n"))
