@@ -24,6 +24,8 @@ import socket
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from genloop.training.errors import UserInputError
+
 CACHE_ENV = "GENLOOP_MODEL_CACHE"
 
 
@@ -54,7 +56,7 @@ def local_model(uri: str, version: str, *, tracking_uri: str | None = None, cach
     if folder is not None:
         if folder.is_dir():
             return folder
-        raise FileNotFoundError(
+        raise UserInputError(  # a configuration to fix, said in one line (a CLI's exit 2), not a traceback
             f"model v{version} is at {uri}, which is not on this node ({socket.gethostname()}): on more than one "
             "machine, keep MLflow's artifacts where every node reaches them (tracking.artifact_location: s3://…, "
             "or a shared filesystem)")
