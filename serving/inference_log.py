@@ -131,6 +131,7 @@ class InferenceLog:
     def __init__(self, root: str | Path, *, max_buffer: int = 10_000, batch_rows: int = 512,
                  flush_seconds: float = 1.0, text: LogText = "full"):
         self.root = str(root)
+        self._store = filesystem(self.root)  # opened once: an S3 filesystem resolves its region and credentials
         self.max_buffer = max_buffer
         self.batch_rows = batch_rows
         self.flush_seconds = flush_seconds
@@ -175,7 +176,7 @@ class InferenceLog:
             records, self._buffer = self._buffer, []
             (fd, path), self._spool = self._spool, self._new_spool()
         os.close(fd)
-        self.written += _write_parquet(self.root, path.stem, records, self.text)
+        self.written += _write_parquet(self._store, path.stem, records, self.text)
         path.unlink()
 
     def _run(self) -> None:
@@ -200,11 +201,12 @@ class InferenceLog:
                 path.unlink(missing_ok=True)
 
 
-def _write_parquet(root: str, name: str, records: list[InferenceRecord], text: LogText) -> int:
-    """``records`` as ``date=…/part-<name>.parquet``, one file per day, whole or not at all (a local
-    file under a hidden name then renamed, an object in one PUT), so a reader never sees half a file
-    and a rewrite replaces it whole."""
-    fs, base = filesystem(root)
+def _write_parquet(store: tuple[pafs.FileSystem, str], name: str, records: list[InferenceRecord],
+                   text: LogText) -> int:
+    """``records`` as ``date=…/part-<name>.parquet`` under ``store`` (a filesystem and the log's root in
+    it), one file per day, whole or not at all (a local file under a hidden name then renamed, an
+    object in one PUT), so a reader never sees half a file and a rewrite replaces it whole."""
+    fs, base = store
     local = isinstance(fs, pafs.LocalFileSystem)
     by_day: dict[date, list[dict]] = {}
     for record in records:
@@ -226,7 +228,7 @@ def recover_spools(root: str | Path) -> int:
     """Convert the spool files that writers on this host left when they died into parquet; the
     number of rows recovered. A last line cut short by the kill is skipped (its write never
     returned, so no request counted on it)."""
-    host, recovered = socket.gethostname(), 0
+    host, recovered, store = socket.gethostname(), 0, None
     for path in sorted(spool_dir(root).glob(f"{host}_*.jsonl")):
         pid = path.stem.split("_")[1]
         if not pid.isdigit() or psutil.pid_exists(int(pid)):
@@ -240,7 +242,8 @@ def recover_spools(root: str | Path) -> int:
                 continue
         # One spool holds one writer's rows, all in one text mode.
         if records:
-            recovered += _write_parquet(str(root), path.stem, [r for r, _ in records], records[0][1])
+            store = store or filesystem(root)
+            recovered += _write_parquet(store, path.stem, [r for r, _ in records], records[0][1])
         path.unlink()
     if recovered:
         logger.warning("inference log: recovered %d rows that a killed replica had spooled", recovered)
