@@ -213,8 +213,9 @@ def train_worker(config: dict[str, Any]) -> None:
     nodes: list[Any] = [f"{ray.get_runtime_context().get_node_id()[:12]}@{ray.util.get_node_ip_address()}"] * world
     if world > 1:
         torch.distributed.all_gather_object(nodes, nodes[0])
-    if mlflow is not None:
-        mlflow.set_tag(config["run_id"], "worker_nodes", " ".join(nodes))
+    if mlflow is not None:  # a restarted group tags where it went beside the first placement
+        where = f"worker_nodes_restart_{state['restarts']}" if state["restarts"] else "worker_nodes"
+        mlflow.set_tag(config["run_id"], where, " ".join(nodes))
     progress = config.get("progress_queue")
 
     def log(metrics: dict[str, float], step: int) -> None:

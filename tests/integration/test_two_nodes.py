@@ -12,10 +12,11 @@ Where namespaces cannot be made (not root, no ``ip``), the module is skipped, sa
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,20 +30,18 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from netns_hosts import answers, free_port, ip, keys, kill_namespace, kill_raylet, relay, s3_client, wait
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
 from genloop.services.cluster import SERVE_DATA_PLANE_ENV, SERVE_START_ENV
 from genloop.serving.proxy_errors import PROXY_ENV
+from genloop.training.loop import STATE_FILE
 
 pytestmark = pytest.mark.slow
 
 BUCKET = "genloop-cluster"
 RAY = str(Path(sys.executable).parent / "ray")
-
-
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, text=True, timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -56,74 +55,29 @@ def network() -> Iterator[dict[str, str]]:
     addresses = {"bridge": f"{subnet}.1", "head": f"{subnet}.2", "worker": f"{subnet}.3"}
     made: list[list[str]] = []
     try:
-        _ip("link", "add", bridge, "type", "bridge")
+        ip("link", "add", bridge, "type", "bridge")
         made.append(["link", "del", bridge])
-        _ip("addr", "add", f"{addresses['bridge']}/24", "dev", bridge)
-        _ip("link", "set", bridge, "up")
+        ip("addr", "add", f"{addresses['bridge']}/24", "dev", bridge)
+        ip("link", "set", bridge, "up")
         for role, namespace in names.items():
-            _ip("netns", "add", namespace)
+            ip("netns", "add", namespace)
             made.append(["netns", "del", namespace])
             host_end, node_end = f"{namespace[:7]}{tag}h", f"{namespace[:7]}{tag}n"
-            _ip("link", "add", host_end, "type", "veth", "peer", "name", node_end)
-            _ip("link", "set", host_end, "master", bridge, "up")
-            _ip("link", "set", node_end, "netns", namespace)
+            ip("link", "add", host_end, "type", "veth", "peer", "name", node_end)
+            ip("link", "set", host_end, "master", bridge, "up")
+            ip("link", "set", node_end, "netns", namespace)
             for args in (["addr", "add", f"{addresses[role]}/24", "dev", node_end], ["link", "set", node_end, "up"],
                          ["link", "set", "lo", "up"]):
-                _ip("netns", "exec", namespace, "ip", *args)
+                ip("netns", "exec", namespace, "ip", *args)
     except subprocess.CalledProcessError as exc:
         for undo in reversed(made):
             subprocess.run(["ip", *undo], capture_output=True)
         pytest.skip(f"network namespaces refused here: {exc.stderr.strip()}")
     yield {**addresses, "head_ns": names["head"], "worker_ns": names["worker"],
-           "head_if": f"{names['head'][:7]}{tag}n", "worker_if": f"{names['worker'][:7]}{tag}n"}
+           "head_if": f"{names['head'][:7]}{tag}n", "worker_if": f"{names['worker'][:7]}{tag}n",
+           "worker_link": f"{names['worker'][:7]}{tag}h"}  # the worker's cable, on the bridge's side
     for undo in reversed(made):
         subprocess.run(["ip", *undo], capture_output=True)
-
-
-def _relay(listen: tuple[str, int], target: tuple[str, int], stop: threading.Event) -> None:
-    """A TCP relay: PostgreSQL listens on this host's loopback only, which no namespace reaches."""
-    server = socket.create_server(listen)
-    server.settimeout(0.5)
-
-    def pipe(source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for end in (source, sink):
-                end.close()
-
-    def serve() -> None:
-        with server:
-            while not stop.is_set():
-                try:
-                    client, _ = server.accept()
-                except TimeoutError:
-                    continue
-                upstream = socket.create_connection(target)
-                for ends in ((client, upstream), (upstream, client)):
-                    threading.Thread(target=pipe, args=ends, daemon=True).start()
-
-    threading.Thread(target=serve, daemon=True).start()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait(condition, what: str, timeout: float, *processes: subprocess.Popen, logs: Path | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        for process in processes:
-            told = "".join(f"\n{log.name}:\n{log.read_text()[-3000:]}" for log in sorted(logs.glob("*.log"))) \
-                if logs else ""
-            assert process.poll() is None, f"{what}: a process exited ({process.args}){told}"
-        assert time.monotonic() < deadline, f"{what}: not within {timeout:g} s"
-        time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
@@ -134,8 +88,8 @@ def cluster(network, tmp_path_factory) -> Iterator[dict]:
     started: list[subprocess.Popen] = []
     temp_dirs: list[Path] = []
     stop = threading.Event()
-    pg_port, s3_port, gcs_port = _free_port(), _free_port(), _free_port()
-    _relay((bridge, pg_port), ("127.0.0.1", 5432), stop)
+    pg_port, s3_port, gcs_port = free_port(), free_port(), free_port()
+    relay((bridge, pg_port), ("127.0.0.1", 5432), stop)
     admin = create_engine("postgresql+psycopg://postgres@127.0.0.1:5432/postgres", poolclass=NullPool,
                           isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3})
     try:
@@ -154,14 +108,16 @@ def cluster(network, tmp_path_factory) -> Iterator[dict]:
     try:
         started.append(subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", bridge,
                                          "-p", str(s3_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        _wait(lambda: _answers(f"{s3}/moto-api/"), "moto", 60, *started)
+        wait(lambda: answers(f"{s3}/moto-api/"), "moto", 60, *started)
         import boto3
 
         boto3.client("s3", endpoint_url=s3, **{k.lower(): v for k, v in aws.items()
                                               if k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")},
                      region_name="us-east-1").create_bucket(Bucket=BUCKET)
         nodes = {}
-        for role in ("head", "worker"):
+
+        def start(role: str) -> None:
+            """``ray start`` in the role's namespace; it joins the head, and exits when its raylet dies."""
             node_env = {**base_env, **SERVE_DATA_PLANE_ENV, **SERVE_START_ENV, **PROXY_ENV,
                         "GENLOOP_MODEL_CACHE": str(root / role / "models"),
                         "GENLOOP_SPOOL_DIR": str(root / role / "spool"),
@@ -176,16 +132,24 @@ def cluster(network, tmp_path_factory) -> Iterator[dict]:
             # Ray's sockets live in its temp dir, and a Unix socket's path has at most 107 bytes.
             temp = Path(tempfile.mkdtemp(prefix=f"gl-{role}-", dir="/tmp"))
             temp_dirs.append(temp)
-            with (root / f"ray-{role}.log").open("w") as log:
+            with (root / f"ray-{role}.log").open("a") as log:
                 started.append(subprocess.Popen(
                     ["ip", "netns", "exec", network[f"{role}_ns"], RAY, "start", "--block", *place,
                      f"--node-ip-address={network[role]}", "--num-cpus=3", f"--temp-dir={temp}"],
                     env={**node_env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}, stdout=log,
                     stderr=subprocess.STDOUT))
             nodes[role] = node_env
-            if role == "head":
-                _wait(lambda: _ray_status(network, gcs_port, base_env) >= 1, "ray head", 120, *started, logs=root)
-        _wait(lambda: _ray_status(network, gcs_port, base_env) >= 2, "ray worker node", 120, *started, logs=root)
+
+        start("head")
+        wait(lambda: _ray_status(network, gcs_port, base_env) >= 1, "ray head", 120, *started, logs=root)
+        start("worker")
+        wait(lambda: _ray_status(network, gcs_port, base_env) >= 2, "ray worker node", 120, *started, logs=root)
+
+        def restart_worker() -> None:
+            """The worker node again, after a fault took it down (a new node to Ray, the same address)."""
+            start("worker")
+            wait(lambda: _ray_status(network, gcs_port, base_env) >= 2, "worker node back", 120, started[-1],
+                  logs=root)
 
         def url(role: str) -> str:
             return f"postgresql+psycopg://postgres@{bridge}:{pg_port}/{databases[role]}"
@@ -210,7 +174,7 @@ def cluster(network, tmp_path_factory) -> Iterator[dict]:
         config_file.write_text(yaml.safe_dump(config))
         cli_env = {**nodes["head"], "GENLOOP_HOME": str(root / "control-plane")}
         yield {"network": network, "config_file": config_file, "env": cli_env, "root": root, "aws": aws,
-               "databases": databases, "s3": s3}
+               "databases": databases, "s3": s3, "restart_worker": restart_worker}
     finally:
         stop.set()
         for process in reversed(started):
@@ -225,13 +189,6 @@ def cluster(network, tmp_path_factory) -> Iterator[dict]:
                 connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         for temp in temp_dirs:
             shutil.rmtree(temp, ignore_errors=True)
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=2).status_code < 500
-    except httpx.HTTPError:
-        return False
 
 
 def _ray_status(network: dict, port: int, env: dict) -> int:
@@ -254,6 +211,28 @@ def genloop(cluster: dict, *args: str, timeout: float = 600) -> subprocess.Compl
     return result
 
 
+def _genloop_in_background(cluster: dict, *args: str) -> subprocess.Popen:
+    command = ["ip", "netns", "exec", cluster["network"]["head_ns"], sys.executable, "-m", "genloop.services.cli",
+               *args]
+    return subprocess.Popen(command, env=cluster["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+CLIENTS = 4
+
+
+def _load(base: str, answered: list[tuple[int, str | None, str]], stop: threading.Event) -> None:
+    """One client in a closed loop until ``stop``: (status, model version, request id or error) per request."""
+    with httpx.Client(timeout=120) as http:
+        while not stop.is_set():
+            try:
+                response = http.post(f"{base}/v1/completions", json={
+                    "model": "genloop", "prompt": "The list", "max_tokens": 6})
+                answered.append((response.status_code, response.headers.get("x-genloop-model-version"),
+                                 response.json().get("id", "") if response.status_code == 200 else response.text))
+            except httpx.HTTPError as exc:
+                answered.append((0, None, repr(exc)))
+
+
 def test_the_loop_on_two_nodes(cluster, monkeypatch):
     from mlflow.tracking import MlflowClient
     from openai import OpenAI
@@ -262,15 +241,34 @@ def test_the_loop_on_two_nodes(cluster, monkeypatch):
 
     network, root, config = cluster["network"], cluster["root"], ["--config", str(cluster["config_file"])]
     genloop(cluster, "data", "ingest", "builtin:python-docs", "--name", "docs", *config)
-    genloop(cluster, "train", "--dataset", "docs", "--preset", "tiny", *config)
+    # Fault: the worker node's raylet is killed once the run's first checkpoint is in the bucket. Ray Train
+    # restarts the worker group on what is left (the head), which resumes from that checkpoint.
+    s3 = s3_client(cluster)
+    training = time.monotonic()
+    trainer = _genloop_in_background(cluster, "train", "--dataset", "docs", "--preset", "tiny", "--max-steps", "40",
+                                     *config)
+    # A checkpoint folder is checkpoint_<date>_<time>; Ray Train's own checkpoint_manager_snapshot.json is not one.
+    saved = re.compile(rf"/checkpoint_\d{{4}}-\d\d-\d\d_[^/]+/{STATE_FILE}$")
+    wait(lambda: any(saved.search(key) for key in keys(s3, BUCKET, "ray/")), "the first checkpoint", 300, trainer)
+    time.sleep(1)  # the state file is uploaded among the checkpoint's last files; the report follows it
+    killed = kill_raylet(network["worker_ns"])
+    print(f"killed the worker node's raylet (pid {killed}) after the first checkpoint")
+    out, _ = trainer.communicate(timeout=600)
+    assert trainer.returncode == 0, out[-6000:]
+    print(f"genloop train, 40 steps with a node lost after the first checkpoint: {time.monotonic() - training:.1f} s")
+    cluster["restart_worker"]()
 
-    # The training workers ran one on each node; the model is in the bucket, its record in PostgreSQL.
+    # The workers ran one on each node until the fault, then both on the head, from the checkpoint in the
+    # bucket; the model is in the bucket, its record in PostgreSQL.
     tracking = f"postgresql+psycopg://postgres@127.0.0.1:5432/{cluster['databases']['mlflow']}"
     client = MlflowClient(tracking_uri=tracking, registry_uri=tracking)
     first = client.get_model_version("genloop", "1")
-    placed = client.get_run(first.run_id).data.tags["worker_nodes"].split()
-    print(f"training workers: {placed}")
+    run = client.get_run(first.run_id)
+    placed, after = run.data.tags["worker_nodes"].split(), run.data.tags["worker_nodes_restart_1"].split()
+    print(f"training workers: {placed}, after the restart: {after}")
     assert {node.split("@")[1] for node in placed} == {network["head"], network["worker"]}
+    assert {node.split("@")[1] for node in after} == {network["head"]}
+    assert run.data.metrics["restarts"] >= 1
     assert first.source.startswith(f"s3://{BUCKET}/mlflow/")
     genloop(cluster, "promote", "1", *config)  # the gate, reading the held-out sets from the bucket
 
@@ -282,7 +280,7 @@ def test_the_loop_on_two_nodes(cluster, monkeypatch):
     threading.Thread(target=lambda: lines.extend(server.stdout or []), daemon=True).start()
     base = f"http://{network['head']}:8000"
     try:
-        _wait(lambda: _answers(f"{base}/health") and httpx.get(f"{base}/health").status_code == 200,
+        wait(lambda: answers(f"{base}/health") and httpx.get(f"{base}/health").status_code == 200,
               "genloop serve", 300, server)
         print(f"genloop serve: healthy after {time.monotonic() - started:.1f} s")
         # A replica per node (max_replicas_per_node: 1; Serve's own spreading is best effort, and CI once
@@ -296,35 +294,54 @@ def test_the_loop_on_two_nodes(cluster, monkeypatch):
         genloop(cluster, "train", "--dataset", "docs", "--base", "1", *config)
         answered: list[tuple[int, str | None, str]] = []
         stop = threading.Event()
-
-        def load() -> None:
-            with httpx.Client(timeout=120) as http:
-                while not stop.is_set():
-                    try:
-                        response = http.post(f"{base}/v1/completions", json={
-                            "model": "genloop", "prompt": "The list", "max_tokens": 6})
-                        answered.append((response.status_code, response.headers.get("x-genloop-model-version"),
-                                         response.json().get("id", "") if response.status_code == 200 else
-                                         response.text))
-                    except httpx.HTTPError as exc:
-                        answered.append((0, None, repr(exc)))
-
-        with ThreadPoolExecutor(4) as pool:
-            for _ in range(4):
-                pool.submit(load)
+        with ThreadPoolExecutor(CLIENTS) as pool:
+            for _ in range(CLIENTS):
+                pool.submit(_load, base, answered, stop)
             try:
-                _wait(lambda: len(answered) >= 20, "load before the rollout", 120, server)
+                wait(lambda: len(answered) >= 20, "load before the rollout", 120, server)
                 rollout = time.monotonic()
                 genloop(cluster, "promote", "2", "--force", "--reason", "rollout on two nodes", *config)
-                _wait(lambda: sum(version == "2" for _, version, _ in answered) >= 20, "v2 answering", 300, server)
+                wait(lambda: sum(version == "2" for _, version, _ in answered) >= 20, "v2 answering", 300, server)
                 print(f"rollout: v2 answering 20 requests {time.monotonic() - rollout:.1f} s after the promotion")
             finally:
                 stop.set()
         failures = [entry for entry in answered if entry[0] != 200]
         assert not failures, failures[:5]
         print(f"rollout under load: {len(answered)} requests, {len(failures)} failed")
-        # The rollout replaced the replicas one node at a time: each node fetched v2 for its own.
-        assert all(any((root / role / "models").glob("v2-*")) for role in ("head", "worker"))
+        # The rollout replaces the replicas one node at a time (v2 answered above may be the first alone):
+        # each node fetches v2 for its own.
+        wait(lambda: all(any((root / role / "models").glob("v2-*")) for role in ("head", "worker")),
+             "v2 fetched onto each node", 180, server)
+
+        # Fault: the worker node's link cut under load. The head's replica answers on; what fails is at
+        # most what was in flight on the worker's replica (a client holds one request at a time).
+        cut_off: list[tuple[int, str | None, str]] = []
+        stop = threading.Event()
+        with ThreadPoolExecutor(CLIENTS) as pool:
+            for _ in range(CLIENTS):
+                pool.submit(_load, base, cut_off, stop)
+            try:
+                wait(lambda: len(cut_off) >= 20, "load before the cut", 120, server)
+                ip("link", "set", network["worker_link"], "down")
+                at_cut = len(cut_off)
+                wait(lambda: sum(status == 200 for status, _, _ in cut_off[at_cut:]) >= 40,
+                     "the head's replica answering alone", 240, server)
+            finally:
+                stop.set()
+        failed = [entry for entry in cut_off if entry[0] != 200]
+        print(f"link cut under load: {len(cut_off)} requests, {len(failed)} failed: {failed[:CLIENTS]}")
+        assert len(failed) <= CLIENTS
+        answered += cut_off
+        # The host comes back as a new node: what was left of the old one is killed, its replica's spool
+        # stays on the node's disk, and the replica Serve starts there writes it out to the bucket.
+        ip("link", "set", network["worker_link"], "up")
+        kill_namespace(network["worker_ns"])
+        cluster["restart_worker"]()
+        for name, value in cluster["aws"].items():
+            monkeypatch.setenv(name, value)
+        served = {request_id for status, _, request_id in answered if status == 200}
+        wait(lambda: served <= set(read_inference_log(f"s3://{BUCKET}/inference-log").column("request_id")
+                                   .to_pylist()), "every answer's log row in the bucket", 300, server)
     finally:
         server.send_signal(signal.SIGINT)  # drains: replicas answer what they hold and write their log rows
         try:
@@ -334,8 +351,6 @@ def test_the_loop_on_two_nodes(cluster, monkeypatch):
     assert server.returncode == 0, "".join(lines)[-4000:]
 
     # Every answer has its row in the log in the bucket, written by replicas on both nodes.
-    for name, value in cluster["aws"].items():
-        monkeypatch.setenv(name, value)
     rows = read_inference_log(f"s3://{BUCKET}/inference-log")
     ids = set(rows.column("request_id").to_pylist())
     assert {request_id for status, _, request_id in answered if status == 200} <= ids
@@ -345,3 +360,8 @@ def test_the_loop_on_two_nodes(cluster, monkeypatch):
              .get("Contents", [])]
     writers = {key.rsplit("/part-", 1)[1].split("_")[1] for key in parts}  # part-<host>_<pid>_<spool>.parquet
     assert len(writers) >= 2, parts
+
+    # The drift job, on the control plane, reads the same rows from the bucket (its host has no log).
+    drift = json.loads(genloop(cluster, "drift", "--json", *config).stdout)
+    print(f"drift: {drift['current_samples']} current prompts, verdict {drift['verdict']}")
+    assert drift["current_samples"] >= min(len(ids), 2000) // 2
