@@ -7,14 +7,15 @@ deduplication has work at every size). Each run is its own process with its own 
 
 - ``ours``: ``genloop.training.datasets.ingest``, the whole ingest (read, clean, MinHash, the
   distributed deduplication, sort, write), at each of ``--sizes``. Reported: wall seconds,
-  documents/s, the driver's peak resident memory, the largest Ray worker's peak (sampled every
-  0.5 s) and what was kept and dropped.
+  documents/s, the driver's peak resident memory (RSS) and peak private memory (USS: RSS also
+  counts the object-store pages the driver streamed the kept rows from, shared memory that Ray
+  owns), the largest Ray worker's peak RSS (sampled every 0.5 s) and what was kept and dropped.
 - ``baseline``: the single-process duplicate index genloop used before (``tests/dedup_reference.py``,
   a MinHash LSH of every kept document in the driver), fed the same documents' signatures, at each
   of ``--baseline-sizes``: the driver memory that design needed for the duplicate step alone.
 
 The goal (the cluster issue): driver memory flat in corpus size, where the baseline grows by about
-5 KB per document.
+5 KB per document (its memory is all private: no object store).
 
     python benchmarks/ingest_scale.py [--sizes 100000,1000000] [--baseline-sizes 100000,300000]
 """
@@ -64,26 +65,32 @@ def make_corpus(folder: Path, documents: int, seed: int = 0) -> None:
     (folder / "texts.json").write_text(json.dumps(len(texts)))
 
 
-class WorkerPeaks:
-    """The largest resident memory any Ray worker process (``ray::…``) reached, sampled."""
+class MemoryPeaks:
+    """Sampled every 0.5 s: the largest resident memory of any Ray worker process (``ray::…``), and this
+    process's peak private memory (USS). Its RSS also counts the pages of Ray's object store it has
+    read blocks from (shared memory, mapped zero-copy), which grows with whatever passed through it;
+    its private memory is what its own work holds."""
 
     def __init__(self) -> None:
-        self.peak_mb = 0.0
+        self.worker_peak_mb = 0.0
+        self.private_peak_mb = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         import psutil
 
+        me = psutil.Process()
         while not self._stop.wait(0.5):
+            self.private_peak_mb = max(self.private_peak_mb, me.memory_full_info().uss / 2**20)
             for proc in psutil.process_iter(["name", "memory_info"]):
                 try:
                     if (proc.info["name"] or "").startswith("ray::") and proc.info["memory_info"]:
-                        self.peak_mb = max(self.peak_mb, proc.info["memory_info"].rss / 2**20)
+                        self.worker_peak_mb = max(self.worker_peak_mb, proc.info["memory_info"].rss / 2**20)
                 except psutil.Error:
                     continue
 
-    def __enter__(self) -> WorkerPeaks:
+    def __enter__(self) -> MemoryPeaks:
         self._thread.start()
         return self
 
@@ -101,14 +108,15 @@ def measure_ours(corpus: Path, cpus: int) -> dict:
     documents = json.loads((corpus / "texts.json").read_text())
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
     data = DataConfig(max_chars=10_000)
-    with tempfile.TemporaryDirectory() as out, WorkerPeaks() as workers:
+    with tempfile.TemporaryDirectory() as out, MemoryPeaks() as peaks:
         started = time.perf_counter()
         result = ingest([str(p) for p in sorted(corpus.glob("shard-*.jsonl"))], "scale", data, Path(out))
         seconds = time.perf_counter() - started
     counts = result.version.manifest["counts"]
     return {"documents": documents, "seconds": round(seconds, 1), "documents_per_s": round(documents / seconds),
             "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-            "largest_worker_peak_rss_mb": round(workers.peak_mb), "kept": counts["kept"],
+            "driver_peak_private_mb": round(peaks.private_peak_mb),
+            "largest_worker_peak_rss_mb": round(peaks.worker_peak_mb), "kept": counts["kept"],
             "exact_duplicates": counts["dropped"]["exact_duplicate"],
             "near_duplicates": counts["dropped"]["near_duplicate"]}
 
@@ -178,9 +186,17 @@ def main() -> None:
         "ours_driver_growth": {
             "documents_ratio": largest / smallest,
             "driver_peak_rss_ratio": ours[largest]["driver_peak_rss_mb"] / ours[smallest]["driver_peak_rss_mb"],
+            "driver_peak_private_ratio": ours[largest]["driver_peak_private_mb"]
+            / ours[smallest]["driver_peak_private_mb"],
         },
+        "same_number_dropped_as_baseline": {
+            str(size): ours[size]["exact_duplicates"] + ours[size]["near_duplicates"] == baseline[size]["dropped"]
+            for size in ours if size in baseline},
         "driver_peak_rss_ours_vs_baseline": {
             str(size): ours[size]["driver_peak_rss_mb"] / baseline[size]["driver_peak_rss_mb"]
+            for size in ours if size in baseline},
+        "driver_peak_private_ours_vs_baseline_rss": {
+            str(size): ours[size]["driver_peak_private_mb"] / baseline[size]["driver_peak_rss_mb"]
             for size in ours if size in baseline},
     }
     emit(report, args.out)
