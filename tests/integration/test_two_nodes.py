@@ -25,6 +25,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -233,6 +234,22 @@ def _load(base: str, answered: list[tuple[int, str | None, str]], stop: threadin
                 answered.append((0, None, repr(exc)))
 
 
+@contextmanager
+def _under_load(base: str, server: subprocess.Popen) -> Iterator[list[tuple[int, str | None, str]]]:
+    """CLIENTS clients in closed loops while the block runs (it starts once they have 20 answers); the
+    list of what each request got grows meanwhile."""
+    answered: list[tuple[int, str | None, str]] = []
+    stop = threading.Event()
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        for _ in range(CLIENTS):
+            pool.submit(_load, base, answered, stop)
+        try:
+            wait(lambda: len(answered) >= 20, "load", 120, server)
+            yield answered
+        finally:
+            stop.set()
+
+
 def test_the_loop_on_two_nodes(cluster, monkeypatch):
     from mlflow.tracking import MlflowClient
     from openai import OpenAI
@@ -292,19 +309,11 @@ def test_the_loop_on_two_nodes(cluster, monkeypatch):
 
         # v2, warm-started from v1 while v1 serves; promoted under load: a rolling update over both nodes.
         genloop(cluster, "train", "--dataset", "docs", "--base", "1", *config)
-        answered: list[tuple[int, str | None, str]] = []
-        stop = threading.Event()
-        with ThreadPoolExecutor(CLIENTS) as pool:
-            for _ in range(CLIENTS):
-                pool.submit(_load, base, answered, stop)
-            try:
-                wait(lambda: len(answered) >= 20, "load before the rollout", 120, server)
-                rollout = time.monotonic()
-                genloop(cluster, "promote", "2", "--force", "--reason", "rollout on two nodes", *config)
-                wait(lambda: sum(version == "2" for _, version, _ in answered) >= 20, "v2 answering", 300, server)
-                print(f"rollout: v2 answering 20 requests {time.monotonic() - rollout:.1f} s after the promotion")
-            finally:
-                stop.set()
+        with _under_load(base, server) as answered:
+            rollout = time.monotonic()
+            genloop(cluster, "promote", "2", "--force", "--reason", "rollout on two nodes", *config)
+            wait(lambda: sum(version == "2" for _, version, _ in answered) >= 20, "v2 answering", 300, server)
+            print(f"rollout: v2 answering 20 requests {time.monotonic() - rollout:.1f} s after the promotion")
         failures = [entry for entry in answered if entry[0] != 200]
         assert not failures, failures[:5]
         print(f"rollout under load: {len(answered)} requests, {len(failures)} failed")
@@ -315,19 +324,11 @@ def test_the_loop_on_two_nodes(cluster, monkeypatch):
 
         # Fault: the worker node's link cut under load. The head's replica answers on; what fails is at
         # most what was in flight on the worker's replica (a client holds one request at a time).
-        cut_off: list[tuple[int, str | None, str]] = []
-        stop = threading.Event()
-        with ThreadPoolExecutor(CLIENTS) as pool:
-            for _ in range(CLIENTS):
-                pool.submit(_load, base, cut_off, stop)
-            try:
-                wait(lambda: len(cut_off) >= 20, "load before the cut", 120, server)
-                ip("link", "set", network["worker_link"], "down")
-                at_cut = len(cut_off)
-                wait(lambda: sum(status == 200 for status, _, _ in cut_off[at_cut:]) >= 40,
-                     "the head's replica answering alone", 240, server)
-            finally:
-                stop.set()
+        with _under_load(base, server) as cut_off:
+            ip("link", "set", network["worker_link"], "down")
+            at_cut = len(cut_off)
+            wait(lambda: sum(status == 200 for status, _, _ in cut_off[at_cut:]) >= 40,
+                 "the head's replica answering alone", 240, server)
         failed = [entry for entry in cut_off if entry[0] != 200]
         print(f"link cut under load: {len(cut_off)} requests, {len(failed)} failed: {failed[:CLIENTS]}")
         assert len(failed) <= CLIENTS

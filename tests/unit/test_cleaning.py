@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
+from prose import prose
 
 from genloop.training.cleaning import (
     REPEATED_LINES,
@@ -25,18 +24,6 @@ from genloop.training.cleaning import (
     symbol_share,
 )
 from genloop.training.config import DataConfig
-
-VOCAB = (
-    "river stone window garden letter morning silver engine harbour market candle forest paper "
-    "winter bridge yellow orchard signal travel quiet planet copper meadow lantern basket voice "
-    "summer valley thunder pocket mirror castle ribbon desert anchor violet harvest shadow"
-).split()
-
-
-def prose(seed: int, words: int = 60) -> str:
-    rng = random.Random(seed)
-    return " ".join(rng.choice(VOCAB) for _ in range(words)) + "."
-
 
 # --- normalisation ----------------------------------------------------------------------------
 

@@ -13,24 +13,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from dedup_reference import reference_reasons
+from prose import prose
 
 from genloop.training.cleaning import EXACT_DUPLICATE, NEAR_DUPLICATE, content_hash, minhash_signatures
 from genloop.training.config import DataConfig
 from genloop.training.dedup import EXTENDED, _band_rows, band_keys, bands, edges, first_seen_is_kept
 
 CONFIG = DataConfig()
-VOCAB = (
-    "river stone window garden letter morning silver engine harbour market candle forest paper winter "
-    "bridge yellow orchard signal travel quiet planet copper meadow lantern basket voice summer valley "
-    "thunder pocket mirror castle ribbon desert anchor violet harvest shadow"
-).split()
-
-
-def prose(seed: int, words: int = 80) -> str:
-    rng = random.Random(seed)
-    return " ".join(rng.choice(VOCAB) for _ in range(words))
-
-
 def changed(text: str, positions: list[int]) -> str:
     words = text.split()
     for position in positions:
@@ -82,7 +71,7 @@ def test_different_documents_are_all_kept():
 def test_a_chain_keeps_its_far_end_as_first_seen_does():
     """A ≈ B ≈ C but C is not like A: B goes, C stays, because B was dropped. Connected components
     would drop C with B; comparing with kept documents only does not."""
-    a = prose(4, words=200)
+    a = prose(4, words=200, end="")
     b = changed(a, [20, 90, 160])
     c = changed(b, [55, 125, 190])
     assert reasons([a, b, c]) == [None, NEAR_DUPLICATE, None]
