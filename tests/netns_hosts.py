@@ -1,5 +1,5 @@
 """Hosts simulated on this machine with network namespaces, and what tests on them need: a TCP relay,
-waiting on a condition while watching processes, and faults (a killed raylet, a cut link).
+waiting on a condition while watching processes, and what is left of a node cut off.
 
 Only for tests that create their own namespaces (``tests/integration/test_two_nodes.py``)."""
 
@@ -72,35 +72,6 @@ def answers(url: str) -> bool:
         return httpx.get(url, timeout=2).status_code < 500
     except httpx.HTTPError:
         return False
-
-
-def s3_client(cluster: dict):
-    """A boto3 client of the cluster's S3 server, with its credentials."""
-    import boto3
-
-    aws = cluster["aws"]
-    return boto3.client("s3", endpoint_url=cluster["s3"], aws_access_key_id=aws["AWS_ACCESS_KEY_ID"],
-                        aws_secret_access_key=aws["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
-
-
-def keys(s3, bucket: str, prefix: str) -> list[str]:
-    """Every key under ``prefix`` in ``bucket``."""
-    return [item["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-            for item in page.get("Contents", [])]
-
-
-def kill_raylet(namespace: str) -> int:
-    """SIGKILL the raylet running in ``namespace``, as a crashed or lost host would leave it; its pid."""
-    pids = subprocess.run(["ip", "netns", "pids", namespace], capture_output=True, text=True, check=True).stdout
-    for pid in map(int, pids.split()):
-        try:
-            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
-        except OSError:
-            continue
-        if command.endswith(b"/raylet"):
-            os.kill(pid, signal.SIGKILL)
-            return pid
-    raise AssertionError(f"no raylet in {namespace}")
 
 
 def kill_namespace(namespace: str) -> None:
